@@ -1,0 +1,183 @@
+"""The on-disk shard format, shared by the writer (`data_tools`), the loaders and `verify`.
+
+A shard folder holds:
+
+- ``{dataset}-{split}-{000000}.tar``: WebDataset tars. Each sample is a run of consecutive members
+  named ``{key}.{component}``; the key is 16 hex chars (see `sample_key`), the components are
+  ``png`` (16-bit gray) | ``jpg`` (8-bit) | ``jp2`` (16-bit JPEG 2000) for the image, ``roi.png``
+  (8-bit chest-region mask, 0/255, same aspect as the image), ``labels.npy`` (float32 vector in the
+  order of the manifest's ``label_names``, NaN = unknown, -1 = uncertain) and ``json`` (metadata).
+- ``{same name}.idx`` beside each tar, in DALI's ``wds2idx`` v1.2 text format: a header line
+  ``v1.2 <num_samples>`` and one line per sample, ``<ext> <data offset> <size> <member name>``
+  repeated per component. DALI's ``fn.readers.webdataset`` reads it, and so does our random-access
+  loader (`read_sample`), which is what makes an exact, world-size-independent sample order possible.
+- ``manifest.json`` and ``skipped.jsonl`` (see `data_tools.manifest`).
+
+Tars are written deterministically (fixed mtime/owner/mode, members in a fixed order) so the same
+inputs give byte-identical shards; tar and idx are written to a temporary name and renamed, so a
+crash never leaves a half-written shard under its final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+IMAGE_EXTENSIONS = ("png", "jpg", "jp2")
+ROI_EXTENSION = "roi.png"
+LABELS_EXTENSION = "labels.npy"
+META_EXTENSION = "json"
+# Order of the members of one sample inside a tar (image first).
+COMPONENT_ORDER = (*IMAGE_EXTENSIONS, ROI_EXTENSION, LABELS_EXTENSION, META_EXTENSION)
+IDX_VERSION = "v1.2"
+MANIFEST_NAME = "manifest.json"
+SKIPPED_NAME = "skipped.jsonl"
+
+
+def sample_key(dataset: str, source_id: str) -> str:
+    """Stable sample key: a hash of dataset + source path, so re-running a conversion is idempotent."""
+    return hashlib.sha1(f"{dataset}\0{source_id}".encode()).hexdigest()[:16]
+
+
+def shard_name(dataset: str, split: str, index: int) -> str:
+    return f"{dataset}-{split}-{index:06d}.tar"
+
+
+def idx_path_for(tar_path: str | Path) -> Path:
+    return Path(tar_path).with_suffix(".idx")
+
+
+@dataclass
+class IndexedSample:
+    """Where one sample's components lie inside its tar: component -> (data offset, size) in bytes."""
+
+    key: str
+    components: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    @property
+    def image_extension(self) -> str:
+        for ext in IMAGE_EXTENSIONS:
+            if ext in self.components:
+                return ext
+        raise ValueError(f"sample {self.key} has no image component (one of {IMAGE_EXTENSIONS})")
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """'dir/abc.roi.png' -> ('dir/abc', 'roi.png'): the key ends at the first dot of the basename."""
+    dot = name.find(".", name.rfind("/") + 1)
+    if dot < 0:
+        return name, ""
+    return name[:dot], name[dot + 1 :]
+
+
+class ShardTarWriter:
+    """Writes one tar deterministically and records each member's data offset for the idx file."""
+
+    def __init__(self, tar_path: str | Path):
+        self.tar_path = Path(tar_path)
+        self._tmp_path = self.tar_path.with_name(self.tar_path.name + ".partial")
+        self._file = open(self._tmp_path, "wb")
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        self.samples: list[IndexedSample] = []
+        self.num_bytes = 0
+
+    def write_sample(self, key: str, components: dict[str, bytes]) -> None:
+        unknown = set(components) - set(COMPONENT_ORDER)
+        if unknown:
+            raise ValueError(f"unknown sample components {sorted(unknown)}; allowed: {COMPONENT_ORDER}")
+        entry = IndexedSample(key)
+        for ext in COMPONENT_ORDER:
+            if ext not in components:
+                continue
+            data = components[ext]
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            self._tar.addfile(info, io.BytesIO(data))
+            entry.components[ext] = (info.offset_data, len(data))
+        self.samples.append(entry)
+
+    def close(self) -> None:
+        """Finish the tar, write the idx, and move both to their final names (tar last)."""
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self.num_bytes = self._tmp_path.stat().st_size
+        write_idx(self.samples, idx_path_for(self.tar_path))
+        os.replace(self._tmp_path, self.tar_path)
+
+    def abort(self) -> None:
+        self._tar.close()
+        self._file.close()
+        self._tmp_path.unlink(missing_ok=True)
+
+
+def write_idx(samples: list[IndexedSample], idx_path: str | Path) -> None:
+    idx_path = Path(idx_path)
+    lines = [f"{IDX_VERSION} {len(samples)}"]
+    for sample in samples:
+        parts = [f"{ext} {offset} {size} {sample.key}.{ext}" for ext, (offset, size) in sample.components.items()]
+        lines.append(" ".join(parts))
+    tmp = idx_path.with_name(idx_path.name + ".partial")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, idx_path)
+
+
+def read_idx(idx_path: str | Path) -> list[IndexedSample]:
+    """Parse a wds2idx v1.2 file. Raises ValueError naming the file and line on any malformation."""
+    idx_path = Path(idx_path)
+    lines = idx_path.read_text().splitlines()
+    if not lines:
+        raise ValueError(f"{idx_path}: empty index file")
+    header = lines[0].split()
+    if len(header) != 2 or header[0] != IDX_VERSION or not header[1].isdigit():
+        raise ValueError(f"{idx_path}: header {lines[0]!r} is not '{IDX_VERSION} <num_samples>'")
+    samples = []
+    for line_no, line in enumerate(lines[1:], start=2):
+        fields = line.split()
+        if not fields or len(fields) % 4:
+            raise ValueError(f"{idx_path}:{line_no}: expected groups of '<ext> <offset> <size> <name>'")
+        sample = None
+        for i in range(0, len(fields), 4):
+            ext, offset, size, name = fields[i : i + 4]
+            key, _ = split_member_name(name)
+            sample = sample or IndexedSample(key)
+            sample.components[ext] = (int(offset), int(size))
+        samples.append(sample)
+    if len(samples) != int(header[1]):
+        raise ValueError(f"{idx_path}: header says {header[1]} samples, found {len(samples)}")
+    return samples
+
+
+def index_tar(tar_path: str | Path) -> list[IndexedSample]:
+    """Scan a tar (made by anyone) and group consecutive members into samples, as wds2idx does."""
+    samples: list[IndexedSample] = []
+    with tarfile.open(tar_path, mode="r:") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, ext = split_member_name(member.name)
+            if not key or key.endswith("/") or not ext:
+                continue
+            if not samples or samples[-1].key != key:
+                samples.append(IndexedSample(key))
+            samples[-1].components[ext] = (member.offset_data, member.size)
+    return samples
+
+
+def read_sample(fileobj, sample: IndexedSample) -> dict[str, bytes]:
+    """Read one sample's components from an open binary tar file by their idx offsets."""
+    out = {}
+    for ext, (offset, size) in sample.components.items():
+        fileobj.seek(offset)
+        data = fileobj.read(size)
+        if len(data) != size:
+            raise OSError(f"short read for {sample.key}.{ext}: wanted {size} bytes at {offset}, got {len(data)}")
+        out[ext] = data
+    return out
