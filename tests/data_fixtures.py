@@ -1,0 +1,242 @@
+"""Tiny shard folders for tests, written with the real shard writer (`shardio.ShardTarWriter`).
+
+`write_shard_folder(root, ...)` writes tars + idx + manifest.json + skipped.jsonl per the shard
+format contract and returns the source arrays, so tests can compare what a loader decodes with what
+was stored. Any test module may import it (`from data_fixtures import write_shard_folder`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from xray_pretrain.data.shardio import (
+    MANIFEST_NAME,
+    SKIPPED_NAME,
+    ShardTarWriter,
+    idx_path_for,
+    index_tar,
+    read_idx,
+    sample_key,
+    shard_name,
+    write_idx,
+)
+
+FULL_SCALE = {"png16": 65535.0, "jp2": 65535.0, "jpg": 255.0}
+EXTENSION = {"png16": "png", "jp2": "jp2", "jpg": "jpg"}
+
+
+@dataclass
+class FixtureSample:
+    key: str
+    split: str
+    image: np.ndarray  # as stored: uint16 (png16, jp2) or uint8 (jpg), (H, W)
+    roi: np.ndarray | None  # as stored: uint8 0/255, long side min(128, image long side)
+    labels: np.ndarray | None  # float32 in the manifest's label order
+
+
+@dataclass
+class FixtureFolder:
+    path: Path
+    manifest: dict
+    samples: dict[str, FixtureSample] = field(default_factory=dict)
+
+    def keys(self, split: str) -> list[str]:
+        return [k for k, s in self.samples.items() if s.split == split]
+
+
+def smooth_image(rng: np.random.Generator, size_hw: tuple[int, int], image_format: str) -> np.ndarray:
+    """A smooth random image (JPEG keeps it within a grey level or two), dark corners like air."""
+    height, width = size_hw
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    a, b, c = rng.uniform(0.2, 0.8, size=3)
+    value = 0.5 + 0.3 * np.sin(a * 6 * y / height + c) * np.cos(b * 6 * x / width)
+    value *= np.clip(1.2 - np.hypot((y - height / 2) / height, (x - width / 2) / width) * 1.5, 0, 1)
+    scale = FULL_SCALE[image_format]
+    return np.clip(np.round(value * scale), 0, scale).astype(np.uint8 if scale == 255 else np.uint16)
+
+
+def ellipse_roi(size_hw: tuple[int, int]) -> np.ndarray:
+    """An elliptical chest region (0/255) at the stored roi size (long side min(128, image's))."""
+    height, width = roi_size(size_hw)
+    y, x = np.mgrid[0:height, 0:width]
+    inside = ((y + 0.5) / height - 0.5) ** 2 / 0.16 + ((x + 0.5) / width - 0.5) ** 2 / 0.16 <= 1
+    return inside.astype(np.uint8) * 255
+
+
+def roi_size(size_hw: tuple[int, int]) -> tuple[int, int]:
+    long_side = min(128, max(size_hw))
+    scale = long_side / max(size_hw)
+    return max(1, round(size_hw[0] * scale)), max(1, round(size_hw[1] * scale))
+
+
+def encode_image(image: np.ndarray, image_format: str) -> bytes:
+    buffer = io.BytesIO()
+    if image_format == "png16":
+        Image.fromarray(image.astype(np.uint16)).save(buffer, format="PNG")
+    elif image_format == "jp2":  # 16-bit lossless (reversible 5/3 wavelet)
+        Image.fromarray(image.astype(np.uint16)).save(buffer, format="JPEG2000", irreversible=False)
+    elif image_format == "jpg":
+        Image.fromarray(image.astype(np.uint8)).save(buffer, format="JPEG", quality=95)
+    else:
+        raise ValueError(f"unknown image format {image_format}")
+    return buffer.getvalue()
+
+
+def encode_png8(mask: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(mask.astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def encode_npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+ImageFn = Callable[[np.random.Generator, int, tuple[int, int], str], np.ndarray]
+RoiFn = Callable[[np.ndarray], np.ndarray]
+
+
+def write_shard_folder(
+    root: str | Path,
+    *,
+    dataset: str = "phantom",
+    image_format: str = "png16",
+    splits: dict[str, int] | None = None,
+    samples_per_shard: int = 4,
+    label_names: tuple[str, ...] = ("cardiomegaly", "effusion"),
+    size_hw: tuple[int, int] = (40, 32),
+    with_roi: bool = True,
+    with_labels: bool = True,
+    seed: int = 0,
+    image_fn: ImageFn | None = None,
+    roi_fn: RoiFn | None = None,
+) -> FixtureFolder:
+    """Write a shard folder at `root` with `splits` {split: num_samples}; returns paths and arrays.
+
+    image_fn(rng, i, size_hw, image_format) -> stored array; roi_fn(image) -> stored 0/255 mask.
+    Labels of sample i: label j is 1 when (i + j) % 3 == 0, NaN when == 1, else 0.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    splits = {"train": 6, "val": 2} if splits is None else splits
+    rng = np.random.default_rng(seed)
+    make_image = image_fn or (lambda r, i, s, f: smooth_image(r, s, f))
+    folder = FixtureFolder(root, {})
+    shard_entries, sample_index = [], 0
+    for split, num_samples in splits.items():
+        keys_written = 0
+        for shard_i in range(-(-num_samples // samples_per_shard)):
+            writer = ShardTarWriter(root / shard_name(dataset, split, shard_i))
+            for _ in range(min(samples_per_shard, num_samples - keys_written)):
+                sample = _make_sample(rng, dataset, split, sample_index, size_hw, image_format, label_names,
+                                      make_image, roi_fn, with_roi, with_labels)  # fmt: skip
+                writer.write_sample(sample.key, _components(sample, image_format, split))
+                folder.samples[sample.key] = sample
+                sample_index += 1
+                keys_written += 1
+            writer.close()
+            _check_idx(writer.tar_path)
+            shard_entries.append(_shard_entry(writer, split))
+    folder.manifest = _manifest(folder, dataset, image_format, label_names, shard_entries, splits)
+    (root / MANIFEST_NAME).write_text(json.dumps(folder.manifest, indent=2))
+    (root / SKIPPED_NAME).write_text("")
+    return folder
+
+
+def _make_sample(
+    rng, dataset, split, i, size_hw, image_format, label_names, make_image, roi_fn, with_roi, with_labels
+):
+    image = make_image(rng, i, size_hw, image_format)
+    roi = (roi_fn(image) if roi_fn else ellipse_roi(image.shape)) if with_roi else None
+    labels = None
+    if with_labels:
+        codes = [(i + j) % 3 for j in range(len(label_names))]
+        labels = np.array([1.0 if c == 0 else np.nan if c == 1 else 0.0 for c in codes], dtype=np.float32)
+    return FixtureSample(sample_key(dataset, f"{split}/{i:05d}.dcm"), split, image, roi, labels)
+
+
+def _components(sample: FixtureSample, image_format: str, split: str) -> dict[str, bytes]:
+    components = {EXTENSION[image_format]: encode_image(sample.image, image_format)}
+    if sample.roi is not None:
+        components["roi.png"] = encode_png8(sample.roi)
+    if sample.labels is not None:
+        components["labels.npy"] = encode_npy(sample.labels)
+    meta = {
+        "key": sample.key,
+        "split": split,
+        "size": list(sample.image.shape),
+        "original_size": list(sample.image.shape),
+    }
+    components["json"] = json.dumps(meta).encode()
+    return components
+
+
+def _check_idx(tar_path: Path) -> None:
+    """Make the idx agree with a scan of the tar (what DALI's wds2idx computes).
+
+    If the writer's idx disagrees (a writer bug), warn loudly and rewrite it from the scan, so the
+    loader tests exercise the loaders and the disagreement is visible in the test summary.
+    """
+    scanned = index_tar(tar_path)
+    written = read_idx(idx_path_for(tar_path))
+    if [(s.key, s.components) for s in scanned] != [(s.key, s.components) for s in written]:
+        warnings.warn(
+            f"ShardTarWriter's idx for {tar_path.name} disagrees with index_tar (data offsets); "
+            "rewrote it from index_tar for this test",
+            stacklevel=2,
+        )
+        write_idx(scanned, idx_path_for(tar_path))
+
+
+def _shard_entry(writer: ShardTarWriter, split: str) -> dict:
+    digest = hashlib.sha256(writer.tar_path.read_bytes()).hexdigest()
+    return {
+        "name": writer.tar_path.name,
+        "split": split,
+        "num_samples": len(writer.samples),
+        "num_bytes": writer.num_bytes,
+        "sha256": digest,
+    }
+
+
+def _manifest(folder: FixtureFolder, dataset, image_format, label_names, shard_entries, splits) -> dict:
+    train = [
+        s.image.astype(np.float64) / FULL_SCALE[image_format]
+        for s in folder.samples.values()
+        if s.split == "train"
+    ]
+    pixels = np.concatenate([t.ravel() for t in train]) if train else np.array([0.5, 0.5])
+    return {
+        "format_version": 1,
+        "tool": "xray-shard",
+        "tool_version": "test",
+        "command": "convert",
+        "dataset": dataset,
+        "source": "tests/data_fixtures.py",
+        "image_format": image_format,
+        "options": {},
+        "salt_fingerprint": "test",
+        "label_names": list(label_names),
+        "num_inputs": len(folder.samples),
+        "num_samples": len(folder.samples),
+        "num_skipped": 0,
+        "splits": dict(splits),
+        "shards": shard_entries,
+        "label_counts": {},
+        "intensity": {
+            "mean": float(pixels.mean()),
+            "std": float(max(pixels.std(), 1e-3)),
+            "unit": "fraction of full scale",
+        },
+    }

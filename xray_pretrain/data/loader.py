@@ -1,0 +1,174 @@
+"""Build the training and validation loaders, choosing the backend (DALI or the CPU `wds` loader).
+
+Both backends read the same global order (`order.py`), apply the same augmentation parameters
+(`augment.py`) and yield the same batch contract (see `wds.py`), so a run can resume on the other
+backend. `data.backend=auto` picks DALI when it imports, else wds; the choice and the decode device
+are logged.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from xray_pretrain.data.augment import TrainAugment
+from xray_pretrain.data.config import DataConfig
+from xray_pretrain.data.order import GlobalOrder, TrainBatchSampler, val_rank_batches
+from xray_pretrain.data.shards import SplitTable, open_folders, union_label_names
+
+log = logging.getLogger(__name__)
+
+
+def resolve_backend(requested: str) -> str:
+    # The DALI backend lands in the next commit; until then auto means wds.
+    if requested == "auto":
+        return "wds"
+    return requested
+
+
+def train_augment(cfg: DataConfig) -> TrainAugment:
+    return TrainAugment(
+        crop_scale=(float(cfg.crop_scale[0]), float(cfg.crop_scale[1])),
+        crop_ratio=(float(cfg.crop_ratio[0]), float(cfg.crop_ratio[1])),
+        hflip=bool(cfg.hflip),
+        brightness=float(cfg.brightness),
+        contrast=float(cfg.contrast),
+    )
+
+
+def all_label_names(cfg: DataConfig) -> list[str]:
+    """The loaders' label order: union over data.shards, then labels only data.val_shards have."""
+    return union_label_names(open_folders(list(cfg.shards) + cfg.resolved_val_shards))
+
+
+@dataclass
+class TrainLoader:
+    """Infinite iterable of training batches for one rank.
+
+    Every `iter()` starts again at `start_position` (the checkpoint's samples_seen); the trainer
+    takes `next()` once per micro-step and stops by steps.
+    """
+
+    batches: Iterable[dict]
+    label_names: list[str]
+    num_samples_per_epoch: int
+    backend: str
+    decode_device: str
+    intensity: list[dict]  # per folder: {"folder", "mean", "std", "image_format"}
+    global_batch: int
+    start_position: int
+
+    def __iter__(self) -> Iterator[dict]:
+        return iter(self.batches)
+
+
+@dataclass
+class ValLoader:
+    """Finite, re-iterable validation batches for one rank (same number of batches on every rank)."""
+
+    batches: Iterable[dict]
+    label_names: list[str]
+    num_samples: int  # real (weight 1) samples over all ranks
+    num_batches: int
+    backend: str
+    decode_device: str
+
+    def __iter__(self) -> Iterator[dict]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+
+def build_train_loader(
+    cfg: DataConfig,
+    *,
+    image_size: tuple[int, int],
+    micro_batch: int,
+    accum_steps: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    start_position: int = 0,
+    device: str = "cpu",
+) -> TrainLoader:
+    """This rank's infinite training stream (see `order.py` for which positions it reads)."""
+    cfg.validate()
+    backend = resolve_backend(cfg.backend)
+    table = SplitTable(open_folders(cfg.shards), cfg.train_split, all_label_names(cfg))
+    if sum(table.folder_sizes) == 0:
+        raise ValueError(
+            f"no {cfg.train_split!r} samples in {cfg.shards}; check data.shards and data.train_split"
+        )
+    order = GlobalOrder(table.folder_sizes, cfg.weights, seed)
+    sampler = TrainBatchSampler(
+        rank=rank,
+        world_size=world_size,
+        micro_batch=micro_batch,
+        accum_steps=accum_steps,
+        start_position=start_position,
+    )
+    augment = train_augment(cfg)
+    if backend == "wds":
+        from xray_pretrain.data.wds import TrainDataset, make_dataloader
+
+        dataset = TrainDataset(table, order, augment, seed, image_size)
+        batches = make_dataloader(dataset, sampler, cfg.num_workers, pin_memory=device.startswith("cuda"))
+        decode_device = "cpu"
+    else:
+        from xray_pretrain.data.dali import DaliTrainBatches
+
+        batches = DaliTrainBatches(table, order, sampler, augment, seed, image_size, cfg.num_workers, device)
+        decode_device = batches.decode_device
+    log.info(
+        "train data: backend %s, decode on %s, %d folder(s), %d samples per epoch, global batch %d, start %d",
+        backend, decode_device, len(table.folders), order.num_samples_per_epoch, sampler.global_batch, start_position,
+    )  # fmt: skip
+    return TrainLoader(
+        batches=batches,
+        label_names=table.label_names,
+        num_samples_per_epoch=order.num_samples_per_epoch,
+        backend=backend,
+        decode_device=decode_device,
+        intensity=table.intensities(),
+        global_batch=sampler.global_batch,
+        start_position=start_position,
+    )
+
+
+def build_val_loader(
+    cfg: DataConfig,
+    *,
+    image_size: tuple[int, int],
+    micro_batch: int,
+    rank: int,
+    world_size: int,
+    device: str = "cpu",
+) -> ValLoader:
+    """The first data.val_num_samples val samples (sorted keys), split round-robin over ranks and
+    padded with weight-0 rows so every rank runs the same number of batches. No randomness."""
+    cfg.validate()
+    backend = resolve_backend(cfg.backend)
+    table = SplitTable(open_folders(cfg.resolved_val_shards), cfg.val_split, all_label_names(cfg))
+    pairs = table.sorted_by_key(cfg.val_num_samples)
+    if len(pairs) < cfg.val_num_samples:
+        log.warning(
+            "data.val_num_samples=%d but the %r split has %d samples: validating on %d",
+            cfg.val_num_samples, cfg.val_split, len(pairs), len(pairs),
+        )  # fmt: skip
+    rank_batches = val_rank_batches(len(pairs), rank, world_size, micro_batch)
+    if backend == "wds":
+        from xray_pretrain.data.wds import ValDataset, make_dataloader
+
+        dataset = ValDataset(table, pairs, image_size)
+        batches = make_dataloader(
+            dataset, rank_batches, cfg.num_workers, pin_memory=device.startswith("cuda")
+        )
+        decode_device = "cpu"
+    else:
+        from xray_pretrain.data.dali import DaliValBatches
+
+        batches = DaliValBatches(table, pairs, rank_batches, image_size, cfg.num_workers, device)
+        decode_device = batches.decode_device
+    return ValLoader(batches, table.label_names, len(pairs), len(rank_batches), backend, decode_device)

@@ -1,0 +1,112 @@
+"""The CPU backend: torch DataLoader over global positions, Pillow decode, torch resize.
+
+Reads WebDataset-format shards by random access through their idx files (not by streaming), so the
+order is `order.GlobalOrder`'s exactly. The Dataset is map-style: an item is one global position
+(train) or one (index, weight) row (validation); the batch sampler decides which positions this rank
+reads. Each worker opens its own tar handles lazily (after the fork).
+
+Batch contract (both backends): `image` float32 (B, 1, H, W) normalized; `roi` uint8 (B, 1, H, W)
+0/1; `labels` float32 (B, C) NaN unknown; `key` list[str]; `position` int64 (B,) global stream
+positions (validation: index in the sorted validation list); `weight` float32 (B,) 1.0, 0.0 for
+validation padding rows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from xray_pretrain.data.augment import FULL_VIEW, AugmentParams, TrainAugment, transform_sample
+from xray_pretrain.data.decode import decode_image, decode_labels, decode_roi, estimate_roi, image_extension
+from xray_pretrain.data.order import GlobalOrder
+from xray_pretrain.data.shardio import ROI_EXTENSION
+from xray_pretrain.data.shards import ShardReader, SplitTable
+
+
+def load_item(
+    table: SplitTable,
+    reader: ShardReader,
+    folder: int,
+    index: int,
+    params: AugmentParams,
+    image_size: tuple[int, int],
+) -> dict:
+    """Read, decode and transform one sample into its batch row (no batch dimension)."""
+    ref = table.ref(folder, index)
+    components = reader.read(ref)
+    image_HW = decode_image(components[image_extension(components)])
+    if ROI_EXTENSION in components:
+        roi_hw = decode_roi(components[ROI_EXTENSION])
+    else:
+        roi_hw = estimate_roi(image_HW)
+    mean, std = table.intensity(folder)
+    image_1HW, roi_1HW = transform_sample(image_HW, roi_hw, params, image_size, mean, std)
+    folder_labels = decode_labels(
+        components, len(table.folders[folder].label_names), f"{ref.tar_path}:{ref.key}"
+    )
+    return {"image": image_1HW, "roi": roi_1HW, "labels": table.labels(folder, folder_labels), "key": ref.key}
+
+
+class TrainDataset(Dataset):
+    """Map-style dataset over global stream positions (any int >= 0)."""
+
+    def __init__(
+        self,
+        table: SplitTable,
+        order: GlobalOrder,
+        augment: TrainAugment,
+        seed: int,
+        image_size: tuple[int, int],
+    ):
+        self.table, self.order, self.augment = table, order, augment
+        self.seed, self.image_size = seed, tuple(image_size)
+        self.reader = ShardReader()
+
+    def __getitem__(self, position: int) -> dict:
+        folder, index = self.order.locate(position)
+        params = self.augment.sample(self.seed, position)
+        item = load_item(self.table, self.reader, folder, index, params, self.image_size)
+        return {**item, "position": int(position), "weight": 1.0}
+
+
+class ValDataset(Dataset):
+    """Map-style dataset over rows (index into `pairs`, weight); no randomness."""
+
+    def __init__(self, table: SplitTable, pairs: list[tuple[int, int]], image_size: tuple[int, int]):
+        self.table, self.pairs, self.image_size = table, pairs, tuple(image_size)
+        self.reader = ShardReader()
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, row: tuple[int, float]) -> dict:
+        index, weight = row
+        folder, sample = self.pairs[index]
+        item = load_item(self.table, self.reader, folder, sample, FULL_VIEW, self.image_size)
+        return {**item, "position": int(index), "weight": float(weight)}
+
+
+def collate(items: list[dict]) -> dict:
+    """Stack batch rows into the batch contract (see the module docstring)."""
+    return {
+        "image": torch.stack([it["image"] for it in items]),
+        "roi": torch.stack([it["roi"] for it in items]),
+        "labels": torch.from_numpy(np.stack([it["labels"] for it in items])),
+        "key": [it["key"] for it in items],
+        "position": torch.tensor([it["position"] for it in items], dtype=torch.int64),
+        "weight": torch.tensor([it["weight"] for it in items], dtype=torch.float32),
+    }
+
+
+def make_dataloader(dataset: Dataset, batch_sampler, num_workers: int, pin_memory: bool) -> DataLoader:
+    """A DataLoader that keeps its workers (persistent) and returns batches in sampler order."""
+    return DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        num_workers=num_workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        prefetch_factor=2 if num_workers > 0 else None,
+    )
