@@ -17,7 +17,7 @@ from PIL import Image
 
 from data_tools import labels as label_table
 from data_tools.labels import LABEL_NAMES
-from data_tools.records import Record, Skip
+from data_tools.records import Record, Skip, split_for_patient
 from data_tools.sources import get_source
 from data_tools.sources._common import normalize_view, resolve_patient_splits
 from data_tools.sources.mimic_cxr_jpg import parse_report
@@ -172,8 +172,6 @@ def test_resolve_patient_splits_puts_each_patient_in_one_split():
     assert num_conflicts == 1
     assert splits["a1"] == splits["a2"] == "test" and splits["b1"] == "train"
     assert splits["c1"] == splits["c2"] == "val"  # an unlisted image follows its patient
-    from data_tools.records import split_for_patient
-
     assert splits["d1"] == split_for_patient("D")
     carved, _ = resolve_patient_splits(
         {f"i{i}": "train" for i in range(200)},
