@@ -9,7 +9,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from data_fixtures import write_shard_folder
+from data_fixtures import bright_square_image, edge_band, needs_dali, square_roi, write_shard_folder
 
 from xray_pretrain.data.augment import AugmentParams, TrainAugment, transform_sample
 from xray_pretrain.data.config import DataConfig
@@ -17,6 +17,8 @@ from xray_pretrain.data.loader import build_train_loader, build_val_loader
 from xray_pretrain.data.shards import ShardFolder
 
 AUG_OFF = dict(crop_scale=[1.0, 1.0], crop_ratio=[1.0, 1.0])
+# Behaviour both backends must share runs on each; DALI-only checks live in test_dali.py.
+BACKENDS = ["wds", pytest.param("dali", marks=needs_dali)]
 
 
 def train_batches(
@@ -54,6 +56,21 @@ def test_round_trip_pixels_equal_source(tmp_path, image_format, tolerance):
         assert torch.equal(roi[0], torch.from_numpy((source.roi > 0).astype(np.uint8)))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_missing_roi_is_estimated_from_the_image(tmp_path, backend):
+    from data_tools.roi import estimate_chest_region
+
+    fixture = write_shard_folder(tmp_path, with_roi=False, size_hw=(48, 40), splits={"val": 3})
+    cfg = DataConfig(shards=[str(tmp_path)], backend=backend, num_workers=0)
+    batches = list(build_val_loader(cfg, image_size=(48, 40), micro_batch=3, rank=0, world_size=1))
+    for key, roi in zip(batches[0]["key"], batches[0]["roi"]):
+        expected = (
+            estimate_chest_region(fixture.samples[key].image)[0] >= 128
+        )  # long side 48 <= 128: same size
+        assert torch.equal(roi[0], torch.from_numpy(expected.astype(np.uint8)))
+        assert 0 < int(roi.sum()) < roi.numel()  # a region, not all or nothing
+
+
 def test_batch_contract_and_label_alignment(tmp_path):
     write_shard_folder(tmp_path / "a", label_names=("cardiomegaly", "effusion"))
     b = write_shard_folder(
@@ -80,24 +97,14 @@ def test_batch_contract_and_label_alignment(tmp_path):
             np.testing.assert_array_equal(labels[1:].numpy(), b.samples[key].labels)
 
 
-def bright_square_image(rng, i, size_hw, image_format):
-    """Dark image with a bright square exactly on roi pixels (roi is half the image's resolution)."""
-    image = np.full(size_hw, 2000, dtype=np.uint16)
-    image[16:48, 24:56] = 60000
-    return image
-
-
-def square_roi(image):
-    roi = np.zeros((image.shape[0] // 2, image.shape[1] // 2), dtype=np.uint8)
-    roi[8:24, 12:28] = 255
-    return roi
-
-
-def test_roi_stays_aligned_with_image_after_crops(tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_roi_stays_aligned_with_image_after_crops(tmp_path, backend):
     write_shard_folder(
         tmp_path, size_hw=(64, 80), image_fn=bright_square_image, roi_fn=square_roi, splits={"train": 4}
     )
-    cfg = DataConfig(shards=[str(tmp_path)], backend="wds", num_workers=0, crop_scale=[0.2, 1.0], hflip=True)
+    cfg = DataConfig(
+        shards=[str(tmp_path)], backend=backend, num_workers=0, crop_scale=[0.2, 1.0], hflip=True
+    )
     batches = train_batches(cfg, 12, image_size=(24, 24), micro=4)
     folder = ShardFolder(tmp_path)
     num_checked = 0
@@ -113,28 +120,21 @@ def test_roi_stays_aligned_with_image_after_crops(tmp_path):
     assert num_checked > 10  # most crops contain part of the square
 
 
-def edge_band(mask: np.ndarray) -> np.ndarray:
-    """Pixels within one pixel (8-neighbourhood) of a change in `mask`."""
-    padded = np.pad(mask, 1, mode="edge")
-    band = np.zeros_like(mask)
-    for dy, dx in itertools.product((-1, 0, 1), repeat=2):
-        band |= padded[1 + dy : 1 + dy + mask.shape[0], 1 + dx : 1 + dx + mask.shape[1]] != mask
-    return band
-
-
-def test_two_ranks_disjoint_and_cover_the_epoch(tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_ranks_disjoint_and_cover_the_epoch(tmp_path, backend):
     fixture = write_shard_folder(tmp_path, splits={"train": 12}, samples_per_shard=5)
-    cfg = DataConfig(shards=[str(tmp_path)], backend="wds", num_workers=0, **AUG_OFF)
+    cfg = DataConfig(shards=[str(tmp_path)], backend=backend, num_workers=0, **AUG_OFF)
     keys = [[k for b in train_batches(cfg, 3, rank=r, world=2) for k in b["key"]] for r in range(2)]
     assert not set(keys[0]) & set(keys[1])
     assert sorted(keys[0] + keys[1]) == sorted(fixture.keys("train"))
 
 
-def test_uneven_shards_same_batches_per_rank(tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_uneven_shards_same_batches_per_rank(tmp_path, backend):
     """One shard of 5 samples, 4 ranks x 2 workers: every rank gets batches, the first 5 positions
     are the epoch, and validation pads with weight-0 rows to the same count."""
     fixture = write_shard_folder(tmp_path, splits={"train": 5, "val": 5}, samples_per_shard=5)
-    cfg = DataConfig(shards=[str(tmp_path)], backend="wds", num_workers=2, **AUG_OFF)
+    cfg = DataConfig(shards=[str(tmp_path)], backend=backend, num_workers=2, **AUG_OFF)
     per_rank = [train_batches(cfg, 3, micro=1, rank=r, world=4) for r in range(4)]
     assert [len(b) for b in per_rank] == [3, 3, 3, 3]
     by_position = {int(b["position"][0]): b["key"][0] for batches in per_rank for b in batches}
@@ -151,11 +151,12 @@ def test_uneven_shards_same_batches_per_rank(tmp_path):
     assert sorted(real_keys) == sorted(fixture.keys("val"))
 
 
-def test_weighted_mixing_gives_exact_epoch_counts(tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weighted_mixing_gives_exact_epoch_counts(tmp_path, backend):
     a = write_shard_folder(tmp_path / "a", splits={"train": 6})
     b = write_shard_folder(tmp_path / "b", dataset="other", splits={"train": 2})
     cfg = DataConfig(
-        shards=[str(tmp_path / "a"), str(tmp_path / "b")], weights=[1, 3], backend="wds", num_workers=0
+        shards=[str(tmp_path / "a"), str(tmp_path / "b")], weights=[1, 3], backend=backend, num_workers=0
     )
     for epoch in range(2):
         batches = train_batches(cfg, 2, micro=4, start=epoch * 8)  # one epoch = 8 samples
@@ -175,20 +176,22 @@ def assert_same_batches(left: list[dict], right: list[dict]) -> None:
         assert torch.equal(x["image"], y["image"]) and torch.equal(x["roi"], y["roi"])
 
 
-def test_resume_gives_identical_batches(tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_gives_identical_batches(tmp_path, backend):
     write_shard_folder(tmp_path, splits={"train": 7}, samples_per_shard=3)
     straight = train_batches(
-        DataConfig(shards=[str(tmp_path)], backend="wds", num_workers=0, **AUG_ON), 6, micro=2, accum=2
+        DataConfig(shards=[str(tmp_path)], backend=backend, num_workers=0, **AUG_ON), 6, micro=2, accum=2
     )
-    resumed_cfg = DataConfig(shards=[str(tmp_path)], backend="wds", num_workers=2, **AUG_ON)
+    resumed_cfg = DataConfig(shards=[str(tmp_path)], backend=backend, num_workers=2, **AUG_ON)
     # stop after 2 optimizer steps (4 micro-batches of 2, G = 4), rebuild at samples_seen = 8
     resumed = train_batches(resumed_cfg, 2, micro=2, accum=2, start=8)
     assert_same_batches(straight[4:], resumed)
 
 
-def test_resume_after_world_size_change_same_samples_per_step(tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_after_world_size_change_same_samples_per_step(tmp_path, backend):
     write_shard_folder(tmp_path, splits={"train": 7}, samples_per_shard=3)
-    cfg = DataConfig(shards=[str(tmp_path)], backend="wds", num_workers=0, **AUG_ON)
+    cfg = DataConfig(shards=[str(tmp_path)], backend=backend, num_workers=0, **AUG_ON)
     # world 2, accum 1, micro 2 -> G = 4; 3 steps. Then world 1, accum 2, micro 2 from step 1.
     world2 = [train_batches(cfg, 3, micro=2, accum=1, rank=r, world=2) for r in range(2)]
     world1 = train_batches(cfg, 4, micro=2, accum=2, rank=0, world=1, start=4)

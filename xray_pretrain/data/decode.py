@@ -55,14 +55,14 @@ def decode_roi(data: bytes) -> np.ndarray:
 
 
 def estimate_roi(image_HW: np.ndarray) -> np.ndarray:
-    """Chest-region mask (h, w) uint8 0/1 for a sample stored without roi.png.
+    """Chest-region mask (h, w) uint8 0/1 for a sample stored without roi.png (slow: full-image work).
 
-    `image_HW` is float in [0, 1]; the estimator (data_tools.roi, numpy/scipy only) takes the image as
-    stored, so it is given back in 16-bit units.
+    `data_tools.roi.estimate_chest_region` takes any dtype (it normalizes by percentiles) and returns
+    the mask at the stored roi size (long side <= 128), which the transform then treats as roi.png.
     """
     from data_tools.roi import estimate_chest_region  # lazy: only tars without roi.png need it
 
-    mask, _box = estimate_chest_region(np.round(image_HW * 65535.0).astype(np.uint16))
+    mask, _box = estimate_chest_region(image_HW)
     return (np.asarray(mask) >= 128).astype(np.uint8)
 
 

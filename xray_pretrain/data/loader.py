@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from xray_pretrain.data.augment import TrainAugment
-from xray_pretrain.data.config import DataConfig
+from xray_pretrain.data.config import DataConfig, dali_available
 from xray_pretrain.data.order import GlobalOrder, TrainBatchSampler, val_rank_batches
 from xray_pretrain.data.shards import SplitTable, open_folders, union_label_names
 
@@ -21,9 +21,8 @@ log = logging.getLogger(__name__)
 
 
 def resolve_backend(requested: str) -> str:
-    # The DALI backend lands in the next commit; until then auto means wds.
     if requested == "auto":
-        return "wds"
+        return "dali" if dali_available() else "wds"
     return requested
 
 
@@ -117,9 +116,11 @@ def build_train_loader(
         batches = make_dataloader(dataset, sampler, cfg.num_workers, pin_memory=device.startswith("cuda"))
         decode_device = "cpu"
     else:
-        from xray_pretrain.data.dali import DaliTrainBatches
+        from xray_pretrain.data.dali import dali_train_batches
 
-        batches = DaliTrainBatches(table, order, sampler, augment, seed, image_size, cfg.num_workers, device)
+        batches = dali_train_batches(
+            table, order, sampler, augment, seed, image_size, cfg.num_workers, device
+        )
         decode_device = batches.decode_device
     log.info(
         "train data: backend %s, decode on %s, %d folder(s), %d samples per epoch, global batch %d, start %d",
@@ -167,8 +168,8 @@ def build_val_loader(
         )
         decode_device = "cpu"
     else:
-        from xray_pretrain.data.dali import DaliValBatches
+        from xray_pretrain.data.dali import dali_val_batches
 
-        batches = DaliValBatches(table, pairs, rank_batches, image_size, cfg.num_workers, device)
+        batches = dali_val_batches(table, pairs, rank_batches, image_size, cfg.num_workers, device)
         decode_device = batches.decode_device
     return ValLoader(batches, table.label_names, len(pairs), len(rank_batches), backend, decode_device)
