@@ -98,8 +98,12 @@ class ShardTarWriter:
             info.size, info.mtime, info.mode = len(data), 0, 0o644
             info.uid = info.gid = 0
             info.uname = info.gname = ""
+            # addfile() works on a copy of `info`, so the data offset is computed here: the member's
+            # data starts right after its header, which starts at the archive's current end.
+            header = info.tobuf(self._tar.format, self._tar.encoding, self._tar.errors)
+            data_offset = self._tar.offset + len(header)
             self._tar.addfile(info, io.BytesIO(data))
-            entry.components[ext] = (info.offset_data, len(data))
+            entry.components[ext] = (data_offset, len(data))
         self.samples.append(entry)
 
     def close(self) -> None:
@@ -122,7 +126,9 @@ def write_idx(samples: list[IndexedSample], idx_path: str | Path) -> None:
     idx_path = Path(idx_path)
     lines = [f"{IDX_VERSION} {len(samples)}"]
     for sample in samples:
-        parts = [f"{ext} {offset} {size} {sample.key}.{ext}" for ext, (offset, size) in sample.components.items()]
+        parts = [
+            f"{ext} {offset} {size} {sample.key}.{ext}" for ext, (offset, size) in sample.components.items()
+        ]
         lines.append(" ".join(parts))
     tmp = idx_path.with_name(idx_path.name + ".partial")
     tmp.write_text("\n".join(lines) + "\n")
@@ -178,6 +184,8 @@ def read_sample(fileobj, sample: IndexedSample) -> dict[str, bytes]:
         fileobj.seek(offset)
         data = fileobj.read(size)
         if len(data) != size:
-            raise OSError(f"short read for {sample.key}.{ext}: wanted {size} bytes at {offset}, got {len(data)}")
+            raise OSError(
+                f"short read for {sample.key}.{ext}: wanted {size} bytes at {offset}, got {len(data)}"
+            )
         out[ext] = data
     return out
