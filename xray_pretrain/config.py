@@ -1,0 +1,230 @@
+"""One typed config tree for every run: defaults in dataclasses, YAML overlays, CLI overrides.
+
+    cfg = load_config("configs/tiny_cpu.yaml", ["train.steps=50", "data.shards=[runs/shards]"])
+
+A YAML file holds only differences from the defaults. Each `section.key=value` override is parsed as
+YAML (so `[1,2]`, `true`, `3e-4` work) and type-checked against the dataclass field. Unknown keys are
+an error naming the valid ones. `validate()` runs every section's checks before any process is
+spawned. Each component owns its section's dataclass (`models.MAEConfig`, `data.DataConfig`, ...);
+this module only assembles them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from xray_pretrain.data.config import DataConfig
+from xray_pretrain.models import MAEConfig, MaskConfig
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+TASKS = ("pretrain",)
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = 1.5e-4  # MAE's rule: lr = base_lr * global_batch / 256
+    weight_decay: float = 0.05  # never applied to norms, biases, pos/cls/mask tokens
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    warmup_steps: int = 40
+    min_lr: float = 0.0
+    clip_grad: float = 1.0  # 0 disables clipping
+
+    def validate(self) -> None:
+        if self.base_lr <= 0:
+            raise ValueError(f"optim.base_lr must be > 0, got {self.base_lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
+        if self.warmup_steps < 0 or self.clip_grad < 0 or self.weight_decay < 0:
+            raise ValueError("optim.warmup_steps, optim.clip_grad and optim.weight_decay must be >= 0")
+
+    def lr(self, global_batch: int) -> float:
+        return self.base_lr * global_batch / 256
+
+
+@dataclass
+class TrainConfig:
+    global_batch: int = 4096  # fixed whatever the world size; accumulation adapts
+    micro_batch: int = 32  # per rank per forward
+    steps: int = 1000  # optimizer steps
+    precision: str = "bf16"  # fp32 | bf16 | fp16 (dynamic loss scaling, for GPUs without bf16)
+    zero_stage: int = 2
+    ds_config: str | None = None  # default: ds_configs/zero{zero_stage}.json
+    seed: int = 0
+    compile: bool = False  # torch.compile the model
+
+    def validate(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"train.zero_stage must be 0-3, got {self.zero_stage}")
+        if min(self.global_batch, self.micro_batch, self.steps) < 1:
+            raise ValueError("train.global_batch, train.micro_batch and train.steps must be >= 1")
+        if self.global_batch % self.micro_batch:
+            raise ValueError(
+                f"train.global_batch={self.global_batch} is not a multiple of train.micro_batch="
+                f"{self.micro_batch}; pick sizes with global_batch = micro_batch * world_size * accumulation"
+            )
+
+    def accum_steps(self, world_size: int) -> int:
+        """Gradient accumulation that keeps the global batch fixed at this world size."""
+        per_step = self.micro_batch * world_size
+        if self.global_batch % per_step:
+            raise ValueError(
+                f"train.global_batch={self.global_batch} is not divisible by micro_batch*world_size="
+                f"{self.micro_batch}*{world_size}; change train.micro_batch or the number of ranks"
+            )
+        return self.global_batch // per_step
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500  # optimizer steps between checkpoints (and one at the end)
+    keep_last: int = 3
+    resume: str = "none"  # none | auto (latest in out_dir/checkpoints) | path to a checkpoint folder
+
+    def validate(self) -> None:
+        if self.every < 1 or self.keep_last < 1:
+            raise ValueError("checkpoint.every and checkpoint.keep_last must be >= 1")
+
+
+@dataclass
+class LogConfig:
+    out_dir: str = "runs/default"
+    every: int = 10  # steps between scalar logs
+    val_every: int = 100  # steps between validation runs (and one at the end)
+    image_every: int = 200  # steps between reconstruction image grids
+    num_images: int = 4  # samples in the reconstruction grid
+    progress: bool = True  # tqdm bar on rank 0
+    peak_flops: float | None = None  # device peak for MFU; None = look up the device
+
+    def validate(self) -> None:
+        if min(self.every, self.val_every, self.image_every) < 1:
+            raise ValueError("log.every, log.val_every and log.image_every must be >= 1")
+
+
+@dataclass
+class RunConfig:
+    task: str = "pretrain"
+    model: MAEConfig = field(default_factory=MAEConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def validate(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if dataclasses.is_dataclass(section):
+                section.validate()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Defaults <- YAML file <- `section.key=value` overrides, then validated."""
+    cfg = RunConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {path} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+        _merge(cfg, data, where=str(path))
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} is not of the form section.key=value")
+        set_value(cfg, key.strip(), yaml.safe_load(raw) if raw.strip() else None, where="command line")
+    cfg.validate()
+    return cfg
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    """Rebuild a RunConfig from `RunConfig.to_dict()` output (e.g. a checkpoint's client state)."""
+    cfg = RunConfig()
+    _merge(cfg, data, where="saved config")
+    cfg.validate()
+    return cfg
+
+
+def _merge(obj, data: dict, where: str, prefix: str = "") -> None:
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and dataclasses.is_dataclass(getattr(obj, key, None)):
+            _merge(getattr(obj, key), value, where, prefix=f"{dotted}.")
+        else:
+            set_value(obj, key, value, where, dotted=dotted)
+
+
+def set_value(root, dotted_key: str, value, where: str, dotted: str | None = None) -> None:
+    """Set `a.b.c` on a dataclass tree, checking the key exists and the value's type fits."""
+    *parents, leaf = dotted_key.split(".")
+    obj = root
+    for part in parents:
+        if not dataclasses.is_dataclass(obj) or not hasattr(obj, part):
+            raise ValueError(f"{where}: unknown config section {dotted_key!r}")
+        obj = getattr(obj, part)
+    names = {f.name: f for f in dataclasses.fields(obj)}
+    if leaf not in names:
+        raise ValueError(
+            f"{where}: unknown key {dotted or dotted_key!r}; valid keys here: {', '.join(names)}"
+        )
+    hint = typing.get_type_hints(type(obj))[leaf]
+    setattr(obj, leaf, _coerce(value, hint, dotted or dotted_key, where))
+
+
+def _coerce(value, hint, key: str, where: str):
+    """Check `value` against a field's annotation; ints are accepted for floats and [x] for lists."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key, where)
+            except ValueError as err:
+                errors.append(str(err))
+        raise ValueError(errors[0])
+    if origin is list:
+        (item_type,) = typing.get_args(hint) or (object,)
+        if not isinstance(value, (list, tuple)):
+            # A scalar where a list is expected: let the section's validate() interpret it
+            # (e.g. model.image_size=1280 means square); store as given.
+            return _coerce(value, item_type, key, where) if item_type is not object else value
+        return [_coerce(v, item_type, key, where) for v in value]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "3e-4" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if hint in (int, float, str, bool) and not (
+        isinstance(value, hint) and not (hint is int and isinstance(value, bool))
+    ):
+        raise ValueError(f"{where}: {key} expects {hint.__name__}, got {value!r}")
+    return value
+
+
+def save_resolved_config(cfg: RunConfig, out_dir: Path, extra: dict | None = None) -> None:
+    """Write the resolved config (YAML) and run facts such as the git revision into the run folder."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    (out_dir / "run_info.json").write_text(json.dumps(extra or {}, indent=2, sort_keys=True))

@@ -1,0 +1,133 @@
+"""DeepSpeed checkpoints that a crash can never leave half-referenced.
+
+Layout under `<out_dir>/checkpoints/`:
+
+    step00000100/            one DeepSpeed checkpoint (any ZeRO stage), written by every rank
+        complete.json        written by rank 0 only after ALL ranks finished writing (barrier)
+        run_config.json      the resolved run config, for `export` and for resuming
+    latest                   the tag of the newest complete checkpoint, replaced atomically
+
+`latest` is written with DeepSpeed's own `save_latest=False` and then replaced by an atomic rename
+after the barrier, so a node dying mid-write leaves `latest` on the previous complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+TAG_RE = re.compile(r"^step(\d{8})$")
+COMPLETE_NAME = "complete.json"
+CONFIG_NAME = "run_config.json"
+LATEST_NAME = "latest"
+
+
+def tag_for_step(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def is_complete(tag_dir: Path) -> bool:
+    return (tag_dir / COMPLETE_NAME).is_file()
+
+
+def complete_tags(ckpt_dir: Path) -> list[str]:
+    """Complete checkpoint tags, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    tags = [p.name for p in ckpt_dir.iterdir() if TAG_RE.match(p.name) and is_complete(p)]
+    return sorted(tags)
+
+
+def resolve_checkpoint(path: Path) -> tuple[Path, str]:
+    """(checkpoint root, tag) for a root folder (uses `latest`) or a tag folder.
+
+    Falls back to the newest complete tag when `latest` is missing or names an incomplete one.
+    """
+    path = Path(path)
+    if TAG_RE.match(path.name) and path.is_dir():
+        if not is_complete(path):
+            raise ValueError(f"{path} is an incomplete checkpoint (no {COMPLETE_NAME}); use an earlier one")
+        return path.parent, path.name
+    latest = path / LATEST_NAME
+    if latest.is_file():
+        tag = latest.read_text().strip()
+        if is_complete(path / tag):
+            return path, tag
+    tags = complete_tags(path)
+    if not tags:
+        raise ValueError(f"no complete checkpoint under {path}")
+    return path, tags[-1]
+
+
+def rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def save(
+    engine, ckpt_dir: Path, step: int, client_state: dict, run_config: dict, rank: int, keep_last: int
+) -> str:
+    """Write a checkpoint for `step` on every rank; rank 0 then marks it complete and moves `latest`."""
+    import torch.distributed as dist
+
+    tag = tag_for_step(step)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        tag_dir = ckpt_dir / tag
+        (tag_dir / CONFIG_NAME).write_text(json.dumps(run_config, indent=2))
+        _write_atomic(tag_dir / COMPLETE_NAME, json.dumps({"step": step, **_jsonable(client_state)}))
+        _write_atomic(ckpt_dir / LATEST_NAME, tag)
+        prune(ckpt_dir, keep_last)
+    if dist.is_initialized():
+        dist.barrier()
+    return tag
+
+
+def prune(ckpt_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints, and incomplete ones older than them."""
+    tags = complete_tags(ckpt_dir)
+    keep = set(tags[-keep_last:])
+    oldest_kept = min(keep) if keep else None
+    for path in ckpt_dir.iterdir():
+        if (
+            TAG_RE.match(path.name)
+            and path.name not in keep
+            and (oldest_kept is None or path.name < oldest_kept)
+        ):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def load(engine, ckpt_root: Path, tag: str) -> dict:
+    """Load model, optimizer and client state; returns the client state."""
+    load_path, client_state = engine.load_checkpoint(str(ckpt_root), tag=tag)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_root / tag}")
+    return client_state or {}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _jsonable(state: dict) -> dict:
+    return {k: v for k, v in state.items() if isinstance(v, (int, float, str, bool))}

@@ -1,0 +1,48 @@
+"""Facts about a run written beside its resolved config: git revision, versions, world size."""
+
+from __future__ import annotations
+
+import platform
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def git_revision() -> dict:
+    def git(*args: str) -> str:
+        try:
+            out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    return {
+        "commit": git("rev-parse", "HEAD") or "unknown",
+        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+    }
+
+
+def run_info(cfg, world_size: int, accum_steps: int, ds_config: dict) -> dict:
+    import torch
+
+    try:
+        import deepspeed
+
+        ds_version = deepspeed.__version__
+    except ImportError:
+        ds_version = None
+    return {
+        "git": git_revision(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "host": socket.gethostname(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "deepspeed": ds_version,
+        "world_size": world_size,
+        "accum_steps": accum_steps,
+        "peak_lr": cfg.optim.lr(cfg.train.global_batch),
+        "ds_config": ds_config,
+    }
