@@ -1,0 +1,90 @@
+"""Shared, expensive fixtures: phantom shards and trained DeepSpeed runs, built once per session."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CORPUS = REPO_ROOT.parent / "shared" / "cxr-corpus"
+TINY_CONFIG = REPO_ROOT / "configs" / "tiny_cpu.yaml"
+
+
+def corpus_or_skip() -> Path:
+    if not CORPUS.is_dir():
+        pytest.skip(f"real chest X-ray corpus not found at {CORPUS} (it lives beside the repo in ../shared)")
+    return CORPUS
+
+
+@pytest.fixture(scope="session")
+def phantom_shards(tmp_path_factory) -> Path:
+    """~160 phantom DICOMs converted to png16 shards (train/val/test by patient), long side 64."""
+    from data_tools.convert import convert
+    from data_tools.synth import synthesize
+
+    root = tmp_path_factory.mktemp("phantoms")
+    synthesize(root / "dicom", num_images=160, size=96, seed=7, progress=False)
+    convert(
+        root / "dicom",
+        root / "shards",
+        source="csv",
+        image_format="png16",
+        long_side=64,
+        workers=2,
+        progress=False,
+    )
+    return root / "shards"
+
+
+def run_training(out_dir: Path, shards: Path, ranks: int, overrides: list[str]) -> dict:
+    """Launch `xray-pretrain pretrain` under the deepspeed launcher (N CPU ranks); returns its summary."""
+    from xray_pretrain.demo import launch_training
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = [
+        f"data.shards=[{shards}]",
+        f"log.out_dir={out_dir}",
+        "log.progress=false",
+        "data.num_workers=1",
+        "data.val_num_samples=16",
+    ]
+    launch_training(TINY_CONFIG, base + overrides, ranks, out_dir / "train.log")
+    return json.loads((out_dir / "train_summary.json").read_text())
+
+
+# Run A: the reference 2-rank ZeRO-2 run, 16 steps, checkpoints at 8 and 16.
+ZERO2_STEPS = [
+    "train.steps=16",
+    "checkpoint.every=8",
+    "checkpoint.keep_last=3",
+    "log.every=1",
+    "log.val_every=8",
+    "log.image_every=8",
+]
+
+
+@pytest.fixture(scope="session")
+def zero2_run(tmp_path_factory, phantom_shards) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("zero2")
+    summary = run_training(out, phantom_shards, 2, ["train.zero_stage=2", *ZERO2_STEPS])
+    return out, summary
+
+
+@pytest.fixture(scope="session")
+def zero3_run(tmp_path_factory, phantom_shards) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("zero3")
+    summary = run_training(
+        out, phantom_shards, 2, ["train.zero_stage=3", "train.steps=16", "checkpoint.every=16", "log.every=1"]
+    )
+    return out, summary
+
+
+def copy_checkpoint(src_run: Path, tag: str, dst_run: Path) -> None:
+    """Seed a new run folder with one checkpoint of another run (as a requeued job would find it)."""
+    dst = dst_run / "checkpoints"
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(src_run / "checkpoints" / tag, dst / tag)
+    (dst / "latest").write_text(tag)

@@ -1,0 +1,137 @@
+"""`xray-pretrain demo`: the whole system on the CPU in minutes.
+
+phantom DICOMs (`xray-shard synth`) -> shards (`xray-shard convert`) -> 2-rank ZeRO-2 MAE pre-training
+under the `deepspeed` launcher (CPU ranks on gloo) -> encoder export -> `summary.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny_cpu.yaml"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="everything goes under this folder")
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    p.add_argument("--num-images", type=int, default=480, help="phantom radiographs to synthesize")
+    p.add_argument("--size", type=int, default=256, help="phantom size in pixels")
+    p.add_argument("--long-side", type=int, default=128, help="stored shard image long side")
+    p.add_argument("--ranks", type=int, default=2, help="CPU ranks spawned by the deepspeed launcher")
+    p.add_argument("--zero-stage", type=int, default=2, choices=[1, 2, 3])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="extra run-config overrides")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _step(title: str) -> float:
+    print(f"\n== {title}", flush=True)
+    return time.perf_counter()
+
+
+def launch_training(config: Path, overrides: list[str], num_ranks: int, log_path: Path) -> None:
+    """Run `xray-pretrain pretrain` under the deepspeed launcher (N CPU ranks when there is no GPU)."""
+    script = shutil.which("xray-pretrain") or str(Path(sys.executable).with_name("xray-pretrain"))
+    cmd = [
+        sys.executable, "-m", "deepspeed.launcher.runner",
+        "--num_gpus", str(num_ranks), "--master_port", str(_free_port()),
+        script, "pretrain", "--config", str(config), *overrides,
+    ]  # fmt: skip
+    print("$ " + " ".join(cmd), flush=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+        for line in proc.stdout:
+            log.write(line)
+            if "[WARNING]" not in line and "[INFO]" not in line:
+                sys.stdout.write(line)
+        if proc.wait() != 0:
+            raise RuntimeError(f"training failed (exit {proc.returncode}); full log: {log_path}")
+
+
+def run(args) -> int:
+    from data_tools.convert import convert
+    from data_tools.synth import synthesize
+    from xray_pretrain.config import load_config
+    from xray_pretrain.engine.export import export_encoder
+
+    out: Path = args.out.resolve()
+    if out.exists() and any(out.iterdir()):
+        print(f"{out} exists: removing the previous demo run", flush=True)
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    phantoms, shards, run_dir, export_dir = out / "phantoms", out / "shards", out / "run", out / "export"
+    times = {}
+    overrides = [
+        f"data.shards=[{shards}]",
+        f"log.out_dir={run_dir}",
+        f"train.zero_stage={args.zero_stage}",
+        f"train.seed={args.seed}",
+        *args.overrides,
+    ]
+    load_config(args.config, overrides)  # validate before any work starts
+
+    t = _step(f"1/4 synthesize {args.num_images} phantom DICOMs -> {phantoms}")
+    synthesize(phantoms, num_images=args.num_images, size=args.size, seed=args.seed)
+    times["synth_s"] = time.perf_counter() - t
+
+    t = _step(f"2/4 convert to WebDataset shards -> {shards}")
+    manifest = convert(phantoms, shards, source="csv", image_format="png16", long_side=args.long_side)
+    times["convert_s"] = time.perf_counter() - t
+
+    t = _step(f"3/4 pre-train the MAE on {args.ranks} CPU ranks, ZeRO-{args.zero_stage} -> {run_dir}")
+    run_dir.mkdir(parents=True)
+    launch_training(args.config, overrides, args.ranks, out / "train.log")
+    times["train_s"] = time.perf_counter() - t
+    train_summary = json.loads((run_dir / "train_summary.json").read_text())
+
+    t = _step(f"4/4 export the encoder -> {export_dir}")
+    export_config = export_encoder(run_dir / "checkpoints", export_dir)
+    times["export_s"] = time.perf_counter() - t
+
+    summary = {
+        "first_train_loss": train_summary["first_loss"],
+        "last_train_loss": train_summary["last_loss"],
+        "val_loss": train_summary["val_loss"],
+        "val_loss_baseline": train_summary["val_loss_baseline"],
+        "val_ratio": train_summary["val_loss"] / train_summary["val_loss_baseline"],
+        "steps": train_summary["steps"],
+        "world_size": train_summary["world_size"],
+        "num_samples": manifest["num_samples"],
+        "num_skipped": manifest["num_skipped"],
+        "shards_dir": str(shards),
+        "checkpoint_dir": train_summary["checkpoint_dir"],
+        "export_dir": str(export_dir),
+        "encoder_params": export_config["num_params"],
+        "tensorboard_dir": train_summary["tensorboard_dir"],
+        "reconstruction_image": train_summary["reconstruction_image"],
+        "seconds": {k: round(v, 1) for k, v in times.items()},
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print("\n== done")
+    for key in (
+        "val_loss",
+        "val_loss_baseline",
+        "val_ratio",
+        "checkpoint_dir",
+        "export_dir",
+        "tensorboard_dir",
+        "reconstruction_image",
+    ):
+        print(f"  {key:22s} {summary[key]}")
+    print(f"  {'summary':22s} {out / 'summary.json'}")
+    print(f"  tensorboard --logdir {summary['tensorboard_dir']}")
+    return 0
