@@ -1,0 +1,649 @@
+"""`xray-shard convert`: DICOM/PNG/JPEG archives + labels -> WebDataset shards (see shardio for the format).
+
+Steps (`convert_folder`):
+  1. the source adapter lists records (one Record or Skip per input), options are checked
+  2. records without patient ids get them from their DICOM header (so splits are by patient)
+  3. every record gets its key and split; shards are planned up front (writer.plan_shards)
+  4. shards not yet complete are written: worker processes decode/resize/encode in key order
+     (encode.build_sample), the main process writes tars in that order (writer.ShardBuilder)
+  5. manifest.json, skipped.jsonl and id_map.csv are assembled from the shard states.
+
+Same inputs and options -> byte-identical tars and manifest, whatever --workers; a rerun after an
+interruption writes only the missing shards. Library use: `convert(input_dir, out_dir, ...)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import multiprocessing
+import os
+import sys
+import time
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from itertools import islice
+from pathlib import Path
+
+from data_tools.encode import DEFAULT_QUALITY, FULL_SCALE, IMAGE_FORMATS, PNG_LEVEL, Sample, SampleOptions
+from data_tools.images import FRAME_POLICIES, INTENSITY_POLICIES, DecodeOptions
+from data_tools.manifest import (
+    DEFAULT_SALT,
+    FORMAT_VERSION,
+    intensity_stats,
+    salt_fingerprint,
+    write_id_map,
+    write_manifest,
+    write_skipped,
+)
+from data_tools.records import SPLITS, Record, Skip, split_for_patient
+from data_tools.sources import SOURCES, get_source
+from data_tools.version import TOOL_NAME, TOOL_VERSION
+from data_tools.writer import ShardBuilder, ShardState, StateStore, plan_shards, totals
+from xray_pretrain.data.shardio import sample_key
+
+DEFAULT_SHARD_SIZE = 1000
+SHARD_BYTES_SAMPLE = 16  # records encoded to estimate bytes per sample for --shard-bytes / --dry-run
+DATASET_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+
+
+def _csv_set(text: str, option: str) -> frozenset[str] | None:
+    """'CR,DX' -> {'CR', 'DX'}; 'any' -> None (accept everything)."""
+    values = frozenset(v.strip().upper() for v in text.split(",") if v.strip())
+    if not values:
+        raise ValueError(f"{option} is empty; give a comma-separated list or 'any'")
+    return None if values == {"ANY"} else values
+
+
+class _SharedOptions:
+    """Lets several source adapters declare the same option (e.g. --labels-csv) once: the first wins."""
+
+    def __init__(self, group, dests: list[str]):
+        self._group, self._dests = group, dests
+
+    def add_argument(self, *names, **kwargs):
+        try:
+            action = self._group.add_argument(*names, **kwargs)
+        except argparse.ArgumentError:
+            long_names = [n for n in names if n.startswith("--")] or list(names)
+            self._dests.append(kwargs.get("dest") or long_names[0].lstrip("-").replace("-", "_"))
+            return None
+        self._dests.append(action.dest)
+        return action
+
+
+SOURCE_DESTS: dict[str, list[str]] = {}
+
+
+def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    for name, module_name in SOURCES.items():
+        try:
+            module = get_source(name)
+        except ModuleNotFoundError as error:
+            if error.name != f"data_tools.sources.{module_name}":
+                raise
+            continue  # adapter not written yet: choosing it fails later with a clear message
+        SOURCE_DESTS[name] = []
+        if hasattr(module, "add_arguments"):
+            group = parser.add_argument_group(f"--source {name}")
+            module.add_arguments(_SharedOptions(group, SOURCE_DESTS[name]))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--input", type=Path, required=True, help="archive folder (or the label table's folder)"
+    )
+    parser.add_argument(
+        "--out", type=Path, required=True, help="output folder (new, empty, or a previous run to resume)"
+    )
+    parser.add_argument("--source", default="csv", help=f"input layout: {', '.join(SOURCES)} (default csv)")
+    parser.add_argument("--dataset", help="dataset name, the shard name prefix (default: the source's)")
+    out = parser.add_argument_group("output")
+    out.add_argument("--format", dest="image_format", choices=IMAGE_FORMATS, default="png16")
+    out.add_argument(
+        "--quality", type=int, default=DEFAULT_QUALITY, help="JPEG quality for --format jpg (default 95)"
+    )
+    out.add_argument(
+        "--long-side", type=int, default=1280, help="resize so the long side is N px (default 1280)"
+    )
+    out.add_argument("--upsample", action="store_true", help="also enlarge images smaller than --long-side")
+    out.add_argument(
+        "--intensity", choices=INTENSITY_POLICIES, default="percentile", help="see data_tools.images"
+    )
+    out.add_argument("--shard-size", type=int, help=f"samples per shard (default {DEFAULT_SHARD_SIZE})")
+    out.add_argument("--shard-bytes", type=int, help="target bytes per shard (instead of --shard-size)")
+    out.add_argument(
+        "--salt", default=None, help="secret salt for patient/study hashes (default: a public one)"
+    )
+    out.add_argument("--keep-paths", action="store_true", help="store source paths and clear ids in the json")
+    out.add_argument(
+        "--dedup", action="store_true", help="skip images whose stored pixels equal an earlier one's"
+    )
+    filters = parser.add_argument_group("filters (DICOM headers)")
+    filters.add_argument("--modalities", default="CR,DX", help="comma-separated, or 'any' (default CR,DX)")
+    filters.add_argument(
+        "--body-parts",
+        default="CHEST,THORAX,ABSENT",
+        help="BodyPartExamined values; ABSENT = tag missing; or 'any'",
+    )
+    filters.add_argument(
+        "--allow-for-processing", action="store_true", help="keep DX 'FOR PROCESSING' images"
+    )
+    filters.add_argument("--views", default="any", help="e.g. PA,AP (default any)")
+    filters.add_argument("--frames", choices=FRAME_POLICIES, default="first", help="multi-frame files")
+    run = parser.add_argument_group("run")
+    run.add_argument("--workers", type=int, default=None, help="decode processes (default: all cores)")
+    run.add_argument(
+        "--dry-run", action="store_true", help="report counts and projected bytes; write nothing"
+    )
+    run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_source_arguments(parser)
+
+
+def _sample_options(args, label_names: list[str], salt: str) -> SampleOptions:
+    """Validate the output options (ValueError on user errors) and bundle them for the workers."""
+    if args.long_side < 16:
+        raise ValueError(f"--long-side must be >= 16, got {args.long_side}")
+    if not 1 <= args.quality <= 100:
+        raise ValueError(f"--quality must be in 1..100, got {args.quality}")
+    decode = DecodeOptions(
+        intensity=args.intensity,
+        modalities=_csv_set(args.modalities, "--modalities"),
+        body_parts=_csv_set(args.body_parts, "--body-parts"),
+        views=_csv_set(args.views, "--views"),
+        allow_for_processing=args.allow_for_processing,
+        frames=args.frames,
+    )
+    return SampleOptions(
+        decode=decode,
+        image_format=args.image_format,
+        long_side=args.long_side,
+        upsample=args.upsample,
+        quality=args.quality,
+        salt=salt,
+        keep_paths=args.keep_paths,
+        dedup=args.dedup,
+        label_names=tuple(label_names),
+    )
+
+
+def _check_paths(args, dataset: str) -> None:
+    if not Path(args.input).is_dir():
+        raise ValueError(f"--input {args.input}: not a folder")
+    if not dataset or not set(dataset) <= DATASET_CHARS:
+        raise ValueError(f"dataset name {dataset!r}: use letters, digits, '_', '.', '-' (--dataset)")
+    out, inp = Path(args.out).resolve(), Path(args.input).resolve()
+    if args.source == "folder" and (out == inp or inp in out.parents):
+        raise ValueError(f"--out {args.out} is inside --input {args.input}: outputs would become inputs")
+    if out.is_dir() and any(out.iterdir()) and not (out / ".xray-shard").is_dir():
+        raise ValueError(
+            f"--out {args.out} exists, is not empty and is no xray-shard output; choose a new folder"
+        )
+    if args.shard_size is not None and args.shard_bytes is not None:
+        raise ValueError("give --shard-size or --shard-bytes, not both")
+    if (args.shard_size is not None and args.shard_size < 1) or (
+        args.shard_bytes is not None and args.shard_bytes < 1
+    ):
+        raise ValueError("--shard-size / --shard-bytes must be >= 1")
+
+
+def _list_inputs(source, args, dataset: str) -> tuple[list[Record], list[Skip]]:
+    """Every input as a Record or a Skip, renamed to `dataset`."""
+    records, skips = [], []
+    for item in source.iter_records(Path(args.input), args):
+        item.dataset = dataset
+        (records if isinstance(item, Record) else skips).append(item)
+    return records, skips
+
+
+class OrderedPool:
+    """`map` over worker processes, results in input order, at most a few tasks in flight per worker.
+
+    workers <= 1 runs everything in this process. A worker that dies (a crash inside a native
+    decoder) is replaced and the tasks that were in flight are rerun one at a time, so only the task
+    that kills its worker again gets `crash_result(task)`; the run goes on.
+    """
+
+    def __init__(self, fn: Callable, workers: int, initializer=None, initargs=(), crash_result=None):
+        self.fn, self.workers = fn, workers
+        self.initializer, self.initargs = initializer, initargs
+        self.crash_result = crash_result or (lambda task: None)
+        self._executor: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> OrderedPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+
+    def _restart(self) -> None:
+        self.__exit__()
+        # forkserver: workers do not inherit the caller's threads (torch, tqdm), unlike fork.
+        method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+        self._executor = ProcessPoolExecutor(
+            self.workers, multiprocessing.get_context(method), self.initializer, self.initargs
+        )
+
+    def _isolate(self, tasks: list) -> list:
+        self._restart()
+        results = []
+        for task in tasks:
+            try:
+                results.append(self._executor.submit(self.fn, task).result())
+            except BrokenProcessPool:
+                results.append(self.crash_result(task))
+                self._restart()
+        return results
+
+    def map(self, tasks: Iterable) -> Iterator:
+        if self.workers <= 1:
+            if self.initializer:
+                self.initializer(*self.initargs)
+            yield from map(self.fn, tasks)
+            return
+        tasks = iter(tasks)
+        self._restart()
+        window: deque = deque()
+        for task in islice(tasks, 2 * self.workers + 2):
+            window.append((task, self._executor.submit(self.fn, task)))
+        while window:
+            task, future = window.popleft()
+            try:
+                results = [future.result()]
+            except BrokenProcessPool:
+                results = self._isolate([task] + [t for t, _ in window])
+                window.clear()
+            for _ in results:
+                for task in islice(tasks, 1):
+                    window.append((task, self._executor.submit(self.fn, task)))
+            yield from results
+
+
+def _identity_task(path: Path):
+    from data_tools.dicom import read_identity
+
+    try:
+        return read_identity(path)
+    except Exception:  # a broken header is reported when the file is decoded, not here
+        return None
+
+
+def _fill_identities(records: list[Record], workers: int, progress: bool) -> None:
+    """Records with neither patient id nor split take PatientID / StudyInstanceUID from the header."""
+    from tqdm import tqdm
+
+    todo = [r for r in records if r.patient_id is None and r.split is None]
+    if not todo:
+        return
+    with OrderedPool(_identity_task, workers) as pool:
+        results = pool.map(r.source_path for r in todo)
+        for record, found in tqdm(
+            zip(todo, results), total=len(todo), desc="headers", unit="file", disable=not progress
+        ):
+            if found:
+                record.patient_id, record.study_id = found[0], record.study_id or found[1]
+
+
+def _assign(records: list[Record], skips: list[Skip]) -> dict[str, list[tuple[str, Record]]]:
+    """(key, record) per split; a second record with an existing key becomes a Skip."""
+    by_split: dict[str, list[tuple[str, Record]]] = {split: [] for split in SPLITS}
+    seen: dict[str, str] = {}
+    for record in records:
+        key = sample_key(record.dataset, record.source_id)
+        if key in seen:
+            skips.append(
+                Skip(
+                    record.source_id,
+                    f"duplicate input: same source_id as an earlier one (key {key})",
+                    record.dataset,
+                )
+            )
+            continue
+        seen[key] = record.source_id
+        split = record.split or split_for_patient(record.patient_id or record.source_id)
+        if split not in SPLITS:
+            raise ValueError(f"{record.source_id}: split {split!r} is not one of {SPLITS}")
+        record.split = split
+        by_split[split].append((key, record))
+    return by_split
+
+
+# --- worker side -------------------------------------------------------------------------------
+
+_WORKER_OPTIONS: SampleOptions | None = None
+
+
+def _init_worker(options: SampleOptions) -> None:
+    global _WORKER_OPTIONS
+    _WORKER_OPTIONS = options
+    warnings.simplefilter("ignore")  # pydicom warns per odd element; problems are reported as skips
+
+
+def _sample_task(task: tuple[str, str, Record]) -> Sample | str:
+    """A Sample, or the skip reason (str). Never raises for a bad input."""
+    from data_tools.encode import build_sample
+    from data_tools.images import SkipInput
+
+    key, split, record = task
+    try:
+        return build_sample(record, key, split, _WORKER_OPTIONS)
+    except SkipInput as reason:
+        return str(reason)
+    except Exception as error:  # any decoder bug on one file must not stop a million-file run
+        return f"conversion error: {type(error).__name__}: {error}"[:1000]
+
+
+def _crash_reason(task) -> str:
+    return "worker process died while converting this file (a crash in a native decoder)"
+
+
+# --- main side ---------------------------------------------------------------------------------
+
+
+def _settings_dict(args, options: SampleOptions, shard_size: int) -> dict:
+    """Output-affecting options for the manifest (deterministic, no secrets, no input paths)."""
+    keep = set(SOURCE_DESTS.get(args.source, []))
+    source_options = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k in keep}
+    settings = {
+        "image_format": options.image_format,
+        "long_side": options.long_side,
+        "upsample": options.upsample,
+        "intensity": options.decode.intensity,
+        "modalities": args.modalities,
+        "body_parts": args.body_parts,
+        "views": args.views,
+        "allow_for_processing": options.decode.allow_for_processing,
+        "frames": options.decode.frames,
+        "shard_size": shard_size,
+        "shard_bytes": args.shard_bytes,
+        "keep_paths": options.keep_paths,
+        "dedup": options.dedup,
+        "source_options": source_options,
+    }
+    if options.image_format == "jpg":
+        settings["quality"] = options.quality
+    if options.image_format == "png16":
+        settings["png_level"] = PNG_LEVEL
+    return settings
+
+
+def _probe(by_split, options: SampleOptions, workers: int) -> tuple[list[Sample], list[str]]:
+    """Encode a deterministic sample of records (evenly spaced in key order) in memory."""
+    items = [
+        (key, split, rec) for split in SPLITS for key, rec in sorted(by_split[split], key=lambda kr: kr[0])
+    ]
+    if not items:
+        return [], []
+    step = max(1, len(items) // SHARD_BYTES_SAMPLE)
+    chosen = items[::step][:SHARD_BYTES_SAMPLE]
+    samples, reasons = [], []
+    with OrderedPool(
+        _sample_task, min(workers, len(chosen)), _init_worker, (options,), _crash_reason
+    ) as pool:
+        for result in pool.map(chosen):
+            (reasons if isinstance(result, str) else samples).append(result)
+    return samples, reasons
+
+
+def _shard_size(args, by_split, options: SampleOptions, workers: int) -> int:
+    if args.shard_bytes is None:
+        return args.shard_size or DEFAULT_SHARD_SIZE
+    samples, reasons = _probe(by_split, options, workers)
+    if not samples:
+        raise ValueError(
+            f"--shard-bytes: could not estimate the sample size ({len(reasons)} probed inputs were all "
+            "skipped); use --shard-size"
+        )
+    mean_bytes = sum(s.num_bytes + 3 * 512 for s in samples) / len(samples)  # + tar headers
+    return max(1, int(args.shard_bytes // mean_bytes))
+
+
+def _fingerprint(settings: dict, dataset: str, source: str, label_names, salt: str, plan) -> str:
+    digest = hashlib.sha256()
+    digest.update(
+        json.dumps([TOOL_VERSION, settings, dataset, source, label_names, salt_fingerprint(salt)]).encode()
+    )
+    for shard in plan:
+        digest.update(shard.name.encode())
+        digest.update("".join(key for key, _ in shard.items).encode())
+    return digest.hexdigest()[:16]
+
+
+class _Dedup:
+    """First occurrence (in plan order) of each pixel hash wins; later ones are duplicates."""
+
+    def __init__(self, plan):
+        self.position = {key: i for i, key in enumerate(k for shard in plan for k, _ in shard.items)}
+        self.first: dict[str, str] = {}
+
+    def note(self, pixel_hash: str, key: str) -> str | None:
+        """Record this sample; return the key it duplicates, if any."""
+        earlier = self.first.get(pixel_hash)
+        if earlier is not None and self.position[earlier] < self.position[key]:
+            return earlier
+        self.first[pixel_hash] = key
+        return None
+
+
+def _write_shards(
+    out_dir, plan, pending, store, options, label_names, workers, progress, dedup
+) -> list[ShardState]:
+    """Decode the pending shards' records in order on `workers` processes and write each shard."""
+    from tqdm import tqdm
+
+    tasks = ((key, shard.split, record) for shard in pending for key, record in shard.items)
+    states = []
+    total = sum(len(shard.items) for shard in pending)
+    with (
+        OrderedPool(_sample_task, workers, _init_worker, (options,), _crash_reason) as pool,
+        tqdm(total=total, desc="convert", unit="img", disable=not progress, smoothing=0.05) as bar,
+    ):
+        results = pool.map(tasks)
+        for shard in pending:
+            builder = ShardBuilder(out_dir, shard, label_names)
+            write_seconds = 0.0
+            try:
+                for (key, record), result in zip(shard.items, results):
+                    started = time.process_time()
+                    duplicate = (
+                        dedup.note(result.pixel_hash, key) if dedup and not isinstance(result, str) else None
+                    )
+                    if isinstance(result, str) or duplicate:
+                        reason = result if isinstance(result, str) else f"duplicate of {duplicate}"
+                        builder.add_skip(record.source_id, record.dataset, reason)
+                    else:
+                        builder.add_sample(result)
+                    write_seconds += time.process_time() - started
+                    bar.update(1)
+                builder.state.cpu_seconds["write"] = write_seconds
+                states.append(builder.finish(store))
+            except BaseException:
+                builder.abort()
+                raise
+    return states
+
+
+def _manifest(args, dataset, settings, label_names, salt, states, num_inputs, num_skipped) -> dict:
+    sums = totals(states, label_names)
+    with_samples = [s for s in states if s.num_samples]
+    stats_states = [s for s in with_samples if s.split == "train"] or with_samples
+    full_scale = FULL_SCALE[settings["image_format"]]
+    intensity = intensity_stats(
+        sum(s.pixel_sum for s in stats_states),
+        sum(s.pixel_sumsq for s in stats_states),
+        sum(s.num_pixels for s in stats_states),
+        full_scale,
+    )
+    intensity["split"] = "train" if any(s.split == "train" for s in with_samples) else "all"
+    num_samples = sum(s.num_samples for s in states)
+    return {
+        "format_version": FORMAT_VERSION,
+        "tool": TOOL_NAME,
+        "tool_version": TOOL_VERSION,
+        "command": "convert",
+        "dataset": dataset,
+        "source": args.source,
+        "image_format": settings["image_format"],
+        "options": settings,
+        "salt_fingerprint": salt_fingerprint(salt),
+        "label_names": list(label_names),
+        "num_inputs": num_inputs,
+        "num_samples": num_samples,
+        "num_skipped": num_skipped,
+        "splits": sums["splits"],
+        "shards": [
+            {
+                "name": s.name,
+                "split": s.split,
+                "num_samples": s.num_samples,
+                "num_bytes": s.num_bytes,
+                "sha256": s.sha256,
+            }
+            for s in with_samples
+        ],
+        "label_counts": sums["label_counts"],
+        "intensity": intensity,
+    }
+
+
+def _dry_run_report(by_split, skips, num_inputs, options, shard_size, workers) -> dict:
+    samples, reasons = _probe(by_split, options, workers)
+    num_records = sum(len(v) for v in by_split.values())
+    probed = len(samples) + len(reasons)
+    mean_bytes = sum(s.num_bytes for s in samples) / len(samples) if samples else 0.0
+    ok_fraction = len(samples) / probed if probed else 0.0
+    return {
+        "dry_run": True,
+        "num_inputs": num_inputs,
+        "num_records": num_records,
+        "num_skipped_by_source": len(skips),
+        "source_skip_examples": [f"{s.source_id}: {s.reason}" for s in skips[:5]],
+        "splits": {split: len(by_split[split]) for split in SPLITS},
+        "num_shards_planned": sum(-(-len(v) // shard_size) for v in by_split.values()),
+        "probe": {"num_probed": probed, "num_ok": len(samples), "skip_reasons": reasons},
+        "mean_sample_bytes": round(mean_bytes),
+        "projected_num_samples": round(num_records * ok_fraction),
+        "projected_bytes": round(num_records * ok_fraction * mean_bytes),
+    }
+
+
+def convert_folder(args: argparse.Namespace) -> dict:
+    """Run a conversion from parsed arguments; returns the manifest (or the dry-run report)."""
+    source = get_source(args.source)
+    dataset = args.dataset or source.DATASET
+    _check_paths(args, dataset)
+    salt = args.salt if args.salt is not None else DEFAULT_SALT
+    if args.salt is None and not args.dry_run:
+        warnings.warn(
+            "xray-shard convert: using the public default salt; patient/study hashes can be reversed by "
+            "anyone who can guess the ids. Pass --salt SECRET for real data.",
+            stacklevel=2,
+        )
+    label_names = list(source.label_names(Path(args.input), args))
+    options = _sample_options(args, label_names, salt)
+    workers = max(1, args.workers or os.cpu_count() or 1)
+    progress = not args.no_progress
+    records, skips = _list_inputs(source, args, dataset)
+    num_inputs = len(records) + len(skips)
+    _fill_identities(records, workers, progress)
+    by_split = _assign(records, skips)
+    shard_size = _shard_size(args, by_split, options, workers)
+    if args.dry_run:
+        return _dry_run_report(by_split, skips, num_inputs, options, shard_size, workers)
+    plan = plan_shards(by_split, dataset, shard_size)
+    settings = _settings_dict(args, options, shard_size)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    store = StateStore(out_dir)
+    store.begin(_fingerprint(settings, dataset, args.source, label_names, salt, plan))
+    done = {shard.name: store.load_complete(shard) for shard in plan}
+    pending = [shard for shard in plan if done[shard.name] is None]
+    dedup = _Dedup(plan) if options.dedup else None
+    for state in filter(None, done.values()):
+        for pixel_hash, key in state.pixel_hashes if dedup else []:
+            dedup.note(pixel_hash, key)
+    written = _write_shards(out_dir, plan, pending, store, options, label_names, workers, progress, dedup)
+    states = sorted(
+        [s for s in done.values() if s] + written, key=lambda s: [p.name for p in plan].index(s.name)
+    )
+    skipped = [{"source_id": s.source_id, "dataset": s.dataset, "reason": s.reason} for s in skips]
+    skipped += [line for state in states for line in state.skipped]
+    manifest = _manifest(args, dataset, settings, label_names, salt, states, num_inputs, len(skipped))
+    assert manifest["num_samples"] + manifest["num_skipped"] == num_inputs, (
+        manifest["num_samples"],
+        len(skipped),
+    )
+    write_skipped(out_dir, skipped)
+    write_id_map(out_dir, [tuple(row) for state in states for row in state.id_rows])
+    write_manifest(out_dir, manifest)
+    return manifest
+
+
+def build_args(input_dir: Path, out_dir: Path, source: str, **options) -> argparse.Namespace:
+    """The Namespace `xray-shard convert` would parse, with `options` (argparse dest names) applied."""
+    parser = argparse.ArgumentParser(prog="xray-shard convert")
+    add_arguments(parser)
+    args = parser.parse_args(["--input", str(input_dir), "--out", str(out_dir), "--source", source])
+    unknown = sorted(set(options) - set(vars(args)))
+    if unknown:
+        raise ValueError(
+            f"unknown convert option(s) {unknown}; known: {sorted(set(vars(args)) - {'input', 'out'})}"
+        )
+    for name, value in options.items():
+        setattr(args, name, value)
+    return args
+
+
+def convert(
+    input_dir: Path,
+    out_dir: Path,
+    source: str = "csv",
+    image_format: str = "png16",
+    long_side: int = 1280,
+    workers: int | None = None,
+    progress: bool = True,
+    **options,
+) -> dict:
+    """Library entry point of `xray-shard convert`; returns the manifest (a dict).
+
+    `options` are the CLI options by their argparse names, e.g. dataset="phantom", salt="...",
+    modalities="any", shard_size=100, dedup=True, dry_run=True (then the dry-run report is returned).
+    """
+    args = build_args(
+        Path(input_dir),
+        Path(out_dir),
+        source,
+        image_format=image_format,
+        long_side=long_side,
+        workers=workers,
+        no_progress=not progress,
+        **options,
+    )
+    return convert_folder(args)
+
+
+def _summary(result: dict) -> str:
+    if result.get("dry_run"):
+        return json.dumps(result, indent=1)
+    splits = ", ".join(f"{k} {v}" for k, v in result["splits"].items())
+    num_bytes = sum(s["num_bytes"] for s in result["shards"])
+    return (
+        f"{result['num_samples']} samples ({splits}), {result['num_skipped']} skipped of "
+        f"{result['num_inputs']} inputs; {len(result['shards'])} shards, {num_bytes / 1e6:.1f} MB"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        result = convert_folder(args)
+    except ValueError as error:
+        print(f"xray-shard convert: error: {error}", file=sys.stderr)
+        return 2
+    print(_summary(result))
+    return 0

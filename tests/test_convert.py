@@ -1,0 +1,227 @@
+"""`xray-shard convert` end to end: csv and folder sources, formats, privacy, determinism, resume."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_dicom import stored_chest, write_dicom
+
+from data_tools.convert import convert
+from data_tools.verify import verify
+from xray_pretrain.data.shardio import index_tar, read_idx, read_sample, sample_key
+
+LABELS = ["cardiomegaly", "effusion"]
+SALT = "test-salt"
+
+
+def _csv_archive(root: Path, num: int = 6) -> Path:
+    """`num` hand-made DICOMs (MONOCHROME1/2, 12/14-bit, non-square) and a labels.csv."""
+    rows = []
+    for i in range(num):
+        photometric = "MONOCHROME1" if i % 3 == 2 else "MONOCHROME2"
+        bits = 12 if i % 2 else 14
+        stored = stored_chest(photometric, bits, seed=i, shape=(96, 80 if i % 2 else 96))
+        rel = f"images/p{i // 2}/{i}.dcm"
+        write_dicom(
+            root / rel, stored, PhotometricInterpretation=photometric, BitsStored=bits, HighBit=bits - 1
+        )
+        split = ["train", "train", "train", "val", "test", "train"][i % 6]
+        labels = [str(i % 2), "" if i == 3 else "-1" if i == 4 else "0"]
+        rows.append(
+            [
+                rel,
+                f"PATIENT-{i // 2:03d}",
+                f"STUDY-{i}",
+                "PA" if i % 4 else "AP",
+                split,
+                *labels,
+                f"report {i}",
+            ]
+        )
+    with open(root / "labels.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "patient_id", "study_id", "view", "split", *LABELS, "report"])
+        writer.writerows(rows)
+    return root
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory) -> Path:
+    return _csv_archive(tmp_path_factory.mktemp("archive"))
+
+
+@pytest.fixture(scope="module")
+def shards(archive, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards") / "out"
+    convert(archive, out, long_side=64, workers=1, progress=False, dataset="hand", shard_size=2, salt=SALT)
+    return out
+
+
+def _samples(folder: Path) -> dict[str, dict[str, bytes]]:
+    found = {}
+    for tar in sorted(folder.glob("*.tar")):
+        with open(tar, "rb") as f:
+            for sample in read_idx(tar.with_suffix(".idx")):
+                found[sample.key] = read_sample(f, sample)
+    return found
+
+
+def _folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_csv_conversion_end_to_end(archive, shards):
+    manifest = json.loads((shards / "manifest.json").read_text())
+    assert verify(shards) == []
+    assert manifest["num_inputs"] == 6 and manifest["num_samples"] == 6 and manifest["num_skipped"] == 0
+    assert manifest["splits"] == {"train": 4, "val": 1, "test": 1}
+    assert manifest["label_names"] == LABELS
+    assert manifest["label_counts"]["val"]["effusion"] == {"1": 0, "0": 0, "-1": 0, "null": 1}
+    assert [s["num_samples"] for s in manifest["shards"]] == [2, 2, 1, 1]
+    assert manifest["shards"][0]["name"] == "hand-train-000000.tar"
+    assert (shards / "hand-train-000000.idx").is_file()
+    samples = _samples(shards)
+    rows = list(csv.DictReader(open(archive / "labels.csv")))
+    for row in rows:
+        comps = samples[sample_key("hand", row["path"])]
+        meta = json.loads(comps["json"])
+        labels = np.load(io.BytesIO(comps["labels.npy"]))
+        expected = [np.nan if row[n] == "" else float(row[n]) for n in LABELS]
+        np.testing.assert_array_equal(labels, np.array(expected, dtype=np.float32))
+        assert meta["split"] == row["split"] and meta["view"] == row["view"]
+        assert meta["report"] == {"findings": row["report"], "impression": ""}
+        assert max(meta["size"]) == 64 and meta["original_size"][0] == 96
+        image = Image.open(io.BytesIO(comps["png"]))
+        assert image.mode == "I;16" and list(image.size[::-1]) == meta["size"]
+        r = np.asarray(image)
+        assert r[:2].mean() < r[30:40, 28:36].mean()  # air dark, mediastinum bright, MONOCHROME1 too
+
+
+def test_privacy_no_clear_ids_or_paths_in_any_tar_byte(archive, shards):
+    data = b"".join(
+        (shards / m["name"]).read_bytes()
+        for m in json.loads((shards / "manifest.json").read_text())["shards"]
+    )
+    for needle in [b"PATIENT-", b"STUDY-", b"PAT-CLEAR-ID", b"images/", str(archive).encode(), SALT.encode()]:
+        assert needle not in data, needle
+    manifest_text = (shards / "manifest.json").read_text()
+    assert SALT not in manifest_text and "PATIENT-" not in manifest_text
+    id_map = list(csv.DictReader(open(shards / "id_map.csv")))
+    assert len(id_map) == 6 and all(Path(r["source_path"]).is_file() for r in id_map)
+    meta = json.loads(next(iter(_samples(shards).values()))["json"])
+    assert len(meta["patient"]) == 16 and "source_path" not in meta
+
+
+def test_workers_and_reruns_give_identical_bytes(archive, shards, tmp_path):
+    out = tmp_path / "w2"
+    convert(archive, out, long_side=64, workers=2, progress=False, dataset="hand", shard_size=2, salt=SALT)
+    assert _folder_bytes(out) == _folder_bytes(shards)
+    convert(archive, out, long_side=64, workers=2, progress=False, dataset="hand", shard_size=2, salt=SALT)
+    assert _folder_bytes(out) == _folder_bytes(shards)
+
+
+def test_resume_after_deleted_or_truncated_shard(archive, shards, tmp_path):
+    out = tmp_path / "resume"
+    shutil.copytree(shards, out)
+    (out / "hand-train-000001.tar").unlink()
+    truncated = out / "hand-val-000000.tar"
+    truncated.write_bytes(truncated.read_bytes()[:1000])
+    (out / "manifest.json").unlink()
+    convert(archive, out, long_side=64, workers=1, progress=False, dataset="hand", shard_size=2, salt=SALT)
+    assert _folder_bytes(out) == _folder_bytes(shards)
+
+
+def test_resume_after_kill_mid_run(tmp_path):
+    archive = _csv_archive(tmp_path / "archive", num=24)
+    args = [
+        "--input",
+        str(archive),
+        "--long-side",
+        "64",
+        "--shard-size",
+        "2",
+        "--workers",
+        "1",
+        "--salt",
+        SALT,
+    ]
+    reference = tmp_path / "reference"
+    convert(archive, reference, long_side=64, workers=1, progress=False, shard_size=2, salt=SALT)
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "data_tools.cli", "convert", *args, "--out", str(out), "--no-progress"]
+    proc = subprocess.Popen(command, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while len(list(out.glob("*.tar"))) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists(), "the run finished before it could be killed"
+    convert(archive, out, long_side=64, workers=1, progress=False, shard_size=2, salt=SALT)
+    assert _folder_bytes(out) == _folder_bytes(reference)
+    assert verify(out) == []
+
+
+def test_folder_source_accounts_for_every_file(tmp_path):
+    root = tmp_path / "in"
+    write_dicom(root / "a/chest.dcm", stored_chest())
+    write_dicom(root / "a/no_extension", stored_chest(seed=3))
+    write_dicom(root / "b/knee.dcm", stored_chest(), BodyPartExamined="KNEE")
+    Image.fromarray((stored_chest(bits=16)).astype(np.uint16)).save(root / "b/sixteen.png")
+    (root / "c").mkdir()
+    Image.fromarray(np.dstack([stored_chest(bits=8).astype(np.uint8)] * 3)).save(root / "c/rgb.jpg")
+    (root / "c/notes.txt").write_text("not an image")
+    (root / "c/empty.dcm").write_bytes(b"")
+    manifest = convert(root, tmp_path / "out", source="folder", long_side=64, workers=1, progress=False)
+    skipped = {
+        json.loads(line)["source_id"]: json.loads(line)["reason"]
+        for line in open(tmp_path / "out/skipped.jsonl")
+    }
+    assert manifest["num_inputs"] == 7 and manifest["num_samples"] == 4
+    assert skipped["b/knee.dcm"].startswith("filtered: BodyPartExamined KNEE")
+    assert skipped["c/notes.txt"].startswith("not a DICOM or image file")
+    assert skipped["c/empty.dcm"] == "empty file (0 bytes)"
+    assert verify(tmp_path / "out") == []
+
+
+def test_user_errors_are_reported_before_any_work(archive, tmp_path):
+    with pytest.raises(ValueError, match="unknown convert option"):
+        convert(archive, tmp_path / "o1", progress=False, colour="red")
+    with pytest.raises(ValueError, match="not both"):
+        convert(archive, tmp_path / "o2", progress=False, shard_size=2, shard_bytes=10_000)
+    with pytest.raises(ValueError, match="inside --input"):
+        convert(archive, archive / "out", source="folder", progress=False)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "thesis.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not empty"):
+        convert(archive, foreign, progress=False)
+    bad = tmp_path / "bad"
+    shutil.copytree(archive, bad)
+    text = (bad / "labels.csv").read_text().replace(",1,0,report 1", ",2,0,report 1")
+    (bad / "labels.csv").write_text(text)
+    with pytest.raises(ValueError, match="labels.csv:3 column cardiomegaly: label value '2'"):
+        convert(bad, tmp_path / "o3", progress=False)
+    assert not (tmp_path / "o3").exists()
+
+
+def test_cli_convert_and_verify(archive, tmp_path):
+    from data_tools.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["convert", "--input", str(archive), "--out", str(out), "--long-side", "48", "--workers", "1",
+                 "--no-progress", "--salt", SALT]) == 0  # fmt: skip
+    assert main(["verify", str(out)]) == 0
+    assert all(len(s.key) == 16 for s in index_tar(next(out.glob("*.tar"))))
+    assert os.path.getsize(out / "skipped.jsonl") == 0
