@@ -267,7 +267,7 @@ def sample_findings(rng: np.random.Generator, anatomy: Anatomy, probability: flo
     """Each finding independently present with `probability`.
 
     Sizes and places are chosen so a linear model on 32x32 pixels can find every finding (the test
-    suite checks it): nodules are 2-6 dense spots of 22-29 mm with an upper-zone predominance,
+    suite checks it): nodules are 1-6 (mostly several) dense spots of 22-29 mm, upper zones first,
     consolidation prefers the lower zones, effusions and pneumothoraces are moderate to large.
     """
     present = {name: bool(rng.uniform() < probability) for name in FINDINGS}
@@ -278,7 +278,7 @@ def sample_findings(rng: np.random.Generator, anatomy: Anatomy, probability: flo
         kwargs["effusion_sides"] = (("right",), ("left",), ("right", "left"))[rng.integers(0, 3)]
         kwargs["effusion_depth"] = float(rng.uniform(0.12, 0.3))
     if present["nodule"]:
-        num_nodules = int(rng.integers(2, 7))
+        num_nodules = int(rng.choice(6, p=[0.1, 0.18, 0.18, 0.18, 0.18, 0.18])) + 1
         nodules = []
         for _ in range(num_nodules):
             side = ("right", "left")[rng.integers(0, 2)]
@@ -356,7 +356,8 @@ def _markings(u: np.ndarray, v: np.ndarray, anatomy: Anatomy) -> np.ndarray:
     p = anatomy.marking_phases
     streaks = np.cos(29 * angle + p[0] + 6 * radius) + np.cos(47 * angle + p[1] - 9 * radius)
     streaks += 0.7 * np.cos(71 * angle + p[2] + 14 * radius + 2 * np.sign(u))
-    return np.clip(streaks / 2.2, 0.0, 1.0) * np.exp(-radius / 0.5)
+    fade = np.exp(-radius / 0.5) * np.clip(radius / 0.12, 0.0, 1.0)  # no starburst at the hilum itself
+    return np.clip(streaks / 2.2, 0.0, 1.0) * fade
 
 
 def _bones(u: np.ndarray, v: np.ndarray, anatomy: Anatomy, edge: float, view: str) -> np.ndarray:

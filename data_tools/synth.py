@@ -122,12 +122,12 @@ def plan_jobs(out_dir: Path, num_images: int, size: int, seed: int) -> list[Imag
     """Patients -> studies -> images, with every per-image attribute fixed up front (cheap)."""
     rng = np.random.default_rng([seed, 0])
     studies: list[tuple[int, int, int, datetime.date]] = []  # patient, study, num images, date
-    patients: list[tuple[str, int]] = []  # sex, age at first study
+    patients: list[tuple[str, int, datetime.date]] = []  # sex, age at the first study, its date
     num_planned = 0
     while num_planned < num_images:
         patient_index = len(patients)
-        patients.append((str(rng.choice(["F", "M"])), int(rng.integers(25, 86))))
         date = datetime.date(2012, 1, 1) + datetime.timedelta(days=int(rng.integers(0, 3650)))
+        patients.append((str(rng.choice(["F", "M"])), int(rng.integers(25, 86)), date))
         for study_index in range(int(rng.choice([1, 2, 3], p=[0.6, 0.25, 0.15]))):
             num_in_study = 2 if rng.uniform() < 0.08 else 1  # a repeat exposure in the same study
             studies.append((patient_index, study_index, num_in_study, date))
@@ -147,7 +147,7 @@ def plan_jobs(out_dir: Path, num_images: int, size: int, seed: int) -> list[Imag
     }
     jobs = []
     for patient_index, study_index, num_in_study, date in studies:
-        sex, age = patients[patient_index]
+        sex, first_age, first_date = patients[patient_index]
         patient_id = f"SYN{seed}-{patient_index:05d}"
         for instance in range(num_in_study):
             index = len(jobs)
@@ -162,7 +162,7 @@ def plan_jobs(out_dir: Path, num_images: int, size: int, seed: int) -> list[Imag
                     patient_index=patient_index,
                     patient_id=patient_id,
                     patient_sex=sex,
-                    patient_age=age + (date.year - 2012) // 4,
+                    patient_age=first_age + (date - first_date).days // 365,
                     study_index=study_index,
                     study_id=f"{patient_id}-s{study_index:02d}",
                     study_date=date.strftime("%Y%m%d"),
@@ -280,7 +280,12 @@ def build_dataset(job: ImageJob, pixels: np.ndarray):
     ds.PatientName = f"SYNTHETIC^{job.patient_id}"
     ds.PatientID, ds.PatientSex, ds.PatientAge = job.patient_id, job.patient_sex, f"{job.patient_age:03d}Y"
     ds.StudyDate = ds.SeriesDate = ds.ContentDate = job.study_date
-    ds.StudyTime = ds.SeriesTime = ds.ContentTime = f"{8 + job.index % 10:02d}{(7 * job.index) % 60:02d}00"
+    hour, minute = (
+        8 + (job.patient_index + job.study_index) % 10,
+        (7 * job.patient_index + 13 * job.study_index) % 60,
+    )
+    ds.StudyTime = f"{hour:02d}{minute:02d}00"
+    ds.SeriesTime = ds.ContentTime = f"{hour:02d}{minute:02d}{10 * (job.instance + 1):02d}"
     ds.StudyID, ds.AccessionNumber = f"s{job.study_index:02d}", f"A{job.seed}{job.index:07d}"
     ds.SeriesNumber, ds.InstanceNumber = 1, job.instance + 1
     ds.Modality, ds.BodyPartExamined, ds.ViewPosition = job.modality, "CHEST", job.view
