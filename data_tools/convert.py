@@ -213,6 +213,7 @@ class OrderedPool:
         self.initializer, self.initargs = initializer, initargs
         self.crash_result = crash_result or (lambda task: None)
         self._executor: ProcessPoolExecutor | None = None
+        self._initialized = False
 
     def __enter__(self) -> OrderedPool:
         return self
@@ -242,13 +243,16 @@ class OrderedPool:
         return results
 
     def map(self, tasks: Iterable) -> Iterator:
+        """Results of fn(task) in task order. Consume one map before starting the next."""
         if self.workers <= 1:
-            if self.initializer:
+            if self.initializer and not self._initialized:
                 self.initializer(*self.initargs)
+                self._initialized = True
             yield from map(self.fn, tasks)
             return
         tasks = iter(tasks)
-        self._restart()
+        if self._executor is None:
+            self._restart()
         window: deque = deque()
         for task in islice(tasks, 2 * self.workers + 2):
             window.append((task, self._executor.submit(self.fn, task)))
@@ -265,29 +269,17 @@ class OrderedPool:
             yield from results
 
 
-def _identity_task(path: Path):
-    from data_tools.dicom import read_identity
-
-    try:
-        return read_identity(path)
-    except Exception:  # a broken header is reported when the file is decoded, not here
-        return None
-
-
-def _fill_identities(records: list[Record], workers: int, progress: bool) -> None:
+def _fill_identities(records: list[Record], pool: OrderedPool, progress: bool) -> None:
     """Records with neither patient id nor split take PatientID / StudyInstanceUID from the header."""
     from tqdm import tqdm
 
     todo = [r for r in records if r.patient_id is None and r.split is None]
-    if not todo:
-        return
-    with OrderedPool(_identity_task, workers) as pool:
-        results = pool.map(r.source_path for r in todo)
-        for record, found in tqdm(
-            zip(todo, results), total=len(todo), desc="headers", unit="file", disable=not progress
-        ):
-            if found:
-                record.patient_id, record.study_id = found[0], record.study_id or found[1]
+    results = pool.map(("identity", r.source_path) for r in todo)
+    for record, found in tqdm(
+        zip(todo, results), total=len(todo), desc="headers", unit="file", disable=not progress
+    ):
+        if found:
+            record.patient_id, record.study_id = found[0], record.study_id or found[1]
 
 
 def _assign(records: list[Record], skips: list[Skip]) -> dict[str, list[tuple[str, Record]]]:
@@ -325,12 +317,19 @@ def _init_worker(options: SampleOptions) -> None:
     warnings.simplefilter("ignore")  # pydicom warns per odd element; problems are reported as skips
 
 
-def _sample_task(task: tuple[str, str, Record]) -> Sample | str:
-    """A Sample, or the skip reason (str). Never raises for a bad input."""
+def _task(task: tuple):
+    """Worker entry point. ("sample", key, split, record) -> Sample, or the skip reason (str);
+    ("identity", path) -> (PatientID, StudyInstanceUID) or None. Never raises for a bad input."""
+    from data_tools.dicom import read_identity
     from data_tools.encode import build_sample
     from data_tools.images import SkipInput
 
-    key, split, record = task
+    if task[0] == "identity":
+        try:
+            return read_identity(task[1])
+        except Exception:  # a broken header is reported when the file is decoded, not here
+            return None
+    _, key, split, record = task
     try:
         return build_sample(record, key, split, _WORKER_OPTIONS)
     except SkipInput as reason:
@@ -339,7 +338,9 @@ def _sample_task(task: tuple[str, str, Record]) -> Sample | str:
         return f"conversion error: {type(error).__name__}: {error}"[:1000]
 
 
-def _crash_reason(task) -> str:
+def _crash_result(task: tuple) -> str | None:
+    if task[0] == "identity":
+        return None
     return "worker process died while converting this file (a crash in a native decoder)"
 
 
@@ -373,35 +374,39 @@ def _settings_dict(args, options: SampleOptions, shard_size: int) -> dict:
     return settings
 
 
-def _probe(by_split, options: SampleOptions, workers: int) -> tuple[list[Sample], list[str]]:
+def _probe(by_split, pool: OrderedPool) -> tuple[list[Sample], list[str]]:
     """Encode a deterministic sample of records (evenly spaced in key order) in memory."""
     items = [
-        (key, split, rec) for split in SPLITS for key, rec in sorted(by_split[split], key=lambda kr: kr[0])
+        ("sample", key, split, rec)
+        for split in SPLITS
+        for key, rec in sorted(by_split[split], key=lambda kr: kr[0])
     ]
     if not items:
         return [], []
     step = max(1, len(items) // SHARD_BYTES_SAMPLE)
     chosen = items[::step][:SHARD_BYTES_SAMPLE]
     samples, reasons = [], []
-    with OrderedPool(
-        _sample_task, min(workers, len(chosen)), _init_worker, (options,), _crash_reason
-    ) as pool:
-        for result in pool.map(chosen):
-            (reasons if isinstance(result, str) else samples).append(result)
+    for result in pool.map(chosen):
+        (reasons if isinstance(result, str) else samples).append(result)
     return samples, reasons
 
 
-def _shard_size(args, by_split, options: SampleOptions, workers: int) -> int:
+def _shard_size(args, by_split, pool: OrderedPool) -> int:
     if args.shard_bytes is None:
         return args.shard_size or DEFAULT_SHARD_SIZE
-    samples, reasons = _probe(by_split, options, workers)
+    samples, reasons = _probe(by_split, pool)
     if not samples:
         raise ValueError(
             f"--shard-bytes: could not estimate the sample size ({len(reasons)} probed inputs were all "
             "skipped); use --shard-size"
         )
-    mean_bytes = sum(s.num_bytes + 3 * 512 for s in samples) / len(samples)  # + tar headers
+    mean_bytes = sum(_tar_bytes(s) for s in samples) / len(samples)
     return max(1, int(args.shard_bytes // mean_bytes))
+
+
+def _tar_bytes(sample: Sample) -> int:
+    """Bytes a sample takes in a tar: a 512-byte header per member, data padded to 512 bytes."""
+    return sum(512 + -(-len(data) // 512) * 512 for data in sample.components.values())
 
 
 def _fingerprint(settings: dict, dataset: str, source: str, label_names, salt: str, plan) -> str:
@@ -432,18 +437,15 @@ class _Dedup:
 
 
 def _write_shards(
-    out_dir, plan, pending, store, options, label_names, workers, progress, dedup
+    out_dir, pending, store, label_names, pool: OrderedPool, progress, dedup
 ) -> list[ShardState]:
-    """Decode the pending shards' records in order on `workers` processes and write each shard."""
+    """Decode the pending shards' records in key order on the pool and write each shard."""
     from tqdm import tqdm
 
-    tasks = ((key, shard.split, record) for shard in pending for key, record in shard.items)
-    states = []
+    tasks = (("sample", key, shard.split, record) for shard in pending for key, record in shard.items)
     total = sum(len(shard.items) for shard in pending)
-    with (
-        OrderedPool(_sample_task, workers, _init_worker, (options,), _crash_reason) as pool,
-        tqdm(total=total, desc="convert", unit="img", disable=not progress, smoothing=0.05) as bar,
-    ):
+    states = []
+    with tqdm(total=total, desc="convert", unit="img", disable=not progress, smoothing=0.05) as bar:
         results = pool.map(tasks)
         for shard in pending:
             builder = ShardBuilder(out_dir, shard, label_names)
@@ -451,14 +453,16 @@ def _write_shards(
             try:
                 for (key, record), result in zip(shard.items, results):
                     started = time.process_time()
-                    duplicate = (
-                        dedup.note(result.pixel_hash, key) if dedup and not isinstance(result, str) else None
-                    )
-                    if isinstance(result, str) or duplicate:
-                        reason = result if isinstance(result, str) else f"duplicate of {duplicate}"
-                        builder.add_skip(record.source_id, record.dataset, reason)
-                    else:
+                    is_sample = not isinstance(result, str)
+                    duplicate = dedup.note(result.pixel_hash, key) if dedup and is_sample else None
+                    if is_sample and not duplicate:
                         builder.add_sample(result)
+                    else:
+                        builder.add_skip(
+                            record.source_id,
+                            record.dataset,
+                            result if not is_sample else f"duplicate of {duplicate}",
+                        )
                     write_seconds += time.process_time() - started
                     bar.update(1)
                 builder.state.cpu_seconds["write"] = write_seconds
@@ -512,11 +516,11 @@ def _manifest(args, dataset, settings, label_names, salt, states, num_inputs, nu
     }
 
 
-def _dry_run_report(by_split, skips, num_inputs, options, shard_size, workers) -> dict:
-    samples, reasons = _probe(by_split, options, workers)
+def _dry_run_report(by_split, skips, num_inputs, shard_size, pool: OrderedPool) -> dict:
+    samples, reasons = _probe(by_split, pool)
     num_records = sum(len(v) for v in by_split.values())
     probed = len(samples) + len(reasons)
-    mean_bytes = sum(s.num_bytes for s in samples) / len(samples) if samples else 0.0
+    mean_bytes = sum(_tar_bytes(s) for s in samples) / len(samples) if samples else 0.0
     ok_fraction = len(samples) / probed if probed else 0.0
     return {
         "dry_run": True,
@@ -547,42 +551,50 @@ def convert_folder(args: argparse.Namespace) -> dict:
         )
     label_names = list(source.label_names(Path(args.input), args))
     options = _sample_options(args, label_names, salt)
-    workers = max(1, args.workers or os.cpu_count() or 1)
-    progress = not args.no_progress
     records, skips = _list_inputs(source, args, dataset)
-    num_inputs = len(records) + len(skips)
-    _fill_identities(records, workers, progress)
-    by_split = _assign(records, skips)
-    shard_size = _shard_size(args, by_split, options, workers)
-    if args.dry_run:
-        return _dry_run_report(by_split, skips, num_inputs, options, shard_size, workers)
-    plan = plan_shards(by_split, dataset, shard_size)
-    settings = _settings_dict(args, options, shard_size)
+    workers = max(1, args.workers or os.cpu_count() or 1)
+    with OrderedPool(_task, workers, _init_worker, (options,), _crash_result) as pool:
+        _fill_identities(records, pool, not args.no_progress)
+        num_inputs = len(records) + len(skips)
+        by_split = _assign(records, skips)
+        shard_size = _shard_size(args, by_split, pool)
+        if args.dry_run:
+            return _dry_run_report(by_split, skips, num_inputs, shard_size, pool)
+        plan = plan_shards(by_split, dataset, shard_size)
+        settings = _settings_dict(args, options, shard_size)
+        states = _write_missing_shards(args, plan, settings, dataset, label_names, salt, options.dedup, pool)
+    skipped = [{"source_id": s.source_id, "dataset": s.dataset, "reason": s.reason} for s in skips]
+    skipped += [line for state in states for line in state.skipped]
+    manifest = _manifest(args, dataset, settings, label_names, salt, states, num_inputs, len(skipped))
+    assert manifest["num_samples"] + len(skipped) == num_inputs, (
+        manifest["num_samples"],
+        len(skipped),
+        num_inputs,
+    )
+    out_dir = Path(args.out)
+    write_skipped(out_dir, skipped)
+    write_id_map(out_dir, [tuple(row) for state in states for row in state.id_rows])
+    write_manifest(out_dir, manifest)
+    return manifest
+
+
+def _write_missing_shards(
+    args, plan, settings, dataset, label_names, salt, dedup: bool, pool
+) -> list[ShardState]:
+    """Load the states of shards already complete, write the others; all states in plan order."""
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     store = StateStore(out_dir)
     store.begin(_fingerprint(settings, dataset, args.source, label_names, salt, plan))
     done = {shard.name: store.load_complete(shard) for shard in plan}
     pending = [shard for shard in plan if done[shard.name] is None]
-    dedup = _Dedup(plan) if options.dedup else None
+    deduper = _Dedup(plan) if dedup else None
     for state in filter(None, done.values()):
-        for pixel_hash, key in state.pixel_hashes if dedup else []:
-            dedup.note(pixel_hash, key)
-    written = _write_shards(out_dir, plan, pending, store, options, label_names, workers, progress, dedup)
-    states = sorted(
-        [s for s in done.values() if s] + written, key=lambda s: [p.name for p in plan].index(s.name)
-    )
-    skipped = [{"source_id": s.source_id, "dataset": s.dataset, "reason": s.reason} for s in skips]
-    skipped += [line for state in states for line in state.skipped]
-    manifest = _manifest(args, dataset, settings, label_names, salt, states, num_inputs, len(skipped))
-    assert manifest["num_samples"] + manifest["num_skipped"] == num_inputs, (
-        manifest["num_samples"],
-        len(skipped),
-    )
-    write_skipped(out_dir, skipped)
-    write_id_map(out_dir, [tuple(row) for state in states for row in state.id_rows])
-    write_manifest(out_dir, manifest)
-    return manifest
+        for pixel_hash, key in state.pixel_hashes if deduper else []:
+            deduper.note(pixel_hash, key)
+    written = _write_shards(out_dir, pending, store, label_names, pool, not args.no_progress, deduper)
+    states = {state.name: state for state in [*filter(None, done.values()), *written]}
+    return [states[shard.name] for shard in plan]
 
 
 def build_args(input_dir: Path, out_dir: Path, source: str, **options) -> argparse.Namespace:

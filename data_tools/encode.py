@@ -10,6 +10,16 @@ Image encoders (`--format`), chosen for what the loaders decode fastest:
   decodes on the GPU.
 - ``jp2``: 16-bit lossless JPEG 2000 (reversible 5/3 wavelet, JP2 container; Pillow's OpenJPEG
   encoder with irreversible=False), decodable by nvJPEG2000 and by Pillow.
+
+Flags a sample's json may carry (problems found, never silently fixed):
+  polarity_suspect          body darker than air after the photometric rule (a mislabelled header)
+  values_exceed_bits_stored pixel values above BitsStored (masked off)
+  low_byte_only             BitsStored >= 10 but every value in 0..255 (the high byte was lost)
+  no_window_in_header       --intensity window, but no VOI LUT/window: percentile used
+  invalid_window            --intensity window, unusable window width/function: percentile used
+  constant_image            all pixels equal (stored as 0)
+  multi_frame_first_of_N    only the first of N frames was converted
+  roi_body / roi_fallback   no lung fields found: chest region = body / central box
 """
 
 from __future__ import annotations

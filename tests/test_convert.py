@@ -26,7 +26,7 @@ LABELS = ["cardiomegaly", "effusion"]
 SALT = "test-salt"
 
 
-def _csv_archive(root: Path, num: int = 6) -> Path:
+def csv_archive(root: Path, num: int = 6) -> Path:
     """`num` hand-made DICOMs (MONOCHROME1/2, 12/14-bit, non-square) and a labels.csv."""
     rows = []
     for i in range(num):
@@ -59,7 +59,7 @@ def _csv_archive(root: Path, num: int = 6) -> Path:
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory) -> Path:
-    return _csv_archive(tmp_path_factory.mktemp("archive"))
+    return csv_archive(tmp_path_factory.mktemp("archive"))
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +144,7 @@ def test_resume_after_deleted_or_truncated_shard(archive, shards, tmp_path):
 
 
 def test_resume_after_kill_mid_run(tmp_path):
-    archive = _csv_archive(tmp_path / "archive", num=24)
+    archive = csv_archive(tmp_path / "archive", num=24)
     args = [
         "--input",
         str(archive),
@@ -195,7 +195,7 @@ def test_folder_source_accounts_for_every_file(tmp_path):
     assert verify(tmp_path / "out") == []
 
 
-def test_user_errors_are_reported_before_any_work(archive, tmp_path):
+def test_user_errors_are_reported_before_any_work(archive, shards, tmp_path):
     with pytest.raises(ValueError, match="unknown convert option"):
         convert(archive, tmp_path / "o1", progress=False, colour="red")
     with pytest.raises(ValueError, match="not both"):
@@ -207,6 +207,8 @@ def test_user_errors_are_reported_before_any_work(archive, tmp_path):
     (foreign / "thesis.txt").write_text("keep me")
     with pytest.raises(ValueError, match="not empty"):
         convert(archive, foreign, progress=False)
+    with pytest.raises(ValueError, match="holds a conversion with other inputs or options"):
+        convert(archive, shards, long_side=32, workers=1, progress=False, dataset="hand", shard_size=2, salt=SALT)
     bad = tmp_path / "bad"
     shutil.copytree(archive, bad)
     text = (bad / "labels.csv").read_text().replace(",1,0,report 1", ",2,0,report 1")
@@ -225,3 +227,127 @@ def test_cli_convert_and_verify(archive, tmp_path):
     assert main(["verify", str(out)]) == 0
     assert all(len(s.key) == 16 for s in index_tar(next(out.glob("*.tar"))))
     assert os.path.getsize(out / "skipped.jsonl") == 0
+
+
+def test_jp2_is_lossless_and_jpg_close_to_png16(archive, shards, tmp_path):
+    png = {k: np.asarray(Image.open(io.BytesIO(c["png"]))) for k, c in _samples(shards).items()}
+    for image_format, ext in (("jp2", "jp2"), ("jpg", "jpg")):
+        out = tmp_path / image_format
+        manifest = convert(
+            archive,
+            out,
+            image_format=image_format,
+            long_side=64,
+            workers=1,
+            progress=False,
+            shard_size=2,
+            salt=SALT,
+            dataset="hand",
+        )
+        assert verify(out) == [] and manifest["image_format"] == image_format
+        for key, comps in _samples(out).items():
+            image = Image.open(io.BytesIO(comps[ext]))
+            pixels = np.asarray(image)
+            if image_format == "jp2":
+                assert image.mode == "I;16" and np.array_equal(pixels, png[key])
+            else:
+                assert (
+                    image.mode == "L" and np.abs(pixels - png[key] / 257.0).mean() < 3
+                )  # q95 on noisy 64-px images
+        assert {s["name"] for s in manifest["shards"]} == {p.name for p in shards.glob("*.tar")}
+
+
+@pytest.mark.parametrize("image_format, ext", [("png16", "png"), ("jpg", "jpg"), ("jp2", "jp2")])
+def test_dali_decodes_what_pillow_decodes(archive, tmp_path, image_format, ext):
+    dali = pytest.importorskip("nvidia.dali")
+    from nvidia.dali import fn, types
+
+    out = tmp_path / image_format
+    convert(archive, out, image_format=image_format, long_side=64, workers=1, progress=False, salt=SALT)
+    tars = sorted(str(p) for p in out.glob("*.tar"))
+
+    @dali.pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def pipeline():
+        encoded = fn.readers.webdataset(paths=tars, index_paths=[t[:-4] + ".idx" for t in tars], ext=[ext])
+        dtype = types.UINT8 if ext == "jpg" else types.UINT16
+        return fn.decoders.image(encoded, device="cpu", output_type=types.GRAY, dtype=dtype), encoded
+
+    pipe = pipeline()
+    pipe.build()
+    for _ in range(6):
+        decoded, encoded = pipe.run()
+        pillow = np.asarray(Image.open(io.BytesIO(np.asarray(encoded.as_tensor())[0].tobytes())))
+        np.testing.assert_array_equal(np.asarray(decoded.as_tensor())[0, ..., 0], pillow)
+
+
+def test_dedup_skips_identical_pixels(tmp_path):
+    root = tmp_path / "in"
+    write_dicom(root / "a.dcm", stored_chest(seed=1))
+    write_dicom(root / "copy_of_a.dcm", stored_chest(seed=1))
+    write_dicom(root / "b.dcm", stored_chest(seed=2))
+    manifest = convert(
+        root, tmp_path / "out", source="folder", long_side=64, workers=1, progress=False, dedup=True
+    )
+    assert manifest["num_samples"] == 2
+    [line] = (tmp_path / "out/skipped.jsonl").read_text().splitlines()
+    skip = json.loads(line)
+    # Both files share one patient (PAT-CLEAR-ID), so one split: the first in key order is kept.
+    keys = {name: sample_key("folder", name) for name in ("a.dcm", "copy_of_a.dcm")}
+    kept, dropped = sorted(keys, key=keys.get)
+    assert skip == {"source_id": dropped, "dataset": "folder", "reason": f"duplicate of {keys[kept]}"}
+
+
+def test_dry_run_writes_nothing_and_projects_bytes(archive, tmp_path):
+    report = convert(
+        archive, tmp_path / "dry", long_side=64, workers=1, progress=False, dry_run=True, shard_size=4
+    )
+    assert not (tmp_path / "dry").exists()
+    assert report["num_inputs"] == 6 and report["num_records"] == 6 and report["num_shards_planned"] == 3
+    assert report["probe"]["num_ok"] == 6 and report["projected_num_samples"] == 6
+    assert 0.8 < report["projected_bytes"] / (6 * report["mean_sample_bytes"]) < 1.2
+
+
+def test_shard_bytes_sets_a_deterministic_shard_size(archive, tmp_path):
+    first = convert(
+        archive, tmp_path / "a", long_side=64, workers=1, progress=False, shard_bytes=50_000, salt=SALT
+    )
+    second = convert(
+        archive, tmp_path / "b", long_side=64, workers=2, progress=False, shard_bytes=50_000, salt=SALT
+    )
+    assert first == second and first["options"]["shard_size"] >= 1
+    # A tar is padded to 10240-byte records; within that, no shard overshoots the target by a sample.
+    assert all(s["num_bytes"] <= 50_000 + 10_240 for s in first["shards"])
+    assert len(first["shards"]) < 6
+
+
+def test_views_filter_and_keep_paths(archive, tmp_path):
+    manifest = convert(
+        archive,
+        tmp_path / "o",
+        long_side=64,
+        workers=1,
+        progress=False,
+        views="AP",
+        keep_paths=True,
+        salt=SALT,
+    )
+    assert manifest["num_samples"] == 2  # rows 0 and 4 are AP
+    reasons = [json.loads(line)["reason"] for line in open(tmp_path / "o/skipped.jsonl")]
+    assert reasons == ["filtered: view PA not in --views AP"] * 4
+    meta = json.loads(next(iter(_samples(tmp_path / "o").values()))["json"])
+    assert meta["source_path"].startswith(str(archive)) and meta["patient_id"].startswith("PATIENT-")
+    assert verify(tmp_path / "o") == []
+
+
+def _square_or_die(task: int) -> int:
+    if task == 3:
+        os.kill(os.getpid(), signal.SIGKILL)  # what a segfault in a native decoder does to a worker
+    return task * task
+
+
+def test_pool_survives_a_worker_crash_and_keeps_order():
+    from data_tools.convert import OrderedPool
+
+    with OrderedPool(_square_or_die, 2, crash_result=lambda task: f"crashed on {task}") as pool:
+        assert list(pool.map(range(8))) == [0, 1, 4, "crashed on 3", 16, 25, 36, 49]
+        assert list(pool.map([5, 6])) == [25, 36]  # the pool is reused after recovery

@@ -330,3 +330,36 @@ def test_inputs_that_are_not_images_give_precise_reasons(name, reason):
     path = Path(get_testdata_file("MR_small.dcm")).parent / name
     with pytest.raises(SkipInput, match=reason):
         load_image(path, ANY)
+
+
+@pytest.mark.parametrize(
+    "mode, suffix, expected",
+    [
+        ("I;16", ".png", "I;16"),
+        ("I;16", ".tif", "I;16"),
+        ("L", ".jpg", "L"),
+        ("RGB", ".jpg", "RGB->gray"),
+        ("P", ".png", "P->gray"),
+        ("LA", ".png", "LA->L"),
+    ],
+)
+def test_other_image_files_decode_to_gray(tmp_path, mode, suffix, expected):
+    from PIL import Image
+
+    brightness = chest_brightness()
+    if mode == "I;16":
+        image = Image.fromarray(np.rint(brightness * 60000).astype(np.uint16))
+    else:
+        image = Image.fromarray(np.rint(brightness * 255).astype(np.uint8)).convert(mode)
+    path = tmp_path / f"image{suffix}"
+    image.save(path)
+    loaded = load_image(path, ANY)
+    assert loaded.photometric == expected and loaded.original_size == (96, 80)
+    r = regions(loaded.unit_hw)
+    assert r["border"] < r["lungs"] < r["mediastinum"]
+
+
+def test_view_filter_reads_the_header(tmp_path):
+    path = write_dicom(tmp_path / "lat.dcm", stored_chest(), ViewPosition="LL")
+    with pytest.raises(SkipInput, match="filtered: view LL not in --views AP,PA"):
+        load_image(path, replace(ANY, views=frozenset({"PA", "AP"})))

@@ -1,0 +1,112 @@
+"""`xray-shard preview DIR --out grid.png`: a contact sheet of samples with key, view, positive labels
+and the chest-region box (red) drawn on each tile. Samples are taken in manifest order (first N of
+the chosen split), so the same folder always gives the same sheet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from data_tools.manifest import read_manifest
+from xray_pretrain.data.shardio import idx_path_for, read_idx, read_sample
+
+BOX_COLOUR = (255, 40, 40)
+TEXT_COLOUR = (255, 230, 0)
+
+
+def _samples(folder: Path, manifest: dict, split: str | None, num: int):
+    taken = 0
+    for entry in manifest["shards"]:
+        if split and entry["split"] != split:
+            continue
+        tar = folder / entry["name"]
+        with open(tar, "rb") as f:
+            for sample in read_idx(idx_path_for(tar)):
+                if taken == num:
+                    return
+                taken += 1
+                yield read_sample(f, sample)
+
+
+def _tile(components: dict[str, bytes], tile: int):
+    from PIL import Image, ImageDraw
+
+    meta = json.loads(components["json"])
+    ext = next(e for e in ("png", "jpg", "jp2") if e in components)
+    with Image.open(io.BytesIO(components[ext])) as image:
+        pixels = np.asarray(image).astype(np.float32)
+    full_scale = 255.0 if pixels.max() <= 255 and ext == "jpg" else 65535.0
+    gray = Image.fromarray(np.clip(pixels / full_scale * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    h, w = pixels.shape
+    scale = tile / max(h, w)
+    gray = gray.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BOX)
+    canvas = Image.new("RGB", (tile, tile))
+    x0, y0 = (tile - gray.width) // 2, (tile - gray.height) // 2
+    canvas.paste(gray.convert("RGB"), (x0, y0))
+    draw = ImageDraw.Draw(canvas)
+    by0, bx0, by1, bx1 = meta["roi_box"]
+    draw.rectangle(
+        [
+            x0 + bx0 * gray.width,
+            y0 + by0 * gray.height,
+            x0 + bx1 * gray.width - 1,
+            y0 + by1 * gray.height - 1,
+        ],
+        outline=BOX_COLOUR,
+        width=2,
+    )
+    positive = [name for name, value in meta["labels"].items() if value == 1]
+    text = f"{meta['key']} {meta['split']} {meta['view'] or ''}\n" + (
+        ", ".join(positive) or "no positive label"
+    )
+    draw.multiline_text((4, 4), text, fill=TEXT_COLOUR)
+    return canvas
+
+
+def preview(
+    folder: Path, out: Path, num: int = 16, columns: int = 4, tile: int = 256, split: str | None = None
+) -> Path:
+    """Write a contact sheet of the first `num` samples (of `split`, if given) to `out` (PNG)."""
+    from PIL import Image
+
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    tiles = [_tile(c, tile) for c in _samples(folder, manifest, split, num)]
+    if not tiles:
+        raise ValueError(f"{folder}: no samples{f' in split {split}' if split else ''} to preview")
+    rows = -(-len(tiles) // columns)
+    sheet = Image.new("RGB", (columns * tile, rows * tile))
+    for i, image in enumerate(tiles):
+        sheet.paste(image, ((i % columns) * tile, (i // columns) * tile))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out)
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("folder", type=Path, help="a folder written by `xray-shard convert`")
+    parser.add_argument("--out", type=Path, required=True, help="output PNG")
+    parser.add_argument("--num", type=int, default=16, help="samples to show (default 16)")
+    parser.add_argument("--columns", type=int, default=4, help="tiles per row (default 4)")
+    parser.add_argument("--tile", type=int, default=256, help="tile size in pixels (default 256)")
+    parser.add_argument("--split", choices=("train", "val", "test"), help="only this split")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.num < 1 or args.columns < 1 or args.tile < 32:
+        print("xray-shard preview: error: --num and --columns must be >= 1, --tile >= 32", file=sys.stderr)
+        return 2
+    try:
+        out = preview(args.folder, args.out, args.num, args.columns, args.tile, args.split)
+    except (ValueError, OSError) as error:
+        print(f"xray-shard preview: error: {error}", file=sys.stderr)
+        return 2
+    print(f"xray-shard preview: wrote {out}")
+    return 0
