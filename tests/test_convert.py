@@ -208,7 +208,9 @@ def test_user_errors_are_reported_before_any_work(archive, shards, tmp_path):
     with pytest.raises(ValueError, match="not empty"):
         convert(archive, foreign, progress=False)
     with pytest.raises(ValueError, match="holds a conversion with other inputs or options"):
-        convert(archive, shards, long_side=32, workers=1, progress=False, dataset="hand", shard_size=2, salt=SALT)
+        convert(
+            archive, shards, long_side=32, workers=1, progress=False, dataset="hand", shard_size=2, salt=SALT
+        )
     bad = tmp_path / "bad"
     shutil.copytree(archive, bad)
     text = (bad / "labels.csv").read_text().replace(",1,0,report 1", ",2,0,report 1")
