@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
+from conftest import ZERO2_STEPS, copy_checkpoint, run_training
 
-from tests.conftest import ZERO2_STEPS, copy_checkpoint, run_training
 from xray_pretrain.engine.export import consolidated_state_dict, export_encoder, load_mae_from_checkpoint
 
 pytestmark = pytest.mark.slow

@@ -51,7 +51,13 @@ def launch_training(config: Path, overrides: list[str], num_ranks: int, log_path
         script, "pretrain", "--config", str(config), *overrides,
     ]  # fmt: skip
     print("$ " + " ".join(cmd), flush=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    # Rank variables of an enclosing process (e.g. a test that trained in-process) must not leak in.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
+    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
         for line in proc.stdout:

@@ -25,8 +25,13 @@ def git_revision() -> dict:
     }
 
 
-def run_info(cfg, world_size: int, accum_steps: int, ds_config: dict) -> dict:
+def run_info(cfg, world_size: int, accum_steps: int, ds_config: dict, device=None) -> dict:
     import torch
+
+    from xray_pretrain.models import describe_attention_backend
+
+    embed_dim, _, num_heads = cfg.model.encoder_dims()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.precision]
 
     try:
         import deepspeed
@@ -44,5 +49,7 @@ def run_info(cfg, world_size: int, accum_steps: int, ds_config: dict) -> dict:
         "world_size": world_size,
         "accum_steps": accum_steps,
         "peak_lr": cfg.optim.lr(cfg.train.global_batch),
+        # What really runs, e.g. "sdpa:auto->flash" (issue: the backend actually used is logged).
+        "attention": describe_attention_backend(cfg.model.attn, device, dtype, embed_dim // num_heads),
         "ds_config": ds_config,
     }

@@ -43,6 +43,10 @@ def train(cfg: RunConfig) -> dict:
     import deepspeed
 
     ctx = init_distributed()
+    if cfg.train.precision == "fp16" and ctx.device.type != "cuda":
+        raise ValueError(
+            "train.precision=fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16): use bf16 or fp32"
+        )
     accum = cfg.train.accum_steps(ctx.world_size)
     out_dir = Path(cfg.log.out_dir)
     ckpt_dir = out_dir / "checkpoints"
@@ -57,7 +61,10 @@ def train(cfg: RunConfig) -> dict:
         engine.compile()
     state = _maybe_resume(cfg, engine, ckpt_dir)
     if ctx.is_main:
-        info = run_info(cfg, ctx.world_size, accum, ds_config)
+        info = run_info(cfg, ctx.world_size, accum, ds_config, ctx.device)
+        print(
+            f"attention: {info['attention']}, world size {ctx.world_size}, accumulation {accum}", flush=True
+        )
         out_dir.mkdir(parents=True, exist_ok=True)
         from xray_pretrain.config import save_resolved_config
 
