@@ -29,12 +29,11 @@ from concurrent.futures.process import BrokenProcessPool
 from itertools import islice
 from pathlib import Path
 
-from data_tools.encode import DEFAULT_QUALITY, FULL_SCALE, IMAGE_FORMATS, PNG_LEVEL, Sample, SampleOptions
+from data_tools.encode import DEFAULT_QUALITY, IMAGE_FORMATS, PNG_LEVEL, Sample, SampleOptions
 from data_tools.images import FRAME_POLICIES, INTENSITY_POLICIES, DecodeOptions
 from data_tools.manifest import (
     DEFAULT_SALT,
-    FORMAT_VERSION,
-    intensity_stats,
+    build_manifest,
     salt_fingerprint,
     write_id_map,
     write_manifest,
@@ -42,8 +41,8 @@ from data_tools.manifest import (
 )
 from data_tools.records import SPLITS, Record, Skip, split_for_patient
 from data_tools.sources import SOURCES, get_source
-from data_tools.version import TOOL_NAME, TOOL_VERSION
-from data_tools.writer import ShardBuilder, ShardState, StateStore, plan_shards, totals
+from data_tools.version import TOOL_VERSION
+from data_tools.writer import ShardBuilder, ShardState, StateStore, plan_shards
 from xray_pretrain.data.shardio import sample_key
 
 DEFAULT_SHARD_SIZE = 1000
@@ -73,10 +72,25 @@ class _SharedOptions:
             self._dests.append(kwargs.get("dest") or long_names[0].lstrip("-").replace("-", "_"))
             return None
         self._dests.append(action.dest)
+        SOURCE_DEFAULTS[action.dest] = action.default
         return action
 
 
-SOURCE_DESTS: dict[str, list[str]] = {}
+SOURCE_DESTS: dict[str, list[str]] = {}  # source name -> dests of its options
+SOURCE_DEFAULTS: dict[str, object] = {}  # dest -> default, to spot options of another source
+
+
+def _check_source_options(args) -> None:
+    """Refuse options that belong to another --source: they would silently have no effect."""
+    mine = set(SOURCE_DESTS.get(args.source, []))
+    foreign = sorted(
+        dest
+        for dest, default in SOURCE_DEFAULTS.items()
+        if dest not in mine and getattr(args, dest, default) != default
+    )
+    if foreign:
+        names = ", ".join("--" + d.replace("_", "-") for d in foreign)
+        raise ValueError(f"{names} do(es) not apply to --source {args.source}")
 
 
 def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
@@ -104,9 +118,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", help="dataset name, the shard name prefix (default: the source's)")
     out = parser.add_argument_group("output")
     out.add_argument("--format", dest="image_format", choices=IMAGE_FORMATS, default="png16")
-    out.add_argument(
-        "--quality", type=int, default=DEFAULT_QUALITY, help="JPEG quality for --format jpg (default 95)"
-    )
+    out.add_argument("--quality", type=int, help=f"JPEG quality for --format jpg (default {DEFAULT_QUALITY})")
     out.add_argument(
         "--long-side", type=int, default=1280, help="resize so the long side is N px (default 1280)"
     )
@@ -148,8 +160,10 @@ def _sample_options(args, label_names: list[str], salt: str) -> SampleOptions:
     """Validate the output options (ValueError on user errors) and bundle them for the workers."""
     if args.long_side < 16:
         raise ValueError(f"--long-side must be >= 16, got {args.long_side}")
-    if not 1 <= args.quality <= 100:
-        raise ValueError(f"--quality must be in 1..100, got {args.quality}")
+    if args.quality is not None and (args.image_format != "jpg" or not 1 <= args.quality <= 100):
+        raise ValueError(f"--quality {args.quality}: only for --format jpg, in 1..100")
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
     decode = DecodeOptions(
         intensity=args.intensity,
         modalities=_csv_set(args.modalities, "--modalities"),
@@ -163,7 +177,7 @@ def _sample_options(args, label_names: list[str], salt: str) -> SampleOptions:
         image_format=args.image_format,
         long_side=args.long_side,
         upsample=args.upsample,
-        quality=args.quality,
+        quality=DEFAULT_QUALITY if args.quality is None else args.quality,
         salt=salt,
         keep_paths=args.keep_paths,
         dedup=args.dedup,
@@ -473,49 +487,6 @@ def _write_shards(
     return states
 
 
-def _manifest(args, dataset, settings, label_names, salt, states, num_inputs, num_skipped) -> dict:
-    sums = totals(states, label_names)
-    with_samples = [s for s in states if s.num_samples]
-    stats_states = [s for s in with_samples if s.split == "train"] or with_samples
-    full_scale = FULL_SCALE[settings["image_format"]]
-    intensity = intensity_stats(
-        sum(s.pixel_sum for s in stats_states),
-        sum(s.pixel_sumsq for s in stats_states),
-        sum(s.num_pixels for s in stats_states),
-        full_scale,
-    )
-    intensity["split"] = "train" if any(s.split == "train" for s in with_samples) else "all"
-    num_samples = sum(s.num_samples for s in states)
-    return {
-        "format_version": FORMAT_VERSION,
-        "tool": TOOL_NAME,
-        "tool_version": TOOL_VERSION,
-        "command": "convert",
-        "dataset": dataset,
-        "source": args.source,
-        "image_format": settings["image_format"],
-        "options": settings,
-        "salt_fingerprint": salt_fingerprint(salt),
-        "label_names": list(label_names),
-        "num_inputs": num_inputs,
-        "num_samples": num_samples,
-        "num_skipped": num_skipped,
-        "splits": sums["splits"],
-        "shards": [
-            {
-                "name": s.name,
-                "split": s.split,
-                "num_samples": s.num_samples,
-                "num_bytes": s.num_bytes,
-                "sha256": s.sha256,
-            }
-            for s in with_samples
-        ],
-        "label_counts": sums["label_counts"],
-        "intensity": intensity,
-    }
-
-
 def _dry_run_report(by_split, skips, num_inputs, shard_size, pool: OrderedPool) -> dict:
     samples, reasons = _probe(by_split, pool)
     num_records = sum(len(v) for v in by_split.values())
@@ -542,6 +513,7 @@ def convert_folder(args: argparse.Namespace) -> dict:
     source = get_source(args.source)
     dataset = args.dataset or source.DATASET
     _check_paths(args, dataset)
+    _check_source_options(args)
     salt = args.salt if args.salt is not None else DEFAULT_SALT
     if args.salt is None and not args.dry_run:
         warnings.warn(
@@ -565,7 +537,9 @@ def convert_folder(args: argparse.Namespace) -> dict:
         states = _write_missing_shards(args, plan, settings, dataset, label_names, salt, options.dedup, pool)
     skipped = [{"source_id": s.source_id, "dataset": s.dataset, "reason": s.reason} for s in skips]
     skipped += [line for state in states for line in state.skipped]
-    manifest = _manifest(args, dataset, settings, label_names, salt, states, num_inputs, len(skipped))
+    manifest = build_manifest(
+        dataset, args.source, settings, label_names, salt_fingerprint(salt), states, num_inputs, len(skipped)
+    )
     assert manifest["num_samples"] + len(skipped) == num_inputs, (
         manifest["num_samples"],
         len(skipped),

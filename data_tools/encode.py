@@ -42,13 +42,12 @@ from data_tools.images import (
     quantize,
     resize_unit,
 )
-from data_tools.manifest import salted_id
+from data_tools.manifest import FULL_SCALE, salted_id
 from data_tools.records import Record
 from data_tools.roi import estimate_chest_region_detail, small_copy
 
 IMAGE_FORMATS = ("png16", "jpg", "jp2")
 FORMAT_EXTENSION = {"png16": "png", "jpg": "jpg", "jp2": "jp2"}
-FULL_SCALE = {"png16": 65535, "jpg": 255, "jp2": 65535}
 PNG_LEVEL = 1
 ROI_PNG_LEVEL = 6  # 128-px masks: compression costs nothing here
 DEFAULT_QUALITY = 95

@@ -19,12 +19,15 @@ import math
 import os
 from pathlib import Path
 
+from data_tools.records import SPLITS
+from data_tools.version import TOOL_NAME, TOOL_VERSION
 from xray_pretrain.data.shardio import MANIFEST_NAME, SKIPPED_NAME
 
 DEFAULT_SALT = "xray-shard-public-default-salt-v1"
 ID_MAP_NAME = "id_map.csv"
 FORMAT_VERSION = 1
 LABEL_VALUE_NAMES = {1.0: "1", 0.0: "0", -1.0: "-1", None: "null"}
+FULL_SCALE = {"png16": 65535, "jpg": 255, "jp2": 65535}  # stored value of 1.0, per image format
 
 
 def salted_id(salt: str, kind: str, value: str | None) -> str | None:
@@ -107,3 +110,63 @@ def write_id_map(out_dir: Path, rows: list[tuple[str, str, str, str, str]]) -> N
     writer.writerow(["key", "patient", "study", "source_id", "source_path"])
     writer.writerows(sorted(rows))
     write_atomic(out_dir / ID_MAP_NAME, buffer.getvalue().encode())
+
+
+def build_manifest(
+    dataset: str,
+    source: str,
+    settings: dict,
+    label_names,
+    salt_print: str,
+    states,
+    num_inputs: int,
+    num_skipped: int,
+) -> dict:
+    """manifest.json (format_version 1) from the shard states (writer.ShardState), in plan order.
+
+    Intensity mean/std are over the train split's stored pixels (all splits if there is no train
+    sample), exact from the integer sums each shard recorded.
+    """
+    splits = {split: 0 for split in SPLITS}
+    label_counts = {split: empty_label_counts(label_names) for split in SPLITS}
+    for state in states:
+        splits[state.split] += state.num_samples
+        add_label_counts(label_counts[state.split], state.label_counts)
+    with_samples = [s for s in states if s.num_samples]
+    stats_states = [s for s in with_samples if s.split == "train"] or with_samples
+    intensity = intensity_stats(
+        sum(s.pixel_sum for s in stats_states),
+        sum(s.pixel_sumsq for s in stats_states),
+        sum(s.num_pixels for s in stats_states),
+        FULL_SCALE[settings["image_format"]],
+    )
+    intensity["split"] = "train" if splits["train"] else "all"
+    shards = [
+        {
+            "name": s.name,
+            "split": s.split,
+            "num_samples": s.num_samples,
+            "num_bytes": s.num_bytes,
+            "sha256": s.sha256,
+        }
+        for s in with_samples
+    ]
+    return {
+        "format_version": FORMAT_VERSION,
+        "tool": TOOL_NAME,
+        "tool_version": TOOL_VERSION,
+        "command": "convert",
+        "dataset": dataset,
+        "source": source,
+        "image_format": settings["image_format"],
+        "options": settings,
+        "salt_fingerprint": salt_print,
+        "label_names": list(label_names),
+        "num_inputs": num_inputs,
+        "num_samples": sum(splits.values()),
+        "num_skipped": num_skipped,
+        "splits": splits,
+        "shards": shards,
+        "label_counts": label_counts,
+        "intensity": intensity,
+    }

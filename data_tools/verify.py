@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_tools.encode import FORMAT_EXTENSION, FULL_SCALE
-from data_tools.manifest import empty_label_counts, intensity_stats, read_manifest
+from data_tools.encode import FORMAT_EXTENSION
+from data_tools.manifest import FULL_SCALE, empty_label_counts, intensity_stats, read_manifest
 from data_tools.roi import roi_size
 from data_tools.writer import sha256_file
 from xray_pretrain.data.shardio import (

@@ -17,7 +17,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from data_tools.manifest import add_label_counts, count_label, empty_label_counts, write_atomic
+from data_tools.manifest import count_label, empty_label_counts, write_atomic
 from data_tools.records import SPLITS, Record
 from xray_pretrain.data.shardio import ShardTarWriter, idx_path_for, shard_name
 
@@ -164,13 +164,3 @@ class StateStore:
 
     def save(self, state: ShardState) -> None:
         write_atomic(self.shards_dir / f"{state.name}.json", json.dumps(asdict(state)).encode())
-
-
-def totals(states: list[ShardState], label_names: list[str]) -> dict:
-    """Per-split sample counts and label counts over all shards."""
-    splits = {split: 0 for split in SPLITS}
-    label_counts = {split: empty_label_counts(label_names) for split in SPLITS}
-    for state in states:
-        splits[state.split] += state.num_samples
-        add_label_counts(label_counts[state.split], state.label_counts)
-    return {"splits": splits, "label_counts": label_counts}

@@ -200,6 +200,10 @@ def test_user_errors_are_reported_before_any_work(archive, shards, tmp_path):
         convert(archive, tmp_path / "o1", progress=False, colour="red")
     with pytest.raises(ValueError, match="not both"):
         convert(archive, tmp_path / "o2", progress=False, shard_size=2, shard_bytes=10_000)
+    with pytest.raises(ValueError, match="--quality 80: only for --format jpg"):
+        convert(archive, tmp_path / "o4", progress=False, quality=80)
+    with pytest.raises(ValueError, match="--path-column do\\(es\\) not apply to --source folder"):
+        convert(archive, tmp_path / "o5", source="folder", progress=False, path_column="file")
     with pytest.raises(ValueError, match="inside --input"):
         convert(archive, archive / "out", source="folder", progress=False)
     foreign = tmp_path / "foreign"
@@ -353,3 +357,21 @@ def test_pool_survives_a_worker_crash_and_keeps_order():
     with OrderedPool(_square_or_die, 2, crash_result=lambda task: f"crashed on {task}") as pool:
         assert list(pool.map(range(8))) == [0, 1, 4, "crashed on 3", 16, 25, 36, 49]
         assert list(pool.map([5, 6])) == [25, 36]  # the pool is reused after recovery
+
+
+def test_phantom_labels_csv_converts(tmp_path):
+    from data_tools.synth import synthesize
+
+    synthesize(tmp_path / "phantom", num_images=8, size=64, seed=3, progress=False)
+    manifest = convert(
+        tmp_path / "phantom", tmp_path / "out", long_side=48, workers=1, progress=False, salt=SALT
+    )
+    rows = {row["path"]: row for row in csv.DictReader(open(tmp_path / "phantom/labels.csv"))}
+    assert manifest["num_samples"] == 8 and manifest["label_names"] == list(next(iter(rows.values())))[5:10]
+    assert verify(tmp_path / "out") == []
+    for key, comps in _samples(tmp_path / "out").items():
+        meta = json.loads(comps["json"])
+        row = next(r for p, r in rows.items() if sample_key("csv", p) == key)
+        assert meta["split"] == row["split"]
+        assert row["report"].endswith(meta["report"]["impression"]) and meta["report"]["impression"]
+        assert "IMPRESSION" not in meta["report"]["findings"]

@@ -2,8 +2,8 @@
 
 Columns: `--path-column` (default `path`: the image path, relative to the CSV's folder or absolute);
 optional `patient_id`, `study_id`, `view`, `split` (train / val|valid|validate / test; blank = by
-patient hash), `report` (or `findings` + `impression`); label columns = `--label-columns a,b,c`, or
-by default every other column. Label cells: 1 / 0 / -1 / blank (unknown); 1.0-style floats are
+patient hash), `report` (split at its 'IMPRESSION:' heading) or `findings` + `impression`; label
+columns = `--label-columns a,b,c`, or by default every other column. Label cells: 1 / 0 / -1 / blank (unknown); 1.0-style floats are
 accepted. Each row is one input: a row whose file is missing becomes a skipped line.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,9 +61,20 @@ def label_names(input_dir: Path, args) -> list[str]:
     return [c for c in header if c != path_column and c not in META_COLUMNS]
 
 
+def split_report(text: str) -> tuple[str, str]:
+    """'FINDINGS: a. IMPRESSION: b.' -> ('a.', 'b.'); text without an IMPRESSION: heading is all findings."""
+    match = re.search(r"\bIMPRESSION\s*:", text, flags=re.IGNORECASE)
+    findings, impression = (text[: match.start()], text[match.end() :]) if match else (text, "")
+    findings = re.sub(r"^\s*FINDINGS\s*:", "", findings, flags=re.IGNORECASE)
+    return findings.strip(), impression.strip()
+
+
 def _report(row: dict[str, str]) -> dict[str, str] | None:
-    findings = (row.get("findings") or row.get("report") or "").strip()
-    impression = (row.get("impression") or "").strip()
+    """`findings` + `impression` columns, or one `report` column split at its IMPRESSION: heading."""
+    if row.get("findings") or row.get("impression"):
+        findings, impression = (row.get("findings") or "").strip(), (row.get("impression") or "").strip()
+    else:
+        findings, impression = split_report(row.get("report") or "")
     return {"findings": findings, "impression": impression} if findings or impression else None
 
 
