@@ -175,7 +175,7 @@ class ShardReader:
         if handle is None:
             if len(self._files) >= self.max_open_files:
                 self._files.popitem(last=False)[1].close()
-            handle = open(tar_path, "rb")  # noqa: SIM115 - kept open across reads on purpose
+            handle = open(tar_path, "rb")  # kept open across reads on purpose (closed by close())
             self._files[tar_path] = handle
         self._files.move_to_end(tar_path)
         return handle
