@@ -26,7 +26,7 @@ class DataConfig:
         `xray_pretrain.data.order.epoch_counts` for the exact per-epoch counts).
     val_shards: folders for validation; None = the same as `shards`.
     val_num_samples: validation uses the first N samples of the val split in sorted-key order.
-    backend: auto (DALI when it imports, else wds) | dali | wds.
+    backend: auto (DALI when it imports and training runs on a GPU, else wds) | dali | wds.
     num_workers: host worker processes (DataLoader workers / DALI external-source workers); 0 = none.
     crop_scale / crop_ratio: random resized crop, area fraction and aspect relative to the image's.
     hflip: random horizontal flip (off by default: it moves the heart to the other side).

@@ -20,9 +20,12 @@ from xray_pretrain.data.shards import SplitTable, open_folders, union_label_name
 log = logging.getLogger(__name__)
 
 
-def resolve_backend(requested: str) -> str:
+def resolve_backend(requested: str, device: str) -> str:
+    """`auto`: DALI when it imports and batches go to a GPU (GPU decode is why DALI exists); on
+    CPU-only machines wds, which measured faster than DALI's CPU pipeline (benchmarks/RESULTS.md:
+    DALI-CPU costs 1.16x / 1.43x / 1.03x wds's CPU time per 1280-px png16 / jpg / jp2 image)."""
     if requested == "auto":
-        return "dali" if dali_available() else "wds"
+        return "dali" if dali_available() and device.startswith("cuda") else "wds"
     return requested
 
 
@@ -94,7 +97,7 @@ def build_train_loader(
 ) -> TrainLoader:
     """This rank's infinite training stream (see `order.py` for which positions it reads)."""
     cfg.validate()
-    backend = resolve_backend(cfg.backend)
+    backend = resolve_backend(cfg.backend, device)
     table = SplitTable(open_folders(cfg.shards), cfg.train_split, all_label_names(cfg))
     if sum(table.folder_sizes) == 0:
         raise ValueError(
@@ -150,7 +153,7 @@ def build_val_loader(
     """The first data.val_num_samples val samples (sorted keys), split round-robin over ranks and
     padded with weight-0 rows so every rank runs the same number of batches. No randomness."""
     cfg.validate()
-    backend = resolve_backend(cfg.backend)
+    backend = resolve_backend(cfg.backend, device)
     table = SplitTable(open_folders(cfg.resolved_val_shards), cfg.val_split, all_label_names(cfg))
     pairs = table.sorted_by_key(cfg.val_num_samples)
     if len(pairs) < cfg.val_num_samples:
