@@ -1,0 +1,1 @@
+"""Benchmarks run from the CLI (`xray-pretrain bench ...`): `step` times MAE training steps."""

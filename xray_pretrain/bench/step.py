@@ -1,0 +1,274 @@
+"""`xray-pretrain bench step`: time MAE training steps (torch alone, plain AdamW) and print one JSON line.
+
+    xray-pretrain bench step --model large --image-size 1280 --patch 16 --batch-size 8 --precision bf16
+    PYTHONPATH=. python -m xray_pretrain.bench.step --model base --image-size 1280 --batch-size auto
+
+Synthetic inputs (random images; for context masking a central-ellipse chest region), warm-up steps
+excluded from the timing. Output keys: s_per_step, images_per_s, tflops (achieved model TFLOP/s, see
+``models.flops`` for the convention), mfu (vs the datasheet peak; null where unknown, e.g. CPUs unless
+--peak-tflops), peak_mem_mib (CUDA: max_memory_allocated; CPU: peak RSS minus the RSS before the model
+was built), plus the configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from xray_pretrain.models import (
+    ATTN_BACKENDS,
+    ENCODER_SIZES,
+    STEMS,
+    STRATEGIES,
+    MAEConfig,
+    MaskConfig,
+    build_mae,
+    describe_attention_backend,
+    device_peak_flops,
+    estimate_step_flops,
+    mfu,
+    suggest_batch_size,
+)
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", choices=tuple(ENCODER_SIZES), default="base", help="encoder size")
+    parser.add_argument("--image-size", default="1280", help="PX or HxW, e.g. 1280 or 1024x1280")
+    parser.add_argument("--patch", type=int, default=16, help="patch size (stem input patch)")
+    parser.add_argument("--stem", choices=STEMS, default="patch")
+    parser.add_argument(
+        "--batch-size", default="8", help="images per step, or 'auto' (analytic memory model)"
+    )
+    parser.add_argument("--max-batch-size", type=int, default=64, help="cap for --batch-size auto")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--precision", choices=tuple(PRECISIONS), default="bf16")
+    parser.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing on every block")
+    parser.add_argument("--attn", choices=ATTN_BACKENDS, default="auto")
+    parser.add_argument("--mask", choices=STRATEGIES, default="random")
+    parser.add_argument("--mask-ratio", type=float, default=0.75)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
+    parser.add_argument("--decoder-heads", type=int, default=16)
+    parser.add_argument("--decoder-dim", type=int, default=512)
+    parser.add_argument("--decoder-depth", type=int, default=8)
+    parser.add_argument("--embed-dim", type=int, default=None, help="override the size preset")
+    parser.add_argument("--depth", type=int, default=None, help="override the size preset")
+    parser.add_argument("--num-heads", type=int, default=None, help="override the size preset")
+    parser.add_argument(
+        "--peak-tflops", type=float, default=None, help="peak for MFU where the table has none"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _image_size(text: str) -> list[int]:
+    parts = text.lower().split("x")
+    if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"--image-size {text!r}: use PX (e.g. 1280) or HxW (e.g. 1024x1280)")
+    sizes = [int(p) for p in parts]
+    return sizes * 2 if len(sizes) == 1 else sizes
+
+
+def configs_from_args(args: argparse.Namespace) -> tuple[MAEConfig, MaskConfig]:
+    cfg = MAEConfig(
+        size=args.model, image_size=_image_size(str(args.image_size)), patch_size=args.patch, stem=args.stem,
+        embed_dim=args.embed_dim, depth=args.depth, num_heads=args.num_heads, decoder_dim=args.decoder_dim,
+        decoder_depth=args.decoder_depth, decoder_heads=args.decoder_heads, attn=args.attn, grad_ckpt=args.grad_ckpt,
+    )  # fmt: skip
+    mask_cfg = MaskConfig(strategy=args.mask, ratio=args.mask_ratio)
+    cfg.validate()
+    mask_cfg.validate()
+    return cfg, mask_cfg
+
+
+def central_ellipse_roi(batch_size: int, height: int, width: int, device: torch.device) -> torch.Tensor:
+    """(B, 1, H, W) uint8 chest-like region: an ellipse covering the central ~55% of the image."""
+    rows = (torch.arange(height, device=device) + 0.5) / height - 0.5
+    cols = (torch.arange(width, device=device) + 0.5) / width - 0.5
+    inside = (rows[:, None] / 0.42) ** 2 + (cols[None, :] / 0.4) ** 2 <= 1.0
+    return inside.to(torch.uint8).expand(batch_size, 1, height, width)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (Linux >= 4.0), so a peak read later belongs to this run."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _resolve_device(name: str | None) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible here; use --device cpu")
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _batch_size(args, cfg: MAEConfig, mask_cfg: MaskConfig, device: torch.device) -> int:
+    if str(args.batch_size) != "auto":
+        if not str(args.batch_size).isdigit() or int(args.batch_size) < 1:
+            raise ValueError(f"--batch-size {args.batch_size!r}: use a positive integer or 'auto'")
+        return int(args.batch_size)
+    if device.type == "cuda":
+        memory = torch.cuda.get_device_properties(device).total_memory
+    else:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    batch = suggest_batch_size(cfg, mask_cfg, memory, args.precision, max_batch_size=args.max_batch_size)
+    if batch < 1:
+        raise ValueError(
+            f"--batch-size auto: not even one image fits in {memory / 2**30:.0f} GiB; use --grad-ckpt"
+        )
+    return batch
+
+
+def _train_step(model, optimizer, scaler, images, roi, autocast_dtype, device) -> torch.Tensor:
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        loss = model(images, roi).loss
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return loss.detach()
+
+
+def _timed_steps(step, num_steps: int, device: torch.device) -> tuple[float, float]:
+    """(seconds per step, last loss) over ``num_steps`` calls of ``step``."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    loss = torch.zeros(())
+    for _ in range(num_steps):
+        loss = step()
+    sync()
+    return (time.perf_counter() - start) / num_steps, float(loss)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build, warm up, time, print one JSON line. User errors raise ``ValueError`` before any work."""
+    cfg, mask_cfg = configs_from_args(args)
+    device = _resolve_device(args.device)
+    if args.steps < 1 or args.warmup < 0:
+        raise ValueError("--steps must be >= 1 and --warmup >= 0")
+    autocast_dtype = PRECISIONS[args.precision]
+    batch_size = _batch_size(args, cfg, mask_cfg, device)
+    torch.manual_seed(args.seed)
+    rss_before = _rss_bytes()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    reset_ok = _reset_peak_rss()
+    model = build_mae(cfg, mask_cfg).to(device).train()
+    H, W = cfg.image_hw()
+    images = torch.randn(batch_size, cfg.in_chans, H, W, device=device)
+    roi = central_ellipse_roi(batch_size, H, W, device) if args.mask == "context" else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type) if args.precision == "fp16" else None
+
+    def step() -> torch.Tensor:
+        return _train_step(model, optimizer, scaler, images, roi, autocast_dtype, device)
+
+    if args.warmup:
+        _timed_steps(step, args.warmup, device)
+    s_per_step, loss = _timed_steps(step, args.steps, device)
+    print(
+        json.dumps(_result(args, cfg, mask_cfg, device, batch_size, s_per_step, loss, rss_before, reset_ok))
+    )
+    return 0
+
+
+def _sig(value: float, digits: int = 5) -> float:
+    return float(f"{value:.{digits}g}")
+
+
+def _result(args, cfg, mask_cfg, device, batch_size, s_per_step, loss, rss_before, reset_ok) -> dict:
+    flops = estimate_step_flops(cfg, mask_cfg, batch_size)
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else device_peak_flops(device, args.precision)
+    utilisation = mfu(flops["total"], s_per_step, peak)
+    if device.type == "cuda":
+        peak_mem, mem_source = torch.cuda.max_memory_allocated(device), "cuda.max_memory_allocated"
+    else:
+        peak_mem = _peak_rss_bytes() - rss_before
+        mem_source = "rss_hwm_delta" if reset_ok else "ru_maxrss_delta (process-lifetime peak)"
+    embed_dim, depth, num_heads = cfg.encoder_dims()
+    return {
+        "s_per_step": _sig(s_per_step),
+        "images_per_s": _sig(batch_size / s_per_step),
+        "tflops": _sig(flops["total"] / s_per_step / 1e12),
+        "mfu": None if math.isnan(utilisation) else _sig(utilisation),
+        "peak_mem_mib": round(peak_mem / 2**20, 1),
+        "peak_mem_source": mem_source,
+        "loss": _sig(loss),
+        "flops_per_step": flops["total"],
+        "model": args.model,
+        "embed_dim": embed_dim,
+        "depth": depth,
+        "num_heads": num_heads,
+        "image_size": cfg.image_hw(),
+        "patch": args.patch,
+        "stem": args.stem,
+        "tokens": cfg.image_hw()[0] * cfg.image_hw()[1] // cfg.token_patch() ** 2,
+        "batch_size": batch_size,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "precision": args.precision,
+        "grad_ckpt": bool(args.grad_ckpt),
+        "attn": args.attn,
+        "attn_backend": describe_attention_backend(
+            args.attn,
+            device,
+            PRECISIONS[args.precision] or torch.float32,
+            cfg.decoder_dim // cfg.decoder_heads,
+        ),
+        "mask": args.mask,
+        "mask_ratio": mask_cfg.ratio,
+        "decoder_dim": cfg.decoder_dim,
+        "decoder_depth": cfg.decoder_depth,
+        "decoder_heads": cfg.decoder_heads,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m xray_pretrain.bench.step", description=__doc__.splitlines()[0]
+    )
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except ValueError as err:
+        parser.error(str(err))
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
