@@ -384,7 +384,7 @@ def _settings_dict(args, options: SampleOptions, shard_size: int) -> dict:
     if options.image_format == "jpg":
         settings["quality"] = options.quality
     if options.image_format == "png16":
-        settings["png_level"] = PNG_LEVEL
+        settings["png_level"], settings["png_strategy"] = PNG_LEVEL, "huffman_only"
     return settings
 
 
@@ -480,7 +480,7 @@ def _write_shards(
                     write_seconds += time.process_time() - started
                     bar.update(1)
                 builder.state.cpu_seconds["write"] = write_seconds
-                states.append(builder.finish(store))
+                states.append(builder.finish(store))  # adds its own time to "write"
             except BaseException:
                 builder.abort()
                 raise

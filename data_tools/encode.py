@@ -2,10 +2,13 @@
 
 Image encoders (`--format`), chosen for what the loaders decode fastest:
 
-- ``png16``: 16-bit grayscale PNG, zlib level 1 (`PNG_LEVEL`). Measured on 1280-px chest images
-  (benchmarks/RESULTS.md): level 1 takes ~110 ms and 2.33 MB per image, level 6 (Pillow's
-  default) ~320 ms for 2.35 MB; percentile-stretched 16-bit radiographs have noisy low bits that no
-  zlib level squeezes, so the fastest level that still filters and compresses wins.
+- ``png16``: 16-bit grayscale PNG, zlib level 1 with the Huffman-only strategy (`PNG_LEVEL`,
+  `PNG_STRATEGY`). Measured on 1280-px chest images (phantoms and real CXRs; benchmarks/RESULTS.md):
+  Pillow's default (level 6) ~205 ms and 2.46-2.60 MB per image, level 1 ~117-151 ms for the same
+  size, level 1 Huffman-only ~80 ms for 2.48-2.60 MB (within 1%). The low bits of a 16-bit
+  radiograph are noise, so LZ77 string matching finds almost nothing; PNG's row filters plus
+  Huffman coding do all the compressing, and skipping the match search halves the time. Any PNG
+  decoder reads the result (it is an ordinary zlib stream).
 - ``jpg``: 8-bit baseline JPEG (Pillow/libjpeg-turbo, `--quality`, default 95), what nvJPEG
   decodes on the GPU.
 - ``jp2``: 16-bit lossless JPEG 2000 (reversible 5/3 wavelet, JP2 container; Pillow's OpenJPEG
@@ -28,6 +31,7 @@ import hashlib
 import io
 import json
 import time
+import zlib
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -49,16 +53,18 @@ from data_tools.roi import estimate_chest_region_detail, small_copy
 IMAGE_FORMATS = ("png16", "jpg", "jp2")
 FORMAT_EXTENSION = {"png16": "png", "jpg": "jpg", "jp2": "jp2"}
 PNG_LEVEL = 1
+PNG_STRATEGY = zlib.Z_HUFFMAN_ONLY
 ROI_PNG_LEVEL = 6  # 128-px masks: compression costs nothing here
 DEFAULT_QUALITY = 95
 
 
-def encode_png(array_hw: np.ndarray, level: int = PNG_LEVEL) -> bytes:
-    """uint8 -> 8-bit gray PNG, uint16 -> 16-bit gray PNG."""
+def encode_png(array_hw: np.ndarray, level: int = PNG_LEVEL, strategy: int = PNG_STRATEGY) -> bytes:
+    """uint8 -> 8-bit gray PNG, uint16 -> 16-bit gray PNG (zlib `level` and `strategy`)."""
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(array_hw)).save(buffer, format="PNG", compress_level=level)
+    image = Image.fromarray(np.ascontiguousarray(array_hw))
+    image.save(buffer, format="PNG", compress_level=level, compress_type=strategy)
     return buffer.getvalue()
 
 
@@ -216,18 +222,19 @@ def build_sample(record: Record, key: str, split: str, options: SampleOptions) -
     stored = quantize(resize_unit(loaded.unit_hw, size_hw), FULL_SCALE[options.image_format])
     loaded.unit_hw = None  # release the full-size float image, the largest object of the worker
     t2 = clock()
-    region = estimate_chest_region_detail(stored)
+    small = small_copy(stored)
+    region = estimate_chest_region_detail(stored, small)
     meta = _meta(record, key, split, loaded, size_hw, options)
     meta["roi_box"] = region.box
     if region.method != "lungs":
         meta["flags"].append(f"roi_{region.method}")
-    if polarity_suspect(small_copy(stored)):
+    if polarity_suspect(small):
         meta["flags"].append("polarity_suspect")
     t3 = clock()
     image_bytes = encode_image(stored, options.image_format, options.quality)
     components = {
         FORMAT_EXTENSION[options.image_format]: image_bytes,
-        "roi.png": encode_png(region.mask_hw, ROI_PNG_LEVEL),
+        "roi.png": encode_png(region.mask_hw, ROI_PNG_LEVEL, zlib.Z_DEFAULT_STRATEGY),
         "labels.npy": encode_labels([record.labels.get(n) for n in options.label_names]),
         "json": encode_json(meta),
     }

@@ -41,7 +41,7 @@ def _tile(components: dict[str, bytes], tile: int):
     ext = next(e for e in ("png", "jpg", "jp2") if e in components)
     with Image.open(io.BytesIO(components[ext])) as image:
         pixels = np.asarray(image).astype(np.float32)
-    full_scale = 255.0 if pixels.max() <= 255 and ext == "jpg" else 65535.0
+    full_scale = 255.0 if ext == "jpg" else 65535.0
     gray = Image.fromarray(np.clip(pixels / full_scale * 255.0 + 0.5, 0, 255).astype(np.uint8))
     h, w = pixels.shape
     scale = tile / max(h, w)

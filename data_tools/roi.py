@@ -158,11 +158,16 @@ def _box(mask_hw: np.ndarray) -> list[float]:
     return [round(ys[0] / h, 4), round(xs[0] / w, 4), round((ys[-1] + 1) / h, 4), round((xs[-1] + 1) / w, 4)]
 
 
-def estimate_chest_region_detail(image_hw: np.ndarray) -> ChestRegion:
-    """Chest region of a grayscale image (any dtype, air dark); see the module docstring."""
+def estimate_chest_region_detail(image_hw: np.ndarray, small_hw: np.ndarray | None = None) -> ChestRegion:
+    """Chest region of a grayscale image (any dtype, air dark); see the module docstring.
+
+    small_hw: `small_copy(image_hw)` if the caller already made it.
+    """
     from scipy import ndimage
 
-    small = ndimage.gaussian_filter(small_copy(image_hw), sigma=SMOOTH_SIGMA)
+    small = ndimage.gaussian_filter(
+        small_copy(image_hw) if small_hw is None else small_hw, sigma=SMOOTH_SIGMA
+    )
     h, w = small.shape
     if min(h, w) >= 8 and small.max() > small.min():
         threshold = otsu_threshold(small)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -113,11 +114,15 @@ class ShardBuilder:
         self.state.skipped.append({"source_id": source_id, "dataset": dataset, "reason": reason})
 
     def finish(self, store: StateStore) -> ShardState:
+        """Close the tar (idx written, atomic rename), hash it, save the state (CPU time -> "write")."""
+        started = time.process_time()
         if self._tar is not None:
             self._tar.close()
             tar_path = self.out_dir / self.shard.name
             self.state.num_bytes = tar_path.stat().st_size
             self.state.sha256 = sha256_file(tar_path)
+        seconds = self.state.cpu_seconds
+        seconds["write"] = seconds.get("write", 0.0) + time.process_time() - started
         store.save(self.state)
         return self.state
 
