@@ -155,10 +155,12 @@ class MaskedAutoencoderViTRef(nn.Module):
 def to_ours_state_dict(ref_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Reference parameter names -> ``MaskedAutoencoder`` names (encoder under ``encoder.``); the
     frozen sin-cos tables are dropped (ours are buffers computed from the grid)."""
-    decoder_prefixes = ("decoder_", "mask_token")
     out = {}
     for name, value in ref_state.items():
         if name in ("pos_embed", "decoder_pos_embed"):
             continue
-        out[name if name.startswith(decoder_prefixes) else f"encoder.{name}"] = value
+        if name == "mask_token":
+            out["mask_fill.mask_token"] = value
+        else:
+            out[name if name.startswith("decoder_") else f"encoder.{name}"] = value
     return out

@@ -1,7 +1,7 @@
 """Masked autoencoder: patchify -> mask -> encode visible tokens -> decode all tokens -> loss.
 
 Same decomposition and weights layout as facebookresearch/mae's ``MaskedAutoencoderViT`` (decoder
-parameter names ``decoder_embed``, ``mask_token``, ``decoder_blocks``, ``decoder_norm``,
+parameter names ``decoder_embed``, ``mask_fill.mask_token``, ``decoder_blocks``, ``decoder_norm``,
 ``decoder_pred``; encoder under ``encoder.``), but: any channel count and non-square sizes, fused
 attention, gather-before-embed, one scatter to un-shuffle the decoder input, context-aware masking,
 activation checkpointing, and no host sync in ``forward`` (``torch.compile(fullgraph=True)`` works).
@@ -156,6 +156,22 @@ def masked_patch_loss(
     return (error_BL * weight_BL).sum() / weight_BL.sum()
 
 
+class MaskTokenFill(nn.Module):
+    """The decoder's background: the learned mask token plus every position's embedding, (1, 1 + L, Dd).
+
+    A module of its own rather than a bare parameter of :class:`MaskedAutoencoder`: DeepSpeed ZeRO-3
+    gathers a parameter around the forward and backward of the module that owns it, and it can only
+    hook the backward of a module whose output is a tensor (the root returns an :class:`MAEOutput`).
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+
+    def forward(self, pos_embed_1ND: torch.Tensor) -> torch.Tensor:
+        return self.mask_token + pos_embed_1ND.to(self.mask_token.dtype)
+
+
 class MaskedAutoencoder(nn.Module):
     """MAE over a :class:`ViTEncoder`; see :class:`MAEConfig` and :class:`MaskConfig` for the options."""
 
@@ -177,7 +193,7 @@ class MaskedAutoencoder(nn.Module):
         patch_pixels = self.token_patch**2 * cfg.in_chans
         self.decoder_dim = cfg.decoder_dim
         self.decoder_embed = nn.Linear(embed_dim, cfg.decoder_dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_dim))
+        self.mask_fill = MaskTokenFill(cfg.decoder_dim)
         self.decoder_blocks = nn.ModuleList(
             Block(cfg.decoder_dim, cfg.decoder_heads, cfg.mlp_ratio, cfg.attn)
             for _ in range(cfg.decoder_depth)
@@ -187,7 +203,7 @@ class MaskedAutoencoder(nn.Module):
         self._set_decoder_grid()
         for module in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
             module.apply(init_mae_weights)
-        nn.init.normal_(self.mask_token, std=0.02)
+        nn.init.normal_(self.mask_fill.mask_token, std=0.02)
 
     # ---- geometry -------------------------------------------------------------------------------
     @property
@@ -211,7 +227,7 @@ class MaskedAutoencoder(nn.Module):
     def _set_decoder_grid(self) -> None:
         old = getattr(self, "decoder_pos_embed", None)
         dtype = old.dtype if old is not None else torch.float32
-        device = self.mask_token.device
+        device = self.mask_fill.mask_token.device
         table = sincos_2d(self.decoder_dim, self.grid_size).unsqueeze(0).to(device=device, dtype=dtype)
         self.register_buffer("decoder_pos_embed", table, persistent=False)  # (1, 1 + L, Dd)
         # K visible tokens per sample; ValueError now if the ratio leaves none (or nothing masked).
@@ -294,8 +310,10 @@ class MaskedAutoencoder(nn.Module):
         # Slot 0 is the cls token, slot 1 + i patch i: add each kept token's position embedding and
         # scatter it into a [mask token + position] background, one write at full width.
         slots_B1K = nn.functional.pad(ids_keep_BK + 1, (1, 0))
-        x_B1KD = x_B1KD + self.decoder_pos_embed[0][slots_B1K]
-        background_1ND = (self.mask_token + self.decoder_pos_embed).to(x_B1KD.dtype)
+        # Positional tables are fp32 buffers; engines that cast parameters only (DeepSpeed bf16)
+        # must not promote the activations back to fp32.
+        x_B1KD = x_B1KD + self.decoder_pos_embed[0][slots_B1K].to(x_B1KD.dtype)
+        background_1ND = self.mask_fill(self.decoder_pos_embed).to(x_B1KD.dtype)
         x_BND = torch.scatter(
             background_1ND.expand(B, L + 1, Dd), 1, slots_B1K.unsqueeze(-1).expand(-1, -1, Dd), x_B1KD
         )
@@ -322,7 +340,7 @@ class MaskedAutoencoder(nn.Module):
             self.mask_cfg.ratio_inside, self.mask_cfg.ratio_outside,
         )  # fmt: skip
         patches_BLP = self.patchify(images_B1HW)
-        latent_B1KD = self.encoder.forward_patches(patches_BLP, ids_keep_BK)
+        latent_B1KD = self.encoder(patches_BLP, ids_keep_BK)
         pred_BLP = self.forward_decoder(latent_B1KD, ids_keep_BK)
         target_BLP = self._target_from_patches(patches_BLP)
         loss = masked_patch_loss(pred_BLP, target_BLP, mask_BL, inside_BL, self.inside_loss_weight)

@@ -161,9 +161,18 @@ class ViTEncoder(nn.Module):
         """(B, C, H, W) -> (B, L, P) with P = token_patch^2 * C."""
         return patchify(images_BCHW, self.token_patch)
 
-    def forward(self, images_BCHW: torch.Tensor, ids_keep_BK: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, C, H, W) images (the size set at construction) -> (B, 1 + K, D) tokens, cls first."""
-        return self.forward_patches(self.patchify(images_BCHW), ids_keep_BK)
+    def forward(
+        self, images_or_patches: torch.Tensor, ids_keep_BK: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, C, H, W) images (the size set at construction), or their (B, L, P) patches as `patchify`
+        makes them, -> (B, 1 + K, D) tokens, cls first.
+
+        Callers go through ``forward`` (not ``forward_patches``) so that module hooks fire: DeepSpeed
+        ZeRO-3 gathers this module's parameters (cls token, stem, blocks) around it.
+        """
+        if images_or_patches.dim() == 4:
+            images_or_patches = self.patchify(images_or_patches)
+        return self.forward_patches(images_or_patches, ids_keep_BK)
 
     def forward_patches(
         self, patches_BLP: torch.Tensor, ids_keep_BK: torch.Tensor | None = None
@@ -178,7 +187,8 @@ class ViTEncoder(nn.Module):
             pos_BKD = pos_LD[ids_keep_BK]
         else:
             pos_BKD = pos_LD.unsqueeze(0)
-        x_BKD = self.patch_embed(patches_BLP) + pos_BKD
+        x_BKD = self.patch_embed(patches_BLP)
+        x_BKD = x_BKD + pos_BKD.to(x_BKD.dtype)  # fp32 table; DeepSpeed bf16 casts parameters only
         cls_B1D = (self.cls_token + self.pos_embed[:, :1]).to(x_BKD.dtype).expand(x_BKD.shape[0], -1, -1)
         x_BND = torch.cat([cls_B1D, x_BKD], dim=1)
         x_BND = run_blocks(self.blocks, x_BND, self.grad_ckpt_every if self.training else 0)
