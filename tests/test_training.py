@@ -9,7 +9,12 @@ import pytest
 import torch
 from conftest import ZERO2_STEPS, copy_checkpoint, run_training
 
-from xray_pretrain.engine.export import consolidated_state_dict, export_encoder, load_mae_from_checkpoint
+from xray_pretrain.engine.export import (
+    consolidated_state_dict,
+    export_encoder,
+    load_exported_encoder,
+    load_mae_from_checkpoint,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -71,7 +76,10 @@ def test_export_loads_back_into_the_model_and_into_timm(zero2_run, tmp_path):
     timm_vit = VisionTransformer(**config["timm_kwargs"]).eval()
     timm_vit.load_state_dict(tensors, strict=True)
     images = torch.randn(2, 1, *config["timm_kwargs"]["img_size"])
+    reloaded, _ = load_exported_encoder(tmp_path)
     with torch.no_grad():
         ours = encoder(images)
         theirs = timm_vit.forward_features(images)
+        again = reloaded.eval()(images)
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours, again, rtol=0, atol=0)

@@ -51,7 +51,10 @@ def export_encoder(checkpoint_path: Path, out_dir: Path, dtype: str = "fp32") ->
         raise ValueError(f"--dtype must be one of {list(DTYPES)}, got {dtype!r}")
     model, cfg, tag = load_mae_from_checkpoint(Path(checkpoint_path))
     encoder = model.encoder
-    tensors = {k: v.detach().to(DTYPES[dtype]).contiguous() for k, v in encoder.timm_state_dict().items()}
+    # timm names where timm has the architecture; the hierarchical stem has none: our own names.
+    timm_kwargs = encoder.timm_kwargs()
+    state = encoder.timm_state_dict() if timm_kwargs is not None else encoder.state_dict()
+    tensors = {k: v.detach().to(DTYPES[dtype]).contiguous() for k, v in state.items()}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(
@@ -62,7 +65,7 @@ def export_encoder(checkpoint_path: Path, out_dir: Path, dtype: str = "fp32") ->
     config = {
         "architecture": "vit_mae_encoder",
         "model": cfg.to_dict()["model"],
-        "timm_kwargs": encoder.timm_kwargs(),
+        "timm_kwargs": timm_kwargs,
         "dtype": dtype,
         "checkpoint_tag": tag,
         "num_params": sum(v.numel() for v in tensors.values()),
@@ -73,19 +76,28 @@ def export_encoder(checkpoint_path: Path, out_dir: Path, dtype: str = "fp32") ->
 
 
 def load_exported_encoder(export_dir: Path):
-    """Rebuild our ViTEncoder from an export folder (the inverse of `export_encoder`)."""
+    """Rebuild our ViTEncoder from an export folder (the inverse of `export_encoder`): (encoder, config)."""
     from safetensors.torch import load_file
 
     from xray_pretrain.config import RunConfig, set_value
     from xray_pretrain.models import build_mae
 
-    config = json.loads((Path(export_dir) / "config.json").read_text())
+    export_dir = Path(export_dir)
+    config = json.loads((export_dir / "config.json").read_text())
     cfg = RunConfig()
     for key, value in config["model"].items():
-        set_value(cfg, f"model.{key}", value, where=str(export_dir))
+        set_value(cfg, f"model.{key}", value, where=str(export_dir / "config.json"))
     encoder = build_mae(cfg.model, cfg.mask).encoder
-    state = load_file(str(Path(export_dir) / "encoder.safetensors"))
-    encoder.load_timm_state_dict(state) if hasattr(
-        encoder, "load_timm_state_dict"
-    ) else encoder.load_state_dict(state, strict=False)
+    tensors = load_file(str(export_dir / "encoder.safetensors"))
+    # The sin-cos table is a fixed buffer of ours (recomputed from the grid), a tensor for timm.
+    pos_embed = tensors.pop("pos_embed", None)
+    missing, unexpected = encoder.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{export_dir} does not match its config: missing {missing}, unexpected {unexpected}"
+        )
+    if pos_embed is not None and not torch.allclose(
+        pos_embed.float(), encoder.timm_state_dict()["pos_embed"].float()
+    ):
+        raise ValueError(f"{export_dir}: pos_embed differs from the fixed sin-cos table of this image size")
     return encoder, config
