@@ -122,6 +122,7 @@ def _loop(cfg, ctx, engine, optimizer, task, loaders, monitor, state, accum, pea
     dtype = DTYPES[cfg.train.precision]
     flops_per_sample = task.flops_per_sample()
     peak_flops = cfg.log.peak_flops or _device_peak_flops(ctx.device, cfg.train.precision)
+    matmul_ceiling = _matmul_ceiling(ctx.device, dtype)
     batches = iter(train_loader)
     summary: dict = {
         "world_size": ctx.world_size,
@@ -172,6 +173,7 @@ def _loop(cfg, ctx, engine, optimizer, task, loaders, monitor, state, accum, pea
                 tflops = flops_per_sample * cfg.train.global_batch / step_s / ctx.world_size
                 scalars["perf/tflops_per_device"] = tflops / 1e12
                 scalars["perf/mfu"] = tflops / peak_flops
+                scalars["perf/matmul_ceiling_fraction"] = tflops / matmul_ceiling
             if ctx.device.type == "cuda":
                 scalars["perf/peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
             monitor.scalars(state.step, scalars)
@@ -217,6 +219,16 @@ def _grad_norm(engine) -> float:
     if norm is None:
         return float("nan")
     return float(norm)
+
+
+def _matmul_ceiling(device: torch.device, dtype: torch.dtype) -> float:
+    """Measured large-matmul FLOP/s of this device (GPUs only: a CPU measurement would cost seconds
+    and say little); MFU against it separates kernel efficiency from the datasheet's optimism."""
+    if device.type != "cuda":
+        return float("nan")
+    from xray_pretrain.models import measure_matmul_tflops
+
+    return measure_matmul_tflops(device, dtype) * 1e12
 
 
 def _device_peak_flops(device: torch.device, precision: str) -> float:
