@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from xray_pretrain.config import RunConfig
+from xray_pretrain.config import RunConfig, save_resolved_config
 from xray_pretrain.engine import checkpoint
 from xray_pretrain.engine.dist import DistContext, all_reduce_mean, init_distributed
 from xray_pretrain.engine.ds_config import build_ds_config
@@ -38,187 +38,223 @@ class TrainState:
     last_loss: float | None = None
 
 
+@dataclass
+class StepResult:
+    loss_sum: torch.Tensor  # summed over micro-steps, on the device (no host sync per micro-step)
+    task_logs: dict
+    step_s: float
+    data_wait_s: float
+
+
 def train(cfg: RunConfig) -> dict:
     """Train `cfg.task` for `cfg.train.steps` optimizer steps; returns a summary (rank 0's view)."""
-    import deepspeed
-
-    ctx = init_distributed()
-    if cfg.train.precision == "fp16" and ctx.device.type != "cuda":
-        raise ValueError(
-            "train.precision=fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16): use bf16 or fp32"
-        )
-    accum = cfg.train.accum_steps(ctx.world_size)
-    out_dir = Path(cfg.log.out_dir)
-    ckpt_dir = out_dir / "checkpoints"
-    torch.manual_seed(cfg.train.seed)
-    task = build_task(cfg)
-    model = task.build_model()
-    peak_lr = cfg.optim.lr(cfg.train.global_batch)
-    optimizer = build_optimizer(model, peak_lr, cfg.optim.weight_decay, tuple(cfg.optim.betas))
-    ds_config = build_ds_config(cfg, ctx.world_size)
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    if cfg.train.compile:
-        engine.compile()
-    state = _maybe_resume(cfg, engine, ckpt_dir)
-    if ctx.is_main:
-        info = run_info(cfg, ctx.world_size, accum, ds_config, ctx.device)
-        print(
-            f"attention: {info['attention']}, world size {ctx.world_size}, accumulation {accum}", flush=True
-        )
-        out_dir.mkdir(parents=True, exist_ok=True)
-        from xray_pretrain.config import save_resolved_config
-
-        save_resolved_config(cfg, out_dir, info)
-    loaders = _build_loaders(cfg, ctx, accum, state.samples_seen)
-    monitor = RunMonitor(out_dir, ctx.is_main, cfg.train.steps, state.step, cfg.log.progress)
-    monitor.text("config", "```\n" + json.dumps(cfg.to_dict(), indent=2) + "\n```")
+    trainer = Trainer(cfg)
     try:
-        summary = _loop(cfg, ctx, engine, optimizer, task, loaders, monitor, state, accum, peak_lr, ckpt_dir)
+        return trainer.run()
     finally:
-        monitor.close()
-    return summary
+        trainer.monitor.close()
 
 
-def _build_loaders(cfg: RunConfig, ctx: DistContext, accum: int, start_position: int):
-    from xray_pretrain.data.loader import build_train_loader, build_val_loader
+class Trainer:
+    def __init__(self, cfg: RunConfig):
+        import deepspeed
 
-    common = dict(
-        image_size=cfg.model.image_hw(),
-        micro_batch=cfg.train.micro_batch,
-        rank=ctx.rank,
-        world_size=ctx.world_size,
-    )
-    train_loader = build_train_loader(
-        cfg.data,
-        accum_steps=accum,
-        seed=cfg.train.seed,
-        start_position=start_position,
-        device=ctx.device.type,
-        **common,
-    )
-    val_loader = build_val_loader(cfg.data, device=ctx.device.type, **common)
-    return train_loader, val_loader
+        self.cfg = cfg
+        self.ctx: DistContext = init_distributed()
+        if cfg.train.precision == "fp16" and self.ctx.device.type != "cuda":
+            raise ValueError(
+                "train.precision=fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16): use bf16 or fp32"
+            )
+        self.dtype = DTYPES[cfg.train.precision]
+        self.accum = cfg.train.accum_steps(self.ctx.world_size)
+        self.out_dir = Path(cfg.log.out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        self.task = build_task(cfg)
+        model = self.task.build_model()
+        self.peak_lr = cfg.optim.lr(cfg.train.global_batch)
+        optimizer = build_optimizer(model, self.peak_lr, cfg.optim.weight_decay, tuple(cfg.optim.betas))
+        ds_config = build_ds_config(cfg, self.ctx.world_size)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=ds_config
+        )
+        if cfg.train.compile:
+            self.engine.compile()
+        self.state = self._resume()
+        if self.ctx.is_main:
+            info = run_info(cfg, self.ctx.world_size, self.accum, ds_config, self.ctx.device)
+            print(
+                f"attention: {info['attention']}, world size {self.ctx.world_size}, accumulation {self.accum}",
+                flush=True,
+            )
+            save_resolved_config(cfg, self.out_dir, info)
+        self.train_loader, self.val_loader = self._build_loaders()
+        self.monitor = RunMonitor(
+            self.out_dir, self.ctx.is_main, cfg.train.steps, self.state.step, cfg.log.progress
+        )
+        self.monitor.text("config", "```\n" + json.dumps(cfg.to_dict(), indent=2) + "\n```")
+        self.flops_per_sample = self.task.flops_per_sample()
+        self.peak_flops = cfg.log.peak_flops or _device_peak_flops(self.ctx.device, cfg.train.precision)
+        self.matmul_ceiling = _matmul_ceiling(self.ctx.device, self.dtype)
 
+    def _build_loaders(self):
+        from xray_pretrain.data.loader import build_train_loader, build_val_loader
 
-def _maybe_resume(cfg: RunConfig, engine, ckpt_dir: Path) -> TrainState:
-    resume = cfg.checkpoint.resume
-    if resume == "none":
-        return TrainState()
-    source = ckpt_dir if resume == "auto" else Path(resume)
-    if resume == "auto" and not checkpoint.complete_tags(ckpt_dir):
-        return TrainState()  # nothing to resume yet: a fresh start, as a requeued job expects
-    root, tag = checkpoint.resolve_checkpoint(source)
-    client = checkpoint.load(engine, root, tag)
-    return TrainState(
-        step=int(client["step"]),
-        samples_seen=int(client["samples_seen"]),
-        first_loss=client.get("first_loss"),
-        last_loss=client.get("last_loss"),
-    )
+        cfg, ctx = self.cfg, self.ctx
+        common = dict(
+            image_size=cfg.model.image_hw(),
+            micro_batch=cfg.train.micro_batch,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+        )
+        train_loader = build_train_loader(
+            cfg.data,
+            accum_steps=self.accum,
+            seed=cfg.train.seed,
+            start_position=self.state.samples_seen,
+            device=ctx.device.type,
+            **common,
+        )
+        return train_loader, build_val_loader(cfg.data, device=ctx.device.type, **common)
 
+    def _resume(self) -> TrainState:
+        resume = self.cfg.checkpoint.resume
+        if resume == "none":
+            return TrainState()
+        if resume == "auto" and not checkpoint.complete_tags(self.ckpt_dir):
+            return TrainState()  # nothing to resume yet: a fresh start, as a requeued job expects
+        root, tag = checkpoint.resolve_checkpoint(self.ckpt_dir if resume == "auto" else Path(resume))
+        client = checkpoint.load(self.engine, root, tag)
+        return TrainState(
+            step=int(client["step"]),
+            samples_seen=int(client["samples_seen"]),
+            first_loss=client.get("first_loss"),
+            last_loss=client.get("last_loss"),
+        )
 
-def _loop(cfg, ctx, engine, optimizer, task, loaders, monitor, state, accum, peak_lr, ckpt_dir) -> dict:
-    train_loader, val_loader = loaders
-    dtype = DTYPES[cfg.train.precision]
-    flops_per_sample = task.flops_per_sample()
-    peak_flops = cfg.log.peak_flops or _device_peak_flops(ctx.device, cfg.train.precision)
-    matmul_ceiling = _matmul_ceiling(ctx.device, dtype)
-    batches = iter(train_loader)
-    summary: dict = {
-        "world_size": ctx.world_size,
-        "accum_steps": accum,
-        "backend": getattr(train_loader, "backend", "?"),
-    }
-    last_val: dict = {}
-    image_path = None
-    while state.step < cfg.train.steps:
-        step = state.step
+    # ---- the loop --------------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg, state = self.cfg, self.state
+        batches = iter(self.train_loader)
+        last_val: dict = {}
+        image_path = None
+        while state.step < cfg.train.steps:
+            result = self._train_step(batches)
+            state.step += 1
+            state.samples_seen += cfg.train.global_batch
+            done = state.step == cfg.train.steps
+            if state.step % cfg.log.every == 0 or state.step == 1 or done:
+                self._log_step(result)
+            if state.step % cfg.log.val_every == 0 or done:
+                last_val = self._validate()
+            if state.step % cfg.log.image_every == 0 or done:
+                image_path = self._preview() or image_path
+            if state.step % cfg.checkpoint.every == 0 or done:
+                self._save_checkpoint()
+        return {
+            "world_size": self.ctx.world_size,
+            "accum_steps": self.accum,
+            "backend": self.train_loader.backend,
+            "steps": state.step,
+            "samples_seen": state.samples_seen,
+            "first_loss": state.first_loss,
+            "last_loss": state.last_loss,
+            "checkpoint_dir": str(self.ckpt_dir),
+            "tensorboard_dir": str(self.monitor.tb_dir),
+            "reconstruction_image": str(image_path) if image_path else None,
+            **last_val,
+        }
+
+    def _train_step(self, batches) -> StepResult:
+        """One optimizer step: `accum` micro-batches through forward/backward, then DeepSpeed's step."""
+        cfg, step = self.cfg, self.state.step
         lr = lr_at(
             step,
-            peak_lr=peak_lr,
+            peak_lr=self.peak_lr,
             warmup_steps=cfg.optim.warmup_steps,
             total_steps=cfg.train.steps,
             min_lr=cfg.optim.min_lr,
         )
-        set_lr(optimizer, lr)
-        torch.manual_seed(cfg.train.seed * 1_000_003 + step * 4099 + ctx.rank)
+        set_lr(self.optimizer, lr)
+        torch.manual_seed(cfg.train.seed * 1_000_003 + step * 4099 + self.ctx.rank)
         t_start = time.perf_counter()
-        wait_s, loss_sum, task_logs = 0.0, 0.0, {}
-        for _ in range(accum):
+        wait_s, loss_sum, task_logs = 0.0, torch.zeros((), device=self.ctx.device), {}
+        for _ in range(self.accum):
             t0 = time.perf_counter()
             batch = next(batches)
             wait_s += time.perf_counter() - t0
-            loss, task_logs = task.training_loss(engine, batch, ctx.device, dtype)
-            engine.backward(loss)
-            engine.step()
-            loss_sum += float(loss.detach())
-        step_s = time.perf_counter() - t_start
-        state.step += 1
-        state.samples_seen += cfg.train.global_batch
-        done = state.step == cfg.train.steps
-        if state.step % cfg.log.every == 0 or state.step == 1 or done:
-            loss_mean, wait_mean = all_reduce_mean([loss_sum / accum, wait_s], ctx.device)
-            state.first_loss = loss_mean if state.first_loss is None else state.first_loss
-            state.last_loss = loss_mean
-            scalars = {
-                "train/loss": loss_mean,
-                "train/lr": lr,
-                "train/grad_norm": _grad_norm(engine),
-                "perf/images_per_s": cfg.train.global_batch / step_s,
-                "perf/data_wait_s": wait_mean,
-                "perf/step_s": step_s,
-                **{f"train/{k}": float(v) for k, v in task_logs.items()},
-            }
-            if flops_per_sample:
-                tflops = flops_per_sample * cfg.train.global_batch / step_s / ctx.world_size
-                scalars["perf/tflops_per_device"] = tflops / 1e12
-                scalars["perf/mfu"] = tflops / peak_flops
-                scalars["perf/matmul_ceiling_fraction"] = tflops / matmul_ceiling
-            if ctx.device.type == "cuda":
-                scalars["perf/peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            monitor.scalars(state.step, scalars)
-            monitor.progress(state.step, {"loss": loss_mean, "img/s": scalars["perf/images_per_s"]})
-        if state.step % cfg.log.val_every == 0 or done:
-            last_val = task.evaluate(engine, val_loader, ctx.device, dtype)
-            monitor.scalars(
-                state.step,
-                {"val/loss": last_val["val_loss"], "val/loss_baseline": last_val["val_loss_baseline"]},
+            loss, task_logs = self.task.training_loss(self.engine, batch, self.ctx.device, self.dtype)
+            self.engine.backward(loss)
+            self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
+            loss_sum += loss.detach().float()
+        return StepResult(loss_sum, task_logs, time.perf_counter() - t_start, wait_s)
+
+    def _log_step(self, result: StepResult) -> None:
+        cfg, state = self.cfg, self.state
+        loss_mean, wait_mean = all_reduce_mean(
+            [float(result.loss_sum) / self.accum, result.data_wait_s], self.ctx.device
+        )
+        state.first_loss = loss_mean if state.first_loss is None else state.first_loss
+        state.last_loss = loss_mean
+        scalars = {
+            "train/loss": loss_mean,
+            "train/lr": self.optimizer.param_groups[0]["lr"],
+            "train/grad_norm": _grad_norm(self.engine),
+            "perf/images_per_s": cfg.train.global_batch / result.step_s,
+            "perf/data_wait_s": wait_mean,
+            "perf/step_s": result.step_s,
+            **{f"train/{k}": float(v) for k, v in result.task_logs.items()},
+        }
+        if self.flops_per_sample:
+            flops_per_device = (
+                self.flops_per_sample * cfg.train.global_batch / result.step_s / self.ctx.world_size
             )
-        if state.step % cfg.log.image_every == 0 or done:
-            grid = task.preview_image(engine, val_loader, ctx.device, dtype, num_images=cfg.log.num_images)
-            if grid is not None:
-                image_path = monitor.image(state.step, "val/reconstruction", grid) or image_path
-        if state.step % cfg.checkpoint.every == 0 or done:
-            client = {
-                "step": state.step,
-                "samples_seen": state.samples_seen,
-                "epoch": state.samples_seen // max(1, getattr(train_loader, "num_samples_per_epoch", 1)),
-                "first_loss": state.first_loss,
-                "last_loss": state.last_loss,
-                "rng": checkpoint.rng_state(),
-                "config": cfg.to_dict(),
-            }
-            checkpoint.save(
-                engine, ckpt_dir, state.step, client, cfg.to_dict(), ctx.rank, cfg.checkpoint.keep_last
-            )
-    summary.update(
-        steps=state.step,
-        samples_seen=state.samples_seen,
-        first_loss=state.first_loss,
-        last_loss=state.last_loss,
-        checkpoint_dir=str(ckpt_dir),
-        tensorboard_dir=str(monitor.tb_dir),
-        reconstruction_image=str(image_path) if image_path else None,
-        **last_val,
-    )
-    return summary
+            scalars["perf/tflops_per_device"] = flops_per_device / 1e12
+            scalars["perf/mfu"] = flops_per_device / self.peak_flops
+            scalars["perf/matmul_ceiling_fraction"] = flops_per_device / self.matmul_ceiling
+        if self.ctx.device.type == "cuda":
+            scalars["perf/peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        self.monitor.scalars(state.step, scalars)
+        self.monitor.progress(state.step, {"loss": loss_mean, "img/s": scalars["perf/images_per_s"]})
+
+    def _validate(self) -> dict:
+        metrics = self.task.evaluate(self.engine, self.val_loader, self.ctx.device, self.dtype)
+        self.monitor.scalars(
+            self.state.step, {f"val/{k.removeprefix('val_')}": v for k, v in metrics.items()}
+        )
+        return metrics
+
+    def _preview(self) -> Path | None:
+        grid = self.task.preview_image(
+            self.engine, self.val_loader, self.ctx.device, self.dtype, num_images=self.cfg.log.num_images
+        )
+        return None if grid is None else self.monitor.image(self.state.step, "val/reconstruction", grid)
+
+    def _save_checkpoint(self) -> None:
+        state, cfg = self.state, self.cfg
+        client = {
+            "step": state.step,
+            "samples_seen": state.samples_seen,
+            "epoch": state.samples_seen // max(1, self.train_loader.num_samples_per_epoch),
+            "first_loss": state.first_loss,
+            "last_loss": state.last_loss,
+            "rng": checkpoint.rng_state(),
+            "config": cfg.to_dict(),
+        }
+        checkpoint.save(
+            self.engine,
+            self.ckpt_dir,
+            state.step,
+            client,
+            cfg.to_dict(),
+            self.ctx.rank,
+            cfg.checkpoint.keep_last,
+        )
 
 
 def _grad_norm(engine) -> float:
     norm = engine.get_global_grad_norm()
-    if norm is None:
-        return float("nan")
-    return float(norm)
+    return float("nan") if norm is None else float(norm)
 
 
 def _matmul_ceiling(device: torch.device, dtype: torch.dtype) -> float:
@@ -232,8 +268,6 @@ def _matmul_ceiling(device: torch.device, dtype: torch.dtype) -> float:
 
 
 def _device_peak_flops(device: torch.device, precision: str) -> float:
-    try:
-        from xray_pretrain.models.flops import device_peak_flops
-    except ImportError:
-        return float("nan")
+    from xray_pretrain.models import device_peak_flops
+
     return float(device_peak_flops(device, precision))
