@@ -26,6 +26,16 @@ AVAILABLE = available_attention_backends(HEAD_DIMS)
 BF16_ATOL, FP16_ATOL = 1.5e-2, 2e-3
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_cpu_thread():
+    """Tiny models run thousands of small ops: on a shared 2-core runner, two OpenMP threads waiting
+    on each other at every op made a 0.4 s test take 10-20 s. One thread is faster and stable."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def naive_attention(qkv_BN3HE: torch.Tensor) -> torch.Tensor:
     """softmax(Q K^T / sqrt(E)) V in float64 -> (B, N, H*E)."""
     B, N, _, H, E = qkv_BN3HE.shape

@@ -19,6 +19,16 @@ from xray_pretrain.models.masking import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_cpu_thread():
+    """Tiny models run thousands of small ops: on a shared 2-core runner, two OpenMP threads waiting
+    on each other at every op made a 0.4 s test take 10-20 s. One thread is faster and stable."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def tiny_mae(strategy: str, image_size=(64, 96), ratio: float = 0.75, **mask_kwargs):
     cfg = MAEConfig(
         size="tiny", image_size=list(image_size), patch_size=8, embed_dim=32, depth=1, num_heads=2,
