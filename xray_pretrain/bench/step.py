@@ -123,9 +123,12 @@ def _peak_rss_bytes() -> int:
 
 
 def _resolve_device(name: str | None) -> torch.device:
+    """``cuda`` -> the current CUDA device *with* its index (torch.cuda memory APIs need one)."""
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is visible here; use --device cpu")
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def _batch_size(args, cfg: MAEConfig, mask_cfg: MaskConfig, device: torch.device) -> int:
@@ -182,7 +185,6 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     rss_before = _rss_bytes()
     if device.type == "cuda":
-        torch.cuda.set_device(device)
         torch.cuda.reset_peak_memory_stats(device)
     reset_ok = _reset_peak_rss()
     model = build_mae(cfg, mask_cfg).to(device).train()
