@@ -45,6 +45,8 @@ def run_training(out_dir: Path, shards: Path, ranks: int, overrides: list[str]) 
 
     out_dir.mkdir(parents=True, exist_ok=True)
     base = [
+        "model.image_size=[64,64]",  # the test shards' size; 64 tokens as in the demo
+        "model.patch_size=8",
         f"data.shards=[{shards}]",
         f"log.out_dir={out_dir}",
         "log.progress=false",

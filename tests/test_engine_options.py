@@ -30,6 +30,8 @@ def _train(shards, out_dir, overrides):
     cfg = load_config(
         "configs/tiny_cpu.yaml",
         [
+            "model.image_size=[64,64]",
+            "model.patch_size=8",
             f"data.shards=[{shards}]",
             f"log.out_dir={out_dir}",
             "log.progress=false",
