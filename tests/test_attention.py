@@ -12,6 +12,7 @@ from xray_pretrain.models import (
     ATTN_BACKENDS,
     MAEConfig,
     MaskConfig,
+    ViTEncoder,
     available_attention_backends,
     build_mae,
     check_attention_backend,
@@ -90,6 +91,12 @@ def test_unavailable_backend_fails_at_build_with_the_fix(backend):
         assert "flash-attn" in message or "CUDA" in message
     else:
         assert "Backends that work here: auto" in message
+
+
+@pytest.mark.parametrize("backend", [b for b in ATTN_BACKENDS if b not in AVAILABLE])
+def test_unavailable_backend_fails_when_a_standalone_encoder_is_built(backend):
+    with pytest.raises(ValueError, match=f"attn={backend}"):
+        ViTEncoder(image_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, attn=backend)
 
 
 def test_unknown_backend_is_a_value_error():

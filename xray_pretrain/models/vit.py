@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import Attention
+from .attention import Attention, check_attention_backend
 from .pos_embed import sincos_2d
 from .stem import build_stem, patchify, token_patch_size
 
@@ -123,6 +123,9 @@ class ViTEncoder(nn.Module):
         grad_ckpt_every: int = 0,
     ) -> None:
         super().__init__()
+        if num_heads < 1 or embed_dim % num_heads:
+            raise ValueError(f"num_heads={num_heads} must divide embed_dim={embed_dim}")
+        check_attention_backend(attn, (embed_dim // num_heads,))  # ValueError now, not at step 1
         self.patch_size = patch_size
         self.stem = stem
         self.token_patch = token_patch_size(patch_size, stem)
