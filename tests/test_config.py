@@ -24,7 +24,7 @@ def test_yaml_holds_differences_and_overrides_are_typed():
     assert cfg.optim.base_lr == pytest.approx(3e-4)
     assert cfg.data.shards == ["a", "b"]
     assert cfg.model.norm_pix_loss is True
-    assert cfg.model.patch_size == 8  # from the YAML
+    assert cfg.model.patch_size == 16  # from the YAML
     assert cfg.optim.weight_decay == RunConfig().optim.weight_decay  # untouched default
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny_cpu.yaml"
+# Phantoms hold no real patients, so a fixed, public salt is fine here (real data: --salt SECRET).
+DEMO_SALT = "xray-pretrain-demo-phantoms"
 
 
 def add_arguments(p) -> None:
@@ -95,7 +97,15 @@ def run(args) -> int:
     times["synth_s"] = time.perf_counter() - t
 
     t = _step(f"2/4 convert to WebDataset shards -> {shards}")
-    manifest = convert(phantoms, shards, source="csv", image_format="png16", long_side=args.long_side)
+    manifest = convert(
+        phantoms,
+        shards,
+        source="csv",
+        dataset="phantom",
+        image_format="png16",
+        long_side=args.long_side,
+        salt=DEMO_SALT,
+    )
     times["convert_s"] = time.perf_counter() - t
 
     t = _step(f"3/4 pre-train the MAE on {args.ranks} CPU ranks, ZeRO-{args.zero_stage} -> {run_dir}")
