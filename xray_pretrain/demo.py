@@ -76,13 +76,8 @@ def run(args) -> int:
     from xray_pretrain.config import load_config
     from xray_pretrain.engine.export import export_encoder
 
-    out: Path = args.out.resolve()
-    if out.exists() and any(out.iterdir()):
-        print(f"{out} exists: removing the previous demo run", flush=True)
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out = _fresh_folder(args.out.resolve())
     phantoms, shards, run_dir, export_dir = out / "phantoms", out / "shards", out / "run", out / "export"
-    times = {}
     overrides = [
         f"data.shards=[{shards}]",
         f"log.out_dir={run_dir}",
@@ -91,6 +86,7 @@ def run(args) -> int:
         *args.overrides,
     ]
     load_config(args.config, overrides)  # validate before any work starts
+    times = {}
 
     t = _step(f"1/4 synthesize {args.num_images} phantom DICOMs -> {phantoms}")
     synthesize(phantoms, num_images=args.num_images, size=args.size, seed=args.seed)
@@ -118,27 +114,46 @@ def run(args) -> int:
     export_config = export_encoder(run_dir / "checkpoints", export_dir)
     times["export_s"] = time.perf_counter() - t
 
-    summary = {
-        "first_train_loss": train_summary["first_loss"],
-        "last_train_loss": train_summary["last_loss"],
-        "val_loss": train_summary["val_loss"],
-        "val_loss_baseline": train_summary["val_loss_baseline"],
-        "val_ratio": train_summary["val_loss"] / train_summary["val_loss_baseline"],
-        "steps": train_summary["steps"],
-        "world_size": train_summary["world_size"],
+    summary = _summary(train_summary, manifest, export_config, shards, export_dir, times)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    _print_where(summary, out)
+    return 0
+
+
+def _fresh_folder(out: Path) -> Path:
+    if out.exists() and any(out.iterdir()):
+        print(f"{out} exists: removing the previous demo run", flush=True)
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _summary(
+    train: dict, manifest: dict, export_config: dict, shards: Path, export_dir: Path, times: dict
+) -> dict:
+    return {
+        "first_train_loss": train["first_loss"],
+        "last_train_loss": train["last_loss"],
+        "val_loss": train["val_loss"],
+        "val_loss_baseline": train["val_loss_baseline"],
+        "val_ratio": train["val_loss"] / train["val_loss_baseline"],
+        "steps": train["steps"],
+        "world_size": train["world_size"],
         "num_samples": manifest["num_samples"],
         "num_skipped": manifest["num_skipped"],
         "shards_dir": str(shards),
-        "checkpoint_dir": train_summary["checkpoint_dir"],
+        "checkpoint_dir": train["checkpoint_dir"],
         "export_dir": str(export_dir),
         "encoder_params": export_config["num_params"],
-        "tensorboard_dir": train_summary["tensorboard_dir"],
-        "reconstruction_image": train_summary["reconstruction_image"],
+        "tensorboard_dir": train["tensorboard_dir"],
+        "reconstruction_image": train["reconstruction_image"],
         "seconds": {k: round(v, 1) for k, v in times.items()},
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def _print_where(summary: dict, out: Path) -> None:
     print("\n== done")
-    for key in (
+    shown = (
         "val_loss",
         "val_loss_baseline",
         "val_ratio",
@@ -146,8 +161,8 @@ def run(args) -> int:
         "export_dir",
         "tensorboard_dir",
         "reconstruction_image",
-    ):
+    )
+    for key in shown:
         print(f"  {key:22s} {summary[key]}")
     print(f"  {'summary':22s} {out / 'summary.json'}")
     print(f"  tensorboard --logdir {summary['tensorboard_dir']}")
-    return 0
