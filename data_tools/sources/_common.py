@@ -7,10 +7,10 @@ import gzip
 import logging
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 
-from data_tools.records import SPLITS, Skip, split_for_patient
+from data_tools.records import SPLITS, Record, Skip, split_for_patient
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -208,6 +208,46 @@ def warn_missing_images(logger: logging.Logger, listing: str, missing: list[str]
     if missing:
         examples = ", ".join(missing[:3])
         logger.warning("%d entries of %s have no image on disk (e.g. %s)", len(missing), listing, examples)
+
+
+# The duplicate reason of adapters that match files to label rows by file name alone.
+SAME_FILE_NAME = "same file name as {first}, which holds this CSV row"
+
+
+def iter_listed_files(
+    input_dir: Path,
+    suffixes: Iterable[str],
+    listed: Collection[str],
+    key_of: Callable[[Path], str | None],
+    to_record: Callable[[Path, str], Record | Skip],
+    *,
+    dataset: str,
+    listing: str,
+    logger: logging.Logger,
+    duplicate: str = "{key} is already read from {first}",
+    expected: Iterable[str] | None = None,
+) -> Iterator[Record | Skip]:
+    """One Record or Skip per file of `suffixes` under input_dir, matched to label entries by key.
+
+    `key_of(path)` names the entry of `listed` (the label file's keys, e.g. file names or stems) that
+    a file stands for. A file whose key is not listed is a Skip (`not_listed`); a later file with the
+    key of an earlier one is a Skip whose reason is `duplicate` formatted with `key` and `first` (the
+    earlier file's source_id); any other file becomes `to_record(path, key)`, which may itself return
+    a Skip. Last, the entries of `expected` (default: all of `listed`) that no file matched are
+    reported in one warning on `logger`.
+    """
+    used: dict[str, str] = {}  # key -> source_id of the file that took it
+    for path in walk_files(input_dir, suffixes):
+        key, source_id = key_of(path), relative_id(path, input_dir)
+        if key not in listed:
+            yield not_listed(path, input_dir, dataset, listing)
+        elif key in used:
+            yield Skip(source_id, duplicate.format(key=key, first=used[key]), dataset, path)
+        else:
+            used[key] = source_id
+            yield to_record(path, key)
+    expected = listed if expected is None else expected
+    warn_missing_images(logger, listing, [key for key in expected if key not in used])
 
 
 def warn_split_conflicts(logger: logging.Logger, dataset: str, num_conflicts: int) -> None:

@@ -27,16 +27,15 @@ from pathlib import Path
 from data_tools.labels import LABEL_NAMES, NIH_CXR14, map_findings
 from data_tools.records import Record, Skip
 from data_tools.sources._common import (
+    SAME_FILE_NAME,
     find_file,
+    iter_listed_files,
     normalize_sex,
     normalize_view,
-    not_listed,
     parse_age,
     read_csv,
     relative_id,
     resolve_patient_splits,
-    walk_files,
-    warn_missing_images,
     warn_split_conflicts,
 )
 
@@ -117,18 +116,17 @@ def iter_records(input_dir: Path, args: argparse.Namespace) -> Iterator[Record |
         {name: official.get(name) for name in rows}, patient_of, TRAIN_VAL_FRACTIONS if official else None
     )
     warn_split_conflicts(logger, DATASET, num_conflicts)
-    used: dict[str, str] = {}  # image name -> source_id of the file that became its record
     unmapped: set[str] = set()
-    for path in walk_files(input_dir, (".png",)):
-        row = rows.get(path.name)
-        if row is None:
-            yield not_listed(path, input_dir, DATASET, csv_path.name)
-        elif path.name in used:
-            reason = f"same file name as {used[path.name]}, which holds this CSV row"
-            yield Skip(relative_id(path, input_dir), reason, DATASET, path)
-        else:
-            used[path.name] = relative_id(path, input_dir)
-            yield _record(path, input_dir, row, splits[path.name], unmapped)
-    warn_missing_images(logger, csv_path.name, [name for name in rows if name not in used])
+    yield from iter_listed_files(
+        input_dir,
+        (".png",),
+        rows,
+        lambda path: path.name,
+        lambda path, name: _record(path, input_dir, rows[name], splits[name], unmapped),
+        dataset=DATASET,
+        listing=csv_path.name,
+        logger=logger,
+        duplicate=SAME_FILE_NAME,
+    )
     if unmapped:
         logger.warning("%s: finding names not in the label map were ignored: %s", DATASET, sorted(unmapped))

@@ -29,16 +29,15 @@ from pathlib import Path
 from data_tools.labels import LABEL_NAMES, PADCHEST, map_findings, unknown_labels
 from data_tools.records import Record, Skip, split_for_patient
 from data_tools.sources._common import (
+    SAME_FILE_NAME,
     SUPINE_VIEWS,
     canonical_view_text,
     find_file,
+    iter_listed_files,
     normalize_sex,
     normalize_view,
-    not_listed,
     read_csv,
     relative_id,
-    walk_files,
-    warn_missing_images,
 )
 
 DATASET = "padchest"
@@ -124,15 +123,14 @@ def iter_records(input_dir: Path, args: argparse.Namespace) -> Iterator[Record |
         row["ImageID"].strip(): {c: row[c] for c in KEPT_COLUMNS if c in row}
         for row in read_csv(csv_path, REQUIRED_COLUMNS)
     }
-    used: dict[str, str] = {}  # ImageID -> source_id of the file that became its record
-    for path in walk_files(input_dir, (".png",)):
-        row = rows.get(path.name)
-        if row is None:
-            yield not_listed(path, input_dir, DATASET, csv_path.name)
-        elif path.name in used:
-            reason = f"same file name as {used[path.name]}, which holds this CSV row"
-            yield Skip(relative_id(path, input_dir), reason, DATASET, path)
-        else:
-            used[path.name] = relative_id(path, input_dir)
-            yield _record(path, input_dir, row)
-    warn_missing_images(logger, csv_path.name, [name for name in rows if name not in used])
+    yield from iter_listed_files(
+        input_dir,
+        (".png",),
+        rows,
+        lambda path: path.name,
+        lambda path, image_id: _record(path, input_dir, rows[image_id]),
+        dataset=DATASET,
+        listing=csv_path.name,
+        logger=logger,
+        duplicate=SAME_FILE_NAME,
+    )
