@@ -37,15 +37,13 @@ from data_tools.labels import CHEXPERT, LABEL_NAMES, map_values
 from data_tools.records import Record, Skip
 from data_tools.sources._common import (
     find_file,
+    iter_listed_files,
     normalize_split,
     normalize_view,
-    not_listed,
     parse_label_value,
     read_csv,
     relative_id,
     resolve_patient_splits,
-    walk_files,
-    warn_missing_images,
     warn_split_conflicts,
 )
 
@@ -194,28 +192,32 @@ def iter_listed(
     official = {d: tables.official_split.get(d) for d in tables.images}
     splits, num_conflicts = resolve_patient_splits(official, patient_of)
     warn_split_conflicts(logger, dataset, num_conflicts)
-    used: dict[str, str] = {}  # dicom_id -> source_id of the file that became its record
-    for path in walk_files(input_dir, suffixes):
-        dicom_id, source_id = path.stem, relative_id(path, input_dir)
-        if dicom_id not in tables.images:
-            yield not_listed(path, input_dir, dataset, tables.metadata_name)
-        elif dicom_id in used:
-            yield Skip(source_id, f"dicom_id {dicom_id} is already read from {used[dicom_id]}", dataset, path)
-        else:
-            used[dicom_id] = source_id
-            subject_id, study_id, view = tables.images[dicom_id]
-            yield Record(
-                source_path=path,
-                source_id=source_id,
-                dataset=dataset,
-                patient_id=subject_id,
-                study_id=study_id,
-                view=normalize_view(view),
-                labels=map_values(CHEXPERT, tables.study_labels.get(study_id, {})),
-                report=reports.report(subject_id, study_id),
-                split=splits[dicom_id],
-            )
-    warn_missing_images(logger, tables.metadata_name, [d for d in tables.images if d not in used])
+
+    def to_record(path: Path, dicom_id: str) -> Record:
+        subject_id, study_id, view = tables.images[dicom_id]
+        return Record(
+            source_path=path,
+            source_id=relative_id(path, input_dir),
+            dataset=dataset,
+            patient_id=subject_id,
+            study_id=study_id,
+            view=normalize_view(view),
+            labels=map_values(CHEXPERT, tables.study_labels.get(study_id, {})),
+            report=reports.report(subject_id, study_id),
+            split=splits[dicom_id],
+        )
+
+    yield from iter_listed_files(
+        input_dir,
+        suffixes,
+        tables.images,
+        lambda path: path.stem,
+        to_record,
+        dataset=dataset,
+        listing=tables.metadata_name,
+        logger=logger,
+        duplicate="dicom_id {key} is already read from {first}",
+    )
     reports.warn()
 
 

@@ -31,14 +31,12 @@ from data_tools.sources._common import (
     DICOM_SUFFIXES,
     dicom_header_fields,
     find_file,
+    iter_listed_files,
     normalize_sex,
     normalize_view,
-    not_listed,
     parse_age,
     read_csv,
     relative_id,
-    walk_files,
-    warn_missing_images,
 )
 
 DATASET = "rsna-pneumonia"
@@ -101,7 +99,9 @@ def image_labels(target: int, detailed_class: str | None) -> dict[str, float | N
     return map_findings(RSNA_PNEUMONIA, ["Lung Opacity"] if target else [], ["Lung Opacity"])[0]
 
 
-def _record(path: Path, input_dir: Path, image_id: str, labels: dict, boxes: list) -> Record:
+def _record(
+    path: Path, input_dir: Path, image_id: str, target: int, detailed_class: str | None, boxes: list
+) -> Record:
     header = dicom_header_fields(path, ["ViewPosition", "PatientSex", "PatientAge"])
     return Record(
         source_path=path,
@@ -110,7 +110,7 @@ def _record(path: Path, input_dir: Path, image_id: str, labels: dict, boxes: lis
         patient_id=image_id,
         study_id=image_id,
         view=normalize_view(header.get("ViewPosition")),
-        labels=labels,
+        labels=image_labels(target, detailed_class),
         split=split_for_patient(image_id),
         extra={
             "age": parse_age(header.get("PatientAge")),
@@ -131,17 +131,14 @@ def iter_records(input_dir: Path, args: argparse.Namespace) -> Iterator[Record |
         logger.warning(
             "%s: no %s beside %s; no_finding stays unknown", DATASET, CLASS_INFO_PATTERN, csv_path.name
         )
-    used: dict[str, str] = {}  # patientId -> source_id of the file that became its record
-    for path in walk_files(input_dir, DICOM_SUFFIXES):
-        image_id, source_id = path.stem, relative_id(path, input_dir)
-        if image_id not in targets:
-            yield not_listed(path, input_dir, DATASET, csv_path.name)
-        elif image_id in used:
-            yield Skip(
-                source_id, f"patientId {image_id} is already read from {used[image_id]}", DATASET, path
-            )
-        else:
-            used[image_id] = source_id
-            labels = image_labels(targets[image_id], classes.get(image_id))
-            yield _record(path, input_dir, image_id, labels, boxes.get(image_id, []))
-    warn_missing_images(logger, csv_path.name, [i for i in targets if i not in used])
+    yield from iter_listed_files(
+        input_dir,
+        DICOM_SUFFIXES,
+        targets,
+        lambda path: path.stem,
+        lambda path, i: _record(path, input_dir, i, targets[i], classes.get(i), boxes.get(i, [])),
+        dataset=DATASET,
+        listing=csv_path.name,
+        logger=logger,
+        duplicate="patientId {key} is already read from {first}",
+    )

@@ -34,12 +34,10 @@ from data_tools.sources._common import (
     DICOM_SUFFIXES,
     IMAGE_SUFFIXES,
     dicom_header_fields,
+    iter_listed_files,
     normalize_view,
-    not_listed,
     read_csv,
     relative_id,
-    walk_files,
-    warn_missing_images,
 )
 
 DATASET = "vindr-cxr"
@@ -116,28 +114,32 @@ def read_labels(input_dir: Path) -> tuple[dict[str, dict[str, float | None]], di
     )
 
 
+def _record(path: Path, input_dir: Path, image_id: str, labels: dict, split: str) -> Record:
+    is_dicom = path.suffix.lower() in DICOM_SUFFIXES
+    view = dicom_header_fields(path, ["ViewPosition"]).get("ViewPosition") if is_dicom else None
+    return Record(
+        source_path=path,
+        source_id=relative_id(path, input_dir),
+        dataset=DATASET,
+        patient_id=image_id,
+        study_id=image_id,
+        view=normalize_view(view),
+        labels=dict(labels),
+        split=split,
+    )
+
+
 def iter_records(input_dir: Path, args: argparse.Namespace) -> Iterator[Record | Skip]:
     input_dir = Path(input_dir)
     labels, splits, listing = read_labels(input_dir)
-    used: dict[str, str] = {}  # image_id -> source_id of the file that became its record
-    for path in walk_files(input_dir, (*DICOM_SUFFIXES, *IMAGE_SUFFIXES)):
-        image_id, source_id = path.stem, relative_id(path, input_dir)
-        if image_id not in labels:
-            yield not_listed(path, input_dir, DATASET, listing)
-        elif image_id in used:
-            yield Skip(source_id, f"image_id {image_id} is already read from {used[image_id]}", DATASET, path)
-        else:
-            used[image_id] = source_id
-            is_dicom = path.suffix.lower() in DICOM_SUFFIXES
-            view = dicom_header_fields(path, ["ViewPosition"]).get("ViewPosition") if is_dicom else None
-            yield Record(
-                source_path=path,
-                source_id=source_id,
-                dataset=DATASET,
-                patient_id=image_id,
-                study_id=image_id,
-                view=normalize_view(view),
-                labels=dict(labels[image_id]),
-                split=splits[image_id],
-            )
-    warn_missing_images(logger, listing, [image_id for image_id in labels if image_id not in used])
+    yield from iter_listed_files(
+        input_dir,
+        (*DICOM_SUFFIXES, *IMAGE_SUFFIXES),
+        labels,
+        lambda path: path.stem,
+        lambda path, image_id: _record(path, input_dir, image_id, labels[image_id], splits[image_id]),
+        dataset=DATASET,
+        listing=listing,
+        logger=logger,
+        duplicate="image_id {key} is already read from {first}",
+    )
