@@ -29,16 +29,14 @@ from data_tools.labels import CHEXPERT, LABEL_NAMES, map_values
 from data_tools.records import Record, Skip
 from data_tools.sources._common import (
     IMAGE_SUFFIXES,
+    iter_listed_files,
     normalize_sex,
     normalize_view,
-    not_listed,
     parse_age,
     parse_label_value,
     read_csv,
     relative_id,
     resolve_patient_splits,
-    walk_files,
-    warn_missing_images,
     warn_split_conflicts,
 )
 
@@ -124,14 +122,13 @@ def iter_records(input_dir: Path, args: argparse.Namespace) -> Iterator[Record |
     patient_of = {image_id: _PATIENT_STUDY.search(row["Path"]).group(1) for image_id, row in rows.items()}
     splits, num_conflicts = resolve_patient_splits(official, patient_of)
     warn_split_conflicts(logger, DATASET, num_conflicts)
-    listing = " / ".join(csv_names)
-    seen = set()
-    for path in walk_files(input_dir, IMAGE_SUFFIXES):
-        image_id = relative_id(path, input_dir)
-        row = rows.get(image_id)
-        if row is None:
-            yield not_listed(path, input_dir, DATASET, listing)
-            continue
-        seen.add(image_id)
-        yield _record(path, image_id, row, splits[image_id])
-    warn_missing_images(logger, listing, [image_id for image_id in rows if image_id not in seen])
+    yield from iter_listed_files(
+        input_dir,
+        IMAGE_SUFFIXES,
+        rows,
+        lambda path: relative_id(path, input_dir),
+        lambda path, image_id: _record(path, image_id, rows[image_id], splits[image_id]),
+        dataset=DATASET,
+        listing=" / ".join(csv_names),
+        logger=logger,
+    )

@@ -31,14 +31,12 @@ from data_tools.sources._common import (
     IMAGE_SUFFIXES,
     SUPINE_VIEWS,
     canonical_view_text,
+    iter_listed_files,
     normalize_sex,
     normalize_view,
-    not_listed,
     parse_age,
     read_csv,
     relative_id,
-    walk_files,
-    warn_missing_images,
 )
 
 DATASET = "covid-cxr"
@@ -65,6 +63,10 @@ def finding_labels(finding: str) -> tuple[dict[str, float | None], list[str]]:
     parts = [p.strip().lower() for p in re.split(r"[/,]", finding) if p.strip()]
     labels, unmapped = map_findings(COVID_CXR, parts)
     return (labels if parts and not unmapped else unknown_labels()), unmapped
+
+
+def _is_xray(row: dict[str, str]) -> bool:
+    return row["modality"].strip().lower() == "x-ray"
 
 
 def _record(path: Path, input_dir: Path, row: dict[str, str], unmapped: set[str]) -> Record:
@@ -101,23 +103,27 @@ def iter_records(input_dir: Path, args: argparse.Namespace) -> Iterator[Record |
     for row in read_csv(metadata, REQUIRED_COLUMNS):
         image_id = PurePosixPath(row["folder"].strip(), row["filename"].strip()).as_posix()
         rows.setdefault(image_id, row)  # a file listed twice keeps its first row
-    seen = set()
     unmapped: set[str] = set()
-    for path in walk_files(input_dir, IMAGE_SUFFIXES):
-        image_id = relative_id(path, input_dir)
-        row = rows.get(image_id)
-        if row is None:
-            yield not_listed(path, input_dir, DATASET, metadata.name)
-            continue
-        seen.add(image_id)
-        if row["modality"].strip().lower() != "x-ray":
-            yield Skip(
-                image_id, f"modality {row['modality'].strip()!r} in {metadata.name}, not X-ray", DATASET, path
-            )
-        else:
-            yield _record(path, input_dir, row, unmapped)
-    missing = [i for i, row in rows.items() if i not in seen and row["modality"].strip().lower() == "x-ray"]
-    warn_missing_images(logger, metadata.name, missing)
+
+    def to_record(path: Path, image_id: str) -> Record | Skip:
+        row = rows[image_id]
+        if not _is_xray(row):
+            reason = f"modality {row['modality'].strip()!r} in {metadata.name}, not X-ray"
+            return Skip(image_id, reason, DATASET, path)
+        return _record(path, input_dir, row, unmapped)
+
+    yield from iter_listed_files(
+        input_dir,
+        IMAGE_SUFFIXES,
+        rows,
+        lambda path: relative_id(path, input_dir),
+        to_record,
+        dataset=DATASET,
+        listing=metadata.name,
+        logger=logger,
+        # CT rows name volumes, which are no inputs: only X-ray rows without a file are worth a warning.
+        expected=[image_id for image_id, row in rows.items() if _is_xray(row)],
+    )
     if unmapped:
         logger.warning(
             "%s: findings not in the label map (labels left unknown): %s", DATASET, sorted(unmapped)

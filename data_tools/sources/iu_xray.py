@@ -31,13 +31,12 @@ from pathlib import Path, PurePosixPath
 from data_tools.labels import LABEL_NAMES, unknown_labels
 from data_tools.records import Record, Skip
 from data_tools.sources._common import (
+    IMAGE_SUFFIXES,
     SPLIT_PRIORITY,
+    iter_listed_files,
     normalize_split,
-    not_listed,
     relative_id,
     resolve_patient_splits,
-    walk_files,
-    warn_missing_images,
     warn_split_conflicts,
 )
 
@@ -101,17 +100,11 @@ def iter_records(input_dir: Path, args: argparse.Namespace) -> Iterator[Record |
     )
     warn_split_conflicts(logger, DATASET, num_conflicts)
     images_dir = input_dir / IMAGES_FOLDER
-    seen = set()
-    for path in walk_files(input_dir, (".png", ".jpg", ".jpeg")):
-        inside = images_dir in path.parents
-        image_id = relative_id(path, images_dir) if inside else None
-        if image_id not in images:
-            yield not_listed(path, input_dir, DATASET, f"{annotation.name} (under {IMAGES_FOLDER}/)")
-            continue
-        seen.add(image_id)
+
+    def to_record(path: Path, image_id: str) -> Record:
         entry = images[image_id][0]
         study_id = str(entry["id"])
-        yield Record(
+        return Record(
             source_path=path,
             source_id=relative_id(path, input_dir),
             dataset=DATASET,
@@ -121,4 +114,14 @@ def iter_records(input_dir: Path, args: argparse.Namespace) -> Iterator[Record |
             report={"findings": " ".join(str(entry.get("report", "")).split()), "impression": ""},
             split=splits[image_id],
         )
-    warn_missing_images(logger, annotation.name, [i for i in images if i not in seen])
+
+    yield from iter_listed_files(
+        input_dir,
+        IMAGE_SUFFIXES,
+        images,
+        lambda path: relative_id(path, images_dir) if images_dir in path.parents else None,
+        to_record,
+        dataset=DATASET,
+        listing=f"{annotation.name} (under {IMAGES_FOLDER}/)",
+        logger=logger,
+    )
