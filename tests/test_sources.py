@@ -83,7 +83,8 @@ def write_text(path: Path, text: str) -> Path:
 
 
 def run(source: str, input_dir: Path, **options) -> tuple[dict[str, Record], dict[str, Skip]]:
-    """Iterate an adapter with only its own options; returns (records, skips) keyed by source_id."""
+    """Iterate an adapter with only its own options and `check_contract` the result; returns (records,
+    skips) keyed by source_id."""
     module = get_source(source)
     records: dict[str, Record] = {}
     skips: dict[str, Skip] = {}
@@ -91,6 +92,7 @@ def run(source: str, input_dir: Path, **options) -> tuple[dict[str, Record], dic
         assert item.source_id not in records and item.source_id not in skips, item.source_id
         (records if isinstance(item, Record) else skips)[item.source_id] = item
     assert module.label_names(input_dir, argparse.Namespace(**options)) == list(LABEL_NAMES)
+    check_contract(records, skips, input_dir, source)
     return records, skips
 
 
@@ -235,7 +237,6 @@ def test_nih_records_labels_and_official_splits(tmp_path, caplog):
     make_nih(tmp_path)
     with caplog.at_level(logging.WARNING):
         records, skips = run("nih-cxr14", tmp_path)
-    check_contract(records, skips, tmp_path, "nih-cxr14")
     assert len(records) == 6 and len(skips) == 2
     assert skips["images_002/images/00000099_000.png"].reason == "not listed in Data_Entry_2017_v2020.csv"
     # Files are read in sorted order, so extra/ holds the row and the images_001 copy is the duplicate.
@@ -267,7 +268,6 @@ def test_nih_records_labels_and_official_splits(tmp_path, caplog):
 def test_nih_without_lists_and_with_one_list(tmp_path):
     make_nih(tmp_path, lists=False)
     records, skips = run("nih-cxr14", tmp_path)
-    check_contract(records, skips, tmp_path, "nih-cxr14")
     write_text(tmp_path / "test_list.txt", "00000003_001.png\n")
     with pytest.raises(ValueError, match="no train_val_list.txt"):
         run("nih-cxr14", tmp_path)
@@ -316,7 +316,6 @@ def test_chexpert_labels_keep_uncertain_and_unknown(tmp_path, caplog):
     folder = make_chexpert(tmp_path)
     with caplog.at_level(logging.WARNING):
         records, skips = run("chexpert", tmp_path)
-    check_contract(records, skips, tmp_path, "chexpert")
     assert len(records) == 6 and list(skips) == [
         "chexpert-renamed/test/patient64741/study1/view1_frontal.jpg"
     ]
@@ -446,7 +445,6 @@ def test_mimic_cxr_jpg_labels_splits_reports(tmp_path, caplog):
     write_text(reports / "files" / "p10" / "p10000032" / "s50414267.txt", MIMIC_REPORT)
     with caplog.at_level(logging.WARNING):
         records, skips = run("mimic-cxr-jpg", tmp_path, mimic_reports=str(reports))
-    check_contract(records, skips, tmp_path, "mimic-cxr-jpg")
     by_id = {Path(k).stem: r for k, r in records.items()}
     assert sorted(by_id) == ["d1-pa", "d2-lat", "d3-ap", "d4-ap"]
     assert [s.reason for s in skips.values()] == ["not listed in mimic-cxr-2.0.0-metadata.csv.gz"]
@@ -484,7 +482,6 @@ def test_mimic_cxr_dicom_with_and_without_jpg_csvs(tmp_path):
     )  # reports beside the studies
     write_dicom(data / "stray" / "x.dcm", ViewPosition="PA")
     records, skips = run("mimic-cxr", data)
-    check_contract(records, skips, data, "mimic-cxr")
     assert [s.reason for s in skips.values()] == ["path is not files/pNN/pSUBJECT/sSTUDY/*.dcm"]
     by_id = {Path(k).stem: r for k, r in records.items()}
     assert {d: r.view for d, r in by_id.items()} == {
@@ -497,7 +494,6 @@ def test_mimic_cxr_dicom_with_and_without_jpg_csvs(tmp_path):
     assert all(nonnull(r.labels) == {} for r in records.values())
     make_mimic_csvs(tmp_path / "jpg-csvs")
     records, skips = run("mimic-cxr", data, mimic_csv_dir=str(tmp_path / "jpg-csvs"))
-    check_contract(records, skips, data, "mimic-cxr")
     assert [s.reason for s in skips.values()] == ["not listed in mimic-cxr-2.0.0-metadata.csv.gz"]
     assert records["files/p10/p10000764/s57375967/d4-ap.dcm"].split == "val"
     assert records["files/p10/p10000032/s53189527/d3-ap.dcm"].labels["support_devices"] == 1.0
@@ -536,7 +532,6 @@ def test_padchest_labels_views_and_patient_splits(tmp_path):
     ]:
         write_png(tmp_path / folder / name)
     records, skips = run("padchest", tmp_path)
-    check_contract(records, skips, tmp_path, "padchest")
     assert list(skips) == ["2/z.png"]
     covered = dict.fromkeys(targets_of(label_table.PADCHEST), 0.0)
     assert nonnull(records["0/a_01.png"].labels) == {**covered, "pleural_effusion": 1.0, "cardiomegaly": 1.0}
@@ -593,7 +588,6 @@ def test_vindr_physionet_majority_vote_and_official_split(tmp_path):
     write_dicom(tmp_path / "test" / "img3.dicom", ViewPosition="AP")
     write_dicom(tmp_path / "test" / "img4.dicom")  # in no label file
     records, skips = run("vindr-cxr", tmp_path)
-    check_contract(records, skips, tmp_path, "vindr-cxr")
     assert skips["test/img4.dicom"].reason == "not listed in image_labels_train.csv / image_labels_test.csv"
     img1 = records["train/img1.dicom"]
     assert img1.labels["cardiomegaly"] == 1.0 and img1.labels["aortic_enlargement"] == -1.0
@@ -618,7 +612,6 @@ def test_vindr_kaggle_layout(tmp_path):
     write_dicom(tmp_path / "train" / "k1.dicom")
     write_dicom(tmp_path / "test" / "t1.dicom")  # Kaggle test images have no labels
     records, skips = run("vindr-cxr", tmp_path)
-    check_contract(records, skips, tmp_path, "vindr-cxr")
     assert list(records) == ["train/k1.dicom"] and skips["test/t1.dicom"].reason == "not listed in train.csv"
     k1 = records["train/k1.dicom"].labels
     assert (k1["cardiomegaly"], k1["nodule_mass"], k1["no_finding"], k1["pneumothorax"]) == (
@@ -658,7 +651,6 @@ def test_rsna_labels_boxes_and_header_fields(tmp_path, caplog):
     write_dicom(tmp_path / "stage_2_test_images" / "ttt.dcm", ViewPosition="PA")
     with caplog.at_level(logging.WARNING):
         records, skips = run("rsna-pneumonia", tmp_path)
-    check_contract(records, skips, tmp_path, "rsna-pneumonia")
     assert skips["stage_2_test_images/ttt.dcm"].reason == "not listed in stage_2_train_labels.csv"
     bbb = records["stage_2_train_images/bbb.dcm"]
     assert nonnull(bbb.labels) == {"lung_opacity": 1.0, "pneumonia": 1.0}
@@ -713,7 +705,6 @@ def test_iu_xray_blank_test_key_reports_and_splits(tmp_path):
     write_png(tmp_path / "images" / "CXR9_IM-0009" / "0.png")  # not in the annotation
     write_png(tmp_path / "CXR1_IM-0001" / "0.png")  # outside images/
     records, skips = run("iu-xray", tmp_path)
-    check_contract(records, skips, tmp_path, "iu-xray")
     assert len(records) == 8 and sorted(skips) == ["CXR1_IM-0001/0.png", "images/CXR9_IM-0009/0.png"]
     first = records["images/CXR1_IM-0001/0.png"]
     assert first.report == {"findings": "Heart size normal. Lungs clear.", "impression": ""}
@@ -763,7 +754,6 @@ def test_covid_cxr_findings_modality_and_views(tmp_path, caplog):
         (write_png if name.endswith(".png") else write_jpg)(tmp_path / "images" / name)
     with caplog.at_level(logging.WARNING):
         records, skips = run("covid-cxr", tmp_path)
-    check_contract(records, skips, tmp_path, "covid-cxr")
     assert skips["images/e.jpg"].reason == "modality 'CT' in metadata.csv, not X-ray"
     assert skips["images/unlisted.jpg"].reason == "not listed in metadata.csv"
     covered = dict.fromkeys(targets_of(label_table.COVID_CXR), 0.0)
@@ -817,7 +807,6 @@ def test_corpus_nih_data_entry_and_pngs(tmp_path, caplog):
     write_text(tmp_path / "train_val_list.txt", "00000001_000.png\n00000002_000.png\n00027426_000.png\n")
     with caplog.at_level(logging.WARNING):
         records, skips = run("nih-cxr14", tmp_path)
-    check_contract(records, skips, tmp_path, "nih-cxr14")
     assert len(records) == 8 and not skips
     by_name = {Path(k).name: r for k, r in records.items()}
     four = by_name["00000013_004.png"]
@@ -856,7 +845,6 @@ def test_corpus_iu_xray_annotation_with_upstream_blank_test_key(tmp_path):
     for image_path in listed:
         write_png(tmp_path / "images" / image_path)
     records, skips = run("iu-xray", tmp_path)
-    check_contract(records, skips, tmp_path, "iu-xray")
     assert len(records) == len(set(listed)) and not skips
     splits = {}
     for record in records.values():
@@ -873,7 +861,6 @@ def test_corpus_iu_xray_annotation_with_upstream_blank_test_key(tmp_path):
 def test_corpus_covid_metadata_and_images():
     folder = CORPUS / "covid-chestxray-dataset"
     records, skips = run("covid-cxr", folder, covid_metadata=str(folder / "metadata.selected.csv"))
-    check_contract(records, skips, folder, "covid-cxr")
     assert len(records) == 14 and not skips
     assert {r.labels["covid_19"] for r in records.values()} == {0.0, 1.0}
     assert sum(r.labels["no_finding"] == 1.0 for r in records.values()) == 4
@@ -893,7 +880,6 @@ def test_corpus_rsna_labels_snippet(tmp_path):
     for image_id in image_ids:
         write_dicom(tmp_path / "stage_2_train_images" / f"{image_id}.dcm", ViewPosition="PA")
     records, skips = run("rsna-pneumonia", tmp_path)
-    check_contract(records, skips, tmp_path, "rsna-pneumonia")
     assert len(records) == len(image_ids) == 16 and not skips
     positive = records["stage_2_train_images/00436515-870c-4b36-a041-de91049b9ab4.dcm"]
     assert positive.labels["pneumonia"] == 1.0 and len(positive.extra["boxes"]) == 2
@@ -911,7 +897,6 @@ def test_corpus_chexpert_train_rows(tmp_path):
     for path in paths:
         write_jpg(tmp_path / path.split("/", 1)[1])
     records, skips = run("chexpert", tmp_path)
-    check_contract(records, skips, tmp_path, "chexpert")
     assert len(records) == 20 and not skips and {r.split for r in records.values()} == {"train"}
     assert sum(r.view == "LATERAL" for r in records.values()) == 5
     assert records["train/patient00002/study2/view1_frontal.jpg"].labels["cardiomegaly"] == -1.0
@@ -928,7 +913,6 @@ def test_corpus_vindr_kaggle_rows(tmp_path):
     for image_id in image_ids:
         write_dicom(tmp_path / "train" / f"{image_id}.dicom")
     records, skips = run("vindr-cxr", tmp_path)
-    check_contract(records, skips, tmp_path, "vindr-cxr")
     assert len(records) == len(image_ids) and not skips
     cardiomegaly = records["train/9a5094b2563a1ef3ff50dc5c7ff71345.dicom"].labels
     assert (cardiomegaly["cardiomegaly"], cardiomegaly["no_finding"], cardiomegaly["nodule_mass"]) == (
