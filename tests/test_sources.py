@@ -82,6 +82,14 @@ def write_text(path: Path, text: str) -> Path:
     return path
 
 
+def write_lines(path: Path, lines: list[str]) -> Path:
+    """One line each, newline-terminated; gzip-compressed when the name ends in .gz (as MIMIC ships)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with (gzip.open if path.suffix == ".gz" else open)(path, "wt") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
 def run(source: str, input_dir: Path, **options) -> tuple[dict[str, Record], dict[str, Skip]]:
     """Iterate an adapter with only its own options and `check_contract` the result; returns (records,
     skips) keyed by source_id."""
@@ -217,7 +225,7 @@ def make_nih(root: Path, lists: bool = True) -> None:
         "00000004_000.png,Nodule,0,4,50,M,PA,2500,2048,0.168,0.168",
         "00000009_000.png,No Finding,0,9,30,M,PA,2500,2048,0.168,0.168",  # not on disk
     ]
-    write_text(root / "Data_Entry_2017_v2020.csv", "\n".join([NIH_HEADER, *rows]) + "\n")
+    write_lines(root / "Data_Entry_2017_v2020.csv", [NIH_HEADER, *rows])
     for name in ("00000001_000", "00000001_001", "00000002_000", "00000004_000"):
         write_png(root / "images_001" / "images" / f"{name}.png")
     write_png(root / "images_002" / "images" / "00000003_000.png")
@@ -305,7 +313,7 @@ def make_chexpert(root: Path) -> Path:
         "0.0,0.0,0.0,0.0,0.0,0.0,0.0,0.0,0.0",
     ]
     write_text(folder / "train.csv", CHEXPERT_HEADER + "\n" + CHEXPERT_TRAIN_ROWS)
-    write_text(folder / "valid.csv", "\n".join([CHEXPERT_HEADER, *valid_rows]) + "\n")
+    write_lines(folder / "valid.csv", [CHEXPERT_HEADER, *valid_rows])
     for line in [*CHEXPERT_TRAIN_ROWS.splitlines()[:-1], *valid_rows]:  # the last train row has no image
         write_jpg(folder / line.split(",")[0].split("/", 1)[1])
     write_jpg(folder / "test" / "patient64741" / "study1" / "view1_frontal.jpg")  # in neither CSV
@@ -395,14 +403,12 @@ def make_mimic_csvs(folder: Path) -> None:
         f"{d},{subj},{study},CHEST (PA AND LAT),{view},3056,2544,21800506,213014.531,,,"
         for d, subj, study, view, _ in MIMIC_IMAGES
     ]
-    folder.mkdir(parents=True, exist_ok=True)
-    with gzip.open(folder / "mimic-cxr-2.0.0-metadata.csv.gz", "wt") as f:
-        f.write("\n".join([MIMIC_METADATA_HEADER, *meta_rows]) + "\n")
+    write_lines(folder / "mimic-cxr-2.0.0-metadata.csv.gz", [MIMIC_METADATA_HEADER, *meta_rows])
     chexpert = [
         "10000032,50414267,,,,,,,,,1.0,,,,,",  # No Finding
         "10000032,53189527,1.0,-1.0,,0.0,,,,1.0,,1.0,,,0.0,1.0",
     ]  # study 57375967 has no label row: all unknown
-    write_text(folder / "mimic-cxr-2.0.0-chexpert.csv", "\n".join([MIMIC_LABEL_HEADER, *chexpert]) + "\n")
+    write_lines(folder / "mimic-cxr-2.0.0-chexpert.csv", [MIMIC_LABEL_HEADER, *chexpert])
     write_text(
         folder / "mimic-cxr-2.0.0-negbio.csv", MIMIC_LABEL_HEADER + "\n10000032,50414267,1.0,,,,,,,,,,,,,\n"
     )
@@ -412,7 +418,7 @@ def make_mimic_csvs(folder: Path) -> None:
         "d2-lat,50414267,10000032,train",
     ]
     split += ["d3-ap,53189527,10000032,test", "d4-ap,57375967,10000764,validate"]
-    write_text(folder / "mimic-cxr-2.0.0-split.csv", "\n".join(split) + "\n")
+    write_lines(folder / "mimic-cxr-2.0.0-split.csv", split)
 
 
 def mimic_image_path(root: Path, dicom_id: str, subject: str, study: str, suffix: str) -> Path:
@@ -519,10 +525,7 @@ def test_padchest_labels_views_and_patient_splits(tmp_path):
         "3,c_01.png,1,20150101,S3,P3,1970,F,ANTEROPOSTERIOR,UNK,Manual,No,CR,,RNN_model,,[]",
         "4,d_01.png,1,20150101,S4,P4,1970,F,,PA,Manual,No,CR,,RNN_model,\"['normal']\",[]",  # not on disk
     ]
-    write_text(
-        tmp_path / "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv",
-        "\n".join([PADCHEST_HEADER, *rows]) + "\n",
-    )
+    write_lines(tmp_path / "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv", [PADCHEST_HEADER, *rows])
     for folder, name in [
         ("0", "a_01.png"),
         ("0", "a_02.png"),
@@ -575,20 +578,21 @@ def test_vindr_physionet_majority_vote_and_official_split(tmp_path):
     test_columns = [*VINDR_COLUMNS[:26], "Other disease", "No finding"]  # the test file's spelling
     test_rows = [vindr_row("img3", "R11", {"Other disease", "Lung tumor"}, test_columns)]
     annotations = tmp_path / "annotations"
-    write_text(
+    write_lines(
         annotations / "image_labels_train.csv",
-        "\n".join([",".join(["image_id", "rad_id", *VINDR_COLUMNS]), *train_rows]) + "\n",
+        [",".join(["image_id", "rad_id", *VINDR_COLUMNS]), *train_rows],
     )
-    write_text(
-        annotations / "image_labels_test.csv",
-        "\n".join([",".join(["image_id", "rad_id", *test_columns]), *test_rows]) + "\n",
+    write_lines(
+        annotations / "image_labels_test.csv", [",".join(["image_id", "rad_id", *test_columns]), *test_rows]
     )
     write_dicom(tmp_path / "train" / "img1.dicom", ViewPosition="PA")
     write_dicom(tmp_path / "train" / "img2.dicom")
     write_dicom(tmp_path / "test" / "img3.dicom", ViewPosition="AP")
     write_dicom(tmp_path / "test" / "img4.dicom")  # in no label file
+    write_png(tmp_path / "train" / "img2.png")  # a second copy of img2, read after the .dicom
     records, skips = run("vindr-cxr", tmp_path)
     assert skips["test/img4.dicom"].reason == "not listed in image_labels_train.csv / image_labels_test.csv"
+    assert skips["train/img2.png"].reason == "image_id img2 is already read from train/img2.dicom"
     img1 = records["train/img1.dicom"]
     assert img1.labels["cardiomegaly"] == 1.0 and img1.labels["aortic_enlargement"] == -1.0
     assert img1.labels["pleural_effusion"] == 0.0 and img1.labels["no_finding"] == 0.0
@@ -608,7 +612,7 @@ def test_vindr_kaggle_layout(tmp_path):
         "k1,Cardiomegaly,3,R8,680.0,1370.0,1650.0,1830.0",
         "k1,No finding,14,R9,,,,",
     ]
-    write_text(tmp_path / "train.csv", "\n".join(rows) + "\n")
+    write_lines(tmp_path / "train.csv", rows)
     write_dicom(tmp_path / "train" / "k1.dicom")
     write_dicom(tmp_path / "test" / "t1.dicom")  # Kaggle test images have no labels
     records, skips = run("vindr-cxr", tmp_path)
@@ -640,7 +644,7 @@ def test_rsna_labels_boxes_and_header_fields(tmp_path, caplog):
         "ccc,,,,,0",
         "zzz,,,,,0",  # no image
     ]
-    write_text(tmp_path / "stage_2_train_labels.csv", "\n".join([RSNA_HEADER, *rows]) + "\n")
+    write_lines(tmp_path / "stage_2_train_labels.csv", [RSNA_HEADER, *rows])
     write_dicom(
         tmp_path / "stage_2_train_images" / "aaa.dcm", ViewPosition="PA", PatientSex="F", PatientAge="43"
     )
@@ -749,7 +753,7 @@ def test_covid_cxr_findings_modality_and_views(tmp_path, caplog):
         covid_row("4", "", "COVID-19", "Axial", "CT", "images", "e.jpg"),
         covid_row("5", "", "COVID-19", "PA", "X-ray", "images", "missing.jpg"),
     ]
-    write_text(tmp_path / "metadata.csv", "\n".join([COVID_HEADER, *rows]) + "\n")
+    write_lines(tmp_path / "metadata.csv", [COVID_HEADER, *rows])
     for name in ("a.jpg", "b.jpg", "c.png", "d.jpg", "e.jpg", "unlisted.jpg"):
         (write_png if name.endswith(".png") else write_jpg)(tmp_path / "images" / name)
     with caplog.at_level(logging.WARNING):
