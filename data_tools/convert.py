@@ -24,7 +24,7 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from itertools import islice
 from pathlib import Path
@@ -256,6 +256,16 @@ class OrderedPool:
                 self._restart()
         return results
 
+    def _submit(self, task) -> Future:
+        """Submit, or a future that holds BrokenProcessPool when a worker died since the last check:
+        the crash is then handled in task order by `map`, like any other broken future."""
+        try:
+            return self._executor.submit(self.fn, task)
+        except BrokenProcessPool as err:
+            future: Future = Future()
+            future.set_exception(err)
+            return future
+
     def map(self, tasks: Iterable) -> Iterator:
         """Results of fn(task) in task order. Consume one map before starting the next."""
         if self.workers <= 1:
@@ -269,7 +279,7 @@ class OrderedPool:
             self._restart()
         window: deque = deque()
         for task in islice(tasks, 2 * self.workers + 2):
-            window.append((task, self._executor.submit(self.fn, task)))
+            window.append((task, self._submit(task)))
         while window:
             task, future = window.popleft()
             try:
@@ -279,7 +289,7 @@ class OrderedPool:
                 window.clear()
             for _ in results:
                 for task in islice(tasks, 1):
-                    window.append((task, self._executor.submit(self.fn, task)))
+                    window.append((task, self._submit(task)))
             yield from results
 
 
