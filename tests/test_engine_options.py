@@ -108,3 +108,10 @@ def test_dali_and_wds_backends_train_on_the_same_batches(shards, tmp_path):
         ]
     # Decoders differ only at image borders (< 2 grey levels): the losses agree closely.
     assert runs["wds"] == pytest.approx(runs["dali"], rel=2e-3)
+
+
+def test_extra_loss_weight_inside_the_chest_region_trains_and_validates(shards, tmp_path):
+    summary = _train(shards, tmp_path, ["mask.strategy=context", "model.inside_loss_weight=2.0"])
+    assert torch.isfinite(
+        torch.tensor([summary["last_loss"], summary["val_loss"], summary["val_loss_baseline"]])
+    ).all()

@@ -55,17 +55,17 @@ class PretrainTask:
             noise = fixed_noise(batch["position"], module.num_patches, self.val_seed).to(device)
             out = model(images, roi, noise)
             baseline_pred = self._baseline_prediction(module, images, out.mask_BL)
-            weights = batch["weight"].tolist()
-            for i, w in enumerate(weights):
+            inside_BL = module.region(roi, images.shape[0], images.device)  # the loss's region weighting
+            for i, w in enumerate(batch["weight"].tolist()):
                 if w == 0:
                     continue
                 sl = slice(i, i + 1)
+                region = None if inside_BL is None else inside_BL[sl]
+                image = images[sl].float()
                 loss_sum += w * float(
-                    module.loss_fn(out.pred_BLP[sl].float(), images[sl].float(), out.mask_BL[sl])
+                    module.loss_fn(out.pred_BLP[sl].float(), image, out.mask_BL[sl], region)
                 )
-                baseline_sum += w * float(
-                    module.loss_fn(baseline_pred[sl], images[sl].float(), out.mask_BL[sl])
-                )
+                baseline_sum += w * float(module.loss_fn(baseline_pred[sl], image, out.mask_BL[sl], region))
                 weight_sum += w
         module.train(was_training)
         loss_sum, baseline_sum, weight_sum = all_reduce_sum([loss_sum, baseline_sum, weight_sum], device)
