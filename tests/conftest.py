@@ -13,6 +13,18 @@ CORPUS = REPO_ROOT.parent / "shared" / "cxr-corpus"
 TINY_CONFIG = REPO_ROOT / "configs" / "tiny_cpu.yaml"
 
 
+@pytest.fixture(scope="module")
+def one_cpu_thread():
+    """Tiny models run thousands of small ops: on a shared 2-core runner, two OpenMP threads waiting
+    on each other at every op made a 0.4 s test take 10-20 s. One thread is faster and stable."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def corpus_or_skip() -> Path:
     if not CORPUS.is_dir():
         pytest.skip(f"real chest X-ray corpus not found at {CORPUS} (it lives beside the repo in ../shared)")

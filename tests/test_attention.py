@@ -27,14 +27,8 @@ AVAILABLE = available_attention_backends(HEAD_DIMS)
 BF16_ATOL, FP16_ATOL = 1.5e-2, 2e-3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """Tiny models run thousands of small ops: on a shared 2-core runner, two OpenMP threads waiting
-    on each other at every op made a 0.4 s test take 10-20 s. One thread is faster and stable."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# Tiny models: one CPU thread is faster and stable on a shared runner (see conftest.one_cpu_thread).
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def naive_attention(qkv_BN3HE: torch.Tensor) -> torch.Tensor:

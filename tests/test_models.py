@@ -36,14 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 PUBLISHED_ENCODER_PARAMS = {"base": (16, 85_798_656), "large": (16, 303_301_632), "huge": (14, 630_764_800)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """Tiny models run thousands of small ops: on a shared 2-core runner, two OpenMP threads waiting
-    on each other at every op made a 0.4 s test take 10-20 s. One thread is faster and stable."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# Tiny models: one CPU thread is faster and stable on a shared runner (see conftest.one_cpu_thread).
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def tiny_cfg(**overrides) -> MAEConfig:
