@@ -6,6 +6,8 @@ Layout under `<out_dir>/checkpoints/`:
         complete.json        written by rank 0 only after ALL ranks finished writing (barrier)
         run_config.json      the resolved run config, for `export` and for resuming
     latest                   the tag of the newest complete checkpoint, replaced atomically
+    universal/stepNNNNNNNN/  made on demand when a run resumes at another world size (DeepSpeed's
+                             universal format: ZeRO partitions merged, loadable by any number of ranks)
 
 `latest` is written with DeepSpeed's own `save_latest=False` and then replaced by an atomic rename
 after the barrier, so a node dying mid-write leaves `latest` on the previous complete checkpoint.
@@ -13,11 +15,13 @@ after the barrier, so a node dying mid-write leaves `latest` on the previous com
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +31,14 @@ TAG_RE = re.compile(r"^step(\d{8})$")
 COMPLETE_NAME = "complete.json"
 CONFIG_NAME = "run_config.json"
 LATEST_NAME = "latest"
+UNIVERSAL_DIR = "universal"
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    root: Path  # the folder DeepSpeed loads from (the checkpoints folder, or its universal/ copy)
+    tag: str
+    world_size: int | None  # ranks that wrote it (None: not recorded)
 
 
 def tag_for_step(step: int) -> str:
@@ -64,6 +76,39 @@ def resolve_checkpoint(path: Path) -> tuple[Path, str]:
     if not tags:
         raise ValueError(f"no complete checkpoint under {path}")
     return path, tags[-1]
+
+
+def read_resume_point(path: Path) -> ResumePoint:
+    """Where a resume would load from, and how many ranks wrote that checkpoint."""
+    root, tag = resolve_checkpoint(path)
+    info = json.loads((root / tag / COMPLETE_NAME).read_text())
+    return ResumePoint(root, tag, info.get("world_size"))
+
+
+def ensure_universal(point: ResumePoint, rank: int) -> ResumePoint:
+    """The same checkpoint in DeepSpeed's universal format (converted once, by rank 0), so that a run
+    can resume with a different number of ranks: ZeRO optimizer partitions are tied to the world size
+    that wrote them, the universal format is not. Load it with ds config `checkpoint.load_universal`."""
+    import torch.distributed as dist
+
+    universal_root = point.root / UNIVERSAL_DIR
+    target = universal_root / point.tag
+    if rank == 0 and not is_complete(target):
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+        partial = universal_root / f"{point.tag}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        ds_to_universal(argparse.Namespace(
+            input_folder=str(point.root / point.tag), output_folder=str(partial), num_extract_workers=1,
+            num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True,
+        ))  # fmt: skip
+        for name in (COMPLETE_NAME, CONFIG_NAME):
+            shutil.copy2(point.root / point.tag / name, partial / name)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(partial, target)
+    if dist.is_initialized():
+        dist.barrier()
+    return ResumePoint(universal_root, point.tag, None)
 
 
 def rng_state() -> dict:

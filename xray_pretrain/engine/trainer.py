@@ -4,9 +4,10 @@ The loop owns what every task shares: ZeRO, precision, accumulation toward a fix
 the LR schedule, checkpoint/resume, validation and image cadence, throughput and MFU. What is
 specific to a task (its model, loss, metrics) comes from `xray_pretrain.tasks`.
 
-Reproducibility: data order and augmentation depend only on (seed, global sample position), and
-the torch RNG (masking noise) is reseeded from (seed, step, rank) at every optimizer step, so a
-resumed run replays exactly what an uninterrupted one would have done.
+Reproducibility: data order, augmentation and masking noise depend only on (seed, global sample
+position), so a resumed run replays exactly what an uninterrupted one would have done, also on
+another number of ranks. The torch RNG is still reseeded from (seed, step, rank) at every step for
+whatever else a task draws.
 """
 
 from __future__ import annotations
@@ -75,12 +76,18 @@ class Trainer:
         self.peak_lr = cfg.optim.lr(cfg.train.global_batch)
         optimizer = build_optimizer(model, self.peak_lr, cfg.optim.weight_decay, tuple(cfg.optim.betas))
         ds_config = build_ds_config(cfg, self.ctx.world_size)
+        resume_point = self._resume_point()
+        if resume_point is not None and resume_point.world_size not in (None, self.ctx.world_size):
+            print(f"resuming a {resume_point.world_size}-rank checkpoint on {self.ctx.world_size} ranks: "
+                  "loading its universal form", flush=True)  # fmt: skip
+            resume_point = checkpoint.ensure_universal(resume_point, self.ctx.rank)
+            ds_config["checkpoint"] = {"load_universal": True}
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_config
         )
         if cfg.train.compile:
             self.engine.compile()
-        self.state = self._resume()
+        self.state = self._load(resume_point)
         if self.ctx.is_main:
             info = run_info(cfg, self.ctx.world_size, self.accum, ds_config, self.ctx.device)
             print(
@@ -117,14 +124,18 @@ class Trainer:
         )
         return train_loader, build_val_loader(cfg.data, device=ctx.device.type, **common)
 
-    def _resume(self) -> TrainState:
+    def _resume_point(self) -> checkpoint.ResumePoint | None:
         resume = self.cfg.checkpoint.resume
         if resume == "none":
-            return TrainState()
+            return None
         if resume == "auto" and not checkpoint.complete_tags(self.ckpt_dir):
-            return TrainState()  # nothing to resume yet: a fresh start, as a requeued job expects
-        root, tag = checkpoint.resolve_checkpoint(self.ckpt_dir if resume == "auto" else Path(resume))
-        client = checkpoint.load(self.engine, root, tag)
+            return None  # nothing to resume yet: a fresh start, as a requeued job expects
+        return checkpoint.read_resume_point(self.ckpt_dir if resume == "auto" else Path(resume))
+
+    def _load(self, point: checkpoint.ResumePoint | None) -> TrainState:
+        if point is None:
+            return TrainState()
+        client = checkpoint.load(self.engine, point.root, point.tag)
         return TrainState(
             step=int(client["step"]),
             samples_seen=int(client["samples_seen"]),
@@ -235,6 +246,7 @@ class Trainer:
         client = {
             "step": state.step,
             "samples_seen": state.samples_seen,
+            "world_size": self.ctx.world_size,
             "epoch": state.samples_seen // max(1, self.train_loader.num_samples_per_epoch),
             "first_loss": state.first_loss,
             "last_loss": state.last_loss,

@@ -9,8 +9,13 @@ from xray_pretrain.engine.dist import all_reduce_sum
 from xray_pretrain.models import build_mae, estimate_step_flops
 
 
-def fixed_noise(positions: torch.Tensor, num_patches: int, seed: int) -> torch.Tensor:
-    """(B, L) masking noise that depends only on each sample's position: a fixed validation mask."""
+def position_noise(positions: torch.Tensor, num_patches: int, seed: int) -> torch.Tensor:
+    """(B, L) masking noise that depends only on (seed, each sample's position).
+
+    Training: a sample's mask does not depend on which rank reads it or how the global batch is split
+    into micro-batches, so a run resumed at another world size masks exactly as before.
+    Validation: the same mask at every evaluation.
+    """
     rows = []
     for position in positions.tolist():
         g = torch.Generator().manual_seed(seed * 1_000_003 + int(position))
@@ -21,6 +26,7 @@ def fixed_noise(positions: torch.Tensor, num_patches: int, seed: int) -> torch.T
 class PretrainTask:
     def __init__(self, cfg):
         self.cfg = cfg
+        self.train_seed = cfg.train.seed
         self.val_seed = cfg.train.seed + 12345
 
     def build_model(self):
@@ -35,7 +41,11 @@ class PretrainTask:
 
     def training_loss(self, model, batch, device, dtype):
         images, roi = self._inputs(batch, device, dtype)
-        out = model(images, roi)
+        module = getattr(model, "module", model)
+        noise = position_noise(batch["position"], module.num_patches, self.train_seed).to(
+            device, non_blocking=True
+        )
+        out = model(images, roi, noise)
         # Tensors stay on the device: the engine syncs them only on logging steps.
         return out.loss, out.stat_tensors
 
@@ -52,7 +62,7 @@ class PretrainTask:
         module.eval()
         for batch in loader:
             images, roi = self._inputs(batch, device, dtype)
-            noise = fixed_noise(batch["position"], module.num_patches, self.val_seed).to(device)
+            noise = position_noise(batch["position"], module.num_patches, self.val_seed).to(device)
             out = model(images, roi, noise)
             baseline_pred = self._baseline_prediction(module, images, out.mask_BL)
             inside_BL = module.region(roi, images.shape[0], images.device)  # the loss's region weighting
@@ -96,7 +106,7 @@ class PretrainTask:
         if batch is None:
             return None
         images, roi = self._inputs(batch, device, dtype)
-        noise = fixed_noise(batch["position"], module.num_patches, self.val_seed).to(device)
+        noise = position_noise(batch["position"], module.num_patches, self.val_seed).to(device)
         was_training = module.training
         module.eval()
         out = model(images, roi, noise)
