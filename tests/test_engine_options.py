@@ -115,3 +115,11 @@ def test_extra_loss_weight_inside_the_chest_region_trains_and_validates(shards, 
     assert torch.isfinite(
         torch.tensor([summary["last_loss"], summary["val_loss"], summary["val_loss_baseline"]])
     ).all()
+
+
+def test_compiled_model_trains_to_the_same_losses(shards, tmp_path):
+    """train.compile=true (DeepSpeed's engine.compile, inductor): slow to compile on a CPU (~1 min), same numbers."""
+    eager = _train(shards, tmp_path / "eager", ["train.steps=2"])
+    compiled = _train(shards, tmp_path / "compiled", ["train.steps=2", "train.compile=true"])
+    assert compiled["first_loss"] == pytest.approx(eager["first_loss"], rel=1e-4)
+    assert compiled["last_loss"] == pytest.approx(eager["last_loss"], rel=1e-3)
