@@ -415,10 +415,11 @@ def _probe(by_split, pool: OrderedPool) -> tuple[list[Sample], list[str]]:
     return samples, reasons
 
 
-def _shard_size(args, by_split, pool: OrderedPool) -> int:
+def _shard_size(args, probe: tuple[list[Sample], list[str]] | None) -> int:
+    """Samples per shard: --shard-size, or --shard-bytes divided by the probed mean sample size."""
     if args.shard_bytes is None:
         return args.shard_size or DEFAULT_SHARD_SIZE
-    samples, reasons = _probe(by_split, pool)
+    samples, reasons = probe
     if not samples:
         raise ValueError(
             f"--shard-bytes: could not estimate the sample size ({len(reasons)} probed inputs were all "
@@ -497,8 +498,8 @@ def _write_shards(
     return states
 
 
-def _dry_run_report(by_split, skips, num_inputs, shard_size, pool: OrderedPool) -> dict:
-    samples, reasons = _probe(by_split, pool)
+def _dry_run_report(by_split, skips, num_inputs, shard_size, probe: tuple[list[Sample], list[str]]) -> dict:
+    samples, reasons = probe
     num_records = sum(len(v) for v in by_split.values())
     probed = len(samples) + len(reasons)
     mean_bytes = sum(_tar_bytes(s) for s in samples) / len(samples) if samples else 0.0
@@ -539,9 +540,11 @@ def convert_folder(args: argparse.Namespace) -> dict:
         _fill_identities(records, pool, not args.no_progress)
         num_inputs = len(records) + len(skips)
         by_split = _assign(records, skips)
-        shard_size = _shard_size(args, by_split, pool)
+        # One probe serves both --shard-bytes and the dry-run report (it decodes and encodes files).
+        probe = _probe(by_split, pool) if args.shard_bytes is not None or args.dry_run else None
+        shard_size = _shard_size(args, probe)
         if args.dry_run:
-            return _dry_run_report(by_split, skips, num_inputs, shard_size, pool)
+            return _dry_run_report(by_split, skips, num_inputs, shard_size, probe)
         plan = plan_shards(by_split, dataset, shard_size)
         settings = _settings_dict(args, options, shard_size)
         states = _write_missing_shards(args, plan, settings, dataset, label_names, salt, options.dedup, pool)
