@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from xray_pretrain.data.augment import TrainAugment
 from xray_pretrain.data.config import DataConfig, dali_available
 from xray_pretrain.data.order import GlobalOrder, TrainBatchSampler, val_rank_batches
-from xray_pretrain.data.shards import SplitTable, open_folders, union_label_names
+from xray_pretrain.data.shards import ShardFolder, SplitTable, open_folders, union_label_names
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +39,16 @@ def train_augment(cfg: DataConfig) -> TrainAugment:
     )
 
 
-def all_label_names(cfg: DataConfig) -> list[str]:
-    """The loaders' label order: union over data.shards, then labels only data.val_shards have."""
-    return union_label_names(open_folders(list(cfg.shards) + cfg.resolved_val_shards))
+def open_train_and_val(cfg: DataConfig) -> tuple[list[ShardFolder], list[ShardFolder], list[str]]:
+    """(train folders, val folders, label names), each distinct folder opened (manifest read) once.
+
+    Both loaders use the same label order, so batches of either line up: the union over
+    data.shards, then labels only data.val_shards have.
+    """
+    train_paths, val_paths = list(cfg.shards), cfg.resolved_val_shards
+    folders = open_folders(train_paths + val_paths)
+    num_train = len(train_paths)
+    return folders[:num_train], folders[num_train:], union_label_names(folders)
 
 
 @dataclass
@@ -98,7 +105,8 @@ def build_train_loader(
     """This rank's infinite training stream (see `order.py` for which positions it reads)."""
     cfg.validate()
     backend = resolve_backend(cfg.backend, device)
-    table = SplitTable(open_folders(cfg.shards), cfg.train_split, all_label_names(cfg))
+    train_folders, _val_folders, label_names = open_train_and_val(cfg)
+    table = SplitTable(train_folders, cfg.train_split, label_names)
     if sum(table.folder_sizes) == 0:
         raise ValueError(
             f"no {cfg.train_split!r} samples in {cfg.shards}; check data.shards and data.train_split"
@@ -154,7 +162,8 @@ def build_val_loader(
     padded with weight-0 rows so every rank runs the same number of batches. No randomness."""
     cfg.validate()
     backend = resolve_backend(cfg.backend, device)
-    table = SplitTable(open_folders(cfg.resolved_val_shards), cfg.val_split, all_label_names(cfg))
+    _train_folders, val_folders, label_names = open_train_and_val(cfg)
+    table = SplitTable(val_folders, cfg.val_split, label_names)
     pairs = table.sorted_by_key(cfg.val_num_samples)
     if len(pairs) < cfg.val_num_samples:
         log.warning(
