@@ -168,13 +168,18 @@ def _load(record: Record, decode: DecodeOptions) -> LoadedImage:
     return loaded
 
 
-def _pixel_sums(stored_hw: np.ndarray) -> tuple[int, int]:
+def pixel_sums(stored_hw: np.ndarray) -> tuple[int, int]:
+    """(sum, sum of squares) of integer pixels, exact (int64 per pixel, Python int totals)."""
     flat = stored_hw.reshape(-1).astype(np.int64)
     return int(flat.sum()), int(np.dot(flat, flat))
 
 
-def _meta(record: Record, key: str, split: str, loaded: LoadedImage, size_hw, options: SampleOptions) -> dict:
-    """The sample's json (the contract in BRIEF/shardio); ids salted, no paths unless keep_paths."""
+def _meta(
+    record: Record, key: str, split: str, loaded: LoadedImage, size_hw, labels: dict, options: SampleOptions
+) -> dict:
+    """The sample's json (the contract in BRIEF/shardio); ids salted, no paths unless keep_paths.
+
+    labels: {name: 1.0/0.0/-1.0/None} in the order of options.label_names."""
     spacing = None
     if loaded.pixel_spacing:
         (height, width), (h, w) = loaded.original_size, size_hw
@@ -182,7 +187,6 @@ def _meta(record: Record, key: str, split: str, loaded: LoadedImage, size_hw, op
             round(loaded.pixel_spacing[0] * height / h, 6),
             round(loaded.pixel_spacing[1] * width / w, 6),
         ]
-    labels = {name: record.labels.get(name) for name in options.label_names}
     report = None
     if record.report:
         report = {
@@ -224,7 +228,8 @@ def build_sample(record: Record, key: str, split: str, options: SampleOptions) -
     t2 = clock()
     small = small_copy(stored)
     region = estimate_chest_region_detail(stored, small)
-    meta = _meta(record, key, split, loaded, size_hw, options)
+    labels = {name: record.labels.get(name) for name in options.label_names}
+    meta = _meta(record, key, split, loaded, size_hw, labels, options)
     meta["roi_box"] = region.box
     if region.method != "lungs":
         meta["flags"].append(f"roi_{region.method}")
@@ -235,19 +240,18 @@ def build_sample(record: Record, key: str, split: str, options: SampleOptions) -
     components = {
         FORMAT_EXTENSION[options.image_format]: image_bytes,
         "roi.png": encode_png(region.mask_hw, ROI_PNG_LEVEL, zlib.Z_DEFAULT_STRATEGY),
-        "labels.npy": encode_labels([record.labels.get(n) for n in options.label_names]),
+        "labels.npy": encode_labels(list(labels.values())),
         "json": encode_json(meta),
     }
     # Statistics over the pixels a loader will see: a lossy JPEG is decoded again to get them.
     seen = decode_stored(image_bytes) if options.image_format == "jpg" else stored
-    pixel_sum, pixel_sumsq = _pixel_sums(seen)
+    pixel_sum, pixel_sumsq = pixel_sums(seen)
     t4 = clock()
     pixel_hash = None
     if options.dedup:
         pixel_hash = hashlib.sha256(f"{stored.shape}{stored.dtype}".encode() + stored.tobytes()).hexdigest()
     id_row = (key, meta["patient"] or "", meta["study"] or "", record.source_id, str(record.source_path))
     seconds = {"decode": t1 - t0, "resize": t2 - t1, "roi": t3 - t2, "encode": t4 - t3}
-    labels = {name: record.labels.get(name) for name in options.label_names}
     return Sample(
         key, split, components, pixel_sum, pixel_sumsq, int(seen.size), labels, id_row, pixel_hash, seconds
     )
