@@ -31,16 +31,9 @@ import numpy as np
 import torch
 
 from xray_pretrain.data.augment import FULL_VIEW, AugmentParams, TrainAugment, crop_box_pixels
-from xray_pretrain.data.decode import (
-    decode_image,
-    decode_labels,
-    encode_roi_png,
-    estimate_roi,
-    image_extension,
-)
+from xray_pretrain.data.decode import decode_image, encode_roi_png, estimate_roi
 from xray_pretrain.data.decode import image_size as encoded_image_size
 from xray_pretrain.data.order import GlobalOrder, TrainBatchSampler, micro_batch_positions
-from xray_pretrain.data.shardio import ROI_EXTENSION
 from xray_pretrain.data.shards import ShardReader, SplitTable
 
 FULL_SCALE_16 = 65535.0
@@ -83,19 +76,14 @@ class HostFeed:
         return tuple(columns[name] for name in self.outputs)
 
     def sample_inputs(self, row: Row) -> dict[str, np.ndarray]:
-        ref = self.table.ref(row.folder, row.index)
-        components = self.reader.read(ref)
-        encoded = components[image_extension(components)]
-        height, width = encoded_image_size(encoded)
-        roi_png = components.get(ROI_EXTENSION)
+        sample = self.table.read(self.reader, row.folder, row.index)
+        height, width = encoded_image_size(sample.image)
+        roi_png = sample.roi
         if roi_png is None:  # rare (tars from elsewhere): the estimator needs the decoded image
-            roi_png = encode_roi_png(estimate_roi(decode_image(encoded)))
+            roi_png = encode_roi_png(estimate_roi(decode_image(sample.image)))
         top, left, crop_h, crop_w = crop_box_pixels(row.params, height, width)
-        mean, std = self.table.intensity(row.folder)
-        num_folder_labels = len(self.table.folders[row.folder].label_names)
-        labels = decode_labels(components, num_folder_labels, f"{ref.tar_path}:{ref.key}")
         return {
-            "encoded": np.frombuffer(encoded, dtype=np.uint8),
+            "encoded": np.frombuffer(sample.image, dtype=np.uint8),
             "roi_encoded": np.frombuffer(roi_png, dtype=np.uint8),
             "image_hw": np.array([height, width], dtype=np.float32),
             "anchor": np.array([top, left], dtype=np.int32),
@@ -103,9 +91,9 @@ class HostFeed:
             "flip": np.array(int(row.params.flip), dtype=np.int32),
             "brightness": np.array(row.params.brightness, dtype=np.float32),
             "contrast": np.array(row.params.contrast, dtype=np.float32),
-            "mean": np.array([mean], dtype=np.float32),
-            "std": np.array([std], dtype=np.float32),
-            "labels": self.table.labels(row.folder, labels),
+            "mean": np.array([sample.mean], dtype=np.float32),
+            "std": np.array([sample.std], dtype=np.float32),
+            "labels": sample.labels,
         }
 
 

@@ -11,19 +11,10 @@ import io
 import numpy as np
 from PIL import Image
 
-from xray_pretrain.data.shardio import IMAGE_EXTENSIONS, LABELS_EXTENSION, ROI_EXTENSION
+from xray_pretrain.data.shardio import LABELS_EXTENSION
 
 # Full scale of each Pillow mode a stored image may decode to.
 _FULL_SCALE = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "L": 255.0}
-
-
-def image_extension(components: dict[str, bytes]) -> str:
-    for ext in IMAGE_EXTENSIONS:
-        if ext in components:
-            return ext
-    raise ValueError(
-        f"sample has no image component (one of {IMAGE_EXTENSIONS}); it has {sorted(components)}"
-    )
 
 
 def decode_image(data: bytes) -> np.ndarray:
@@ -84,7 +75,3 @@ def decode_labels(components: dict[str, bytes], num_labels: int, where: str) -> 
             f"{where}: labels.npy has {labels.shape[0]} values, the manifest names {num_labels} labels"
         )
     return labels
-
-
-def has_roi(components: dict[str, bytes]) -> bool:
-    return ROI_EXTENSION in components

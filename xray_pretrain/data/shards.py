@@ -18,7 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
-from xray_pretrain.data.shardio import MANIFEST_NAME, IndexedSample, idx_path_for, read_idx, read_sample
+from xray_pretrain.data.decode import decode_labels
+from xray_pretrain.data.shardio import (
+    MANIFEST_NAME,
+    ROI_EXTENSION,
+    IndexedSample,
+    idx_path_for,
+    read_idx,
+    read_sample,
+)
 
 FORMAT_VERSION = 1
 IMAGE_FORMATS = ("png16", "jpg", "jp2")
@@ -192,10 +200,23 @@ class ShardReader:
         self.__init__(state["max_open_files"])
 
 
+@dataclass(frozen=True)
+class StoredSample:
+    """One sample as both backends take it from the host: the image still encoded (wds decodes it
+    with Pillow, DALI on its own), labels already in the table's order."""
+
+    key: str
+    image: bytes  # encoded png16 / jpg / jp2
+    roi: bytes | None  # roi.png (0/255); None for tars written without one
+    labels: np.ndarray  # (num_labels,) float32 in the table's label order, NaN unknown
+    mean: float  # the folder's intensity statistics, fractions of full scale
+    std: float
+
+
 class SplitTable:
     """One split over several folders: its samples, labels aligned by name, per-folder intensity.
 
-    Both backends read through it, so they see the same samples, labels and statistics.
+    Both backends read through `read`, so they see the same samples, labels and statistics.
     """
 
     def __init__(self, folders: list[ShardFolder], split: str, label_names: list[str] | None = None):
@@ -215,9 +236,20 @@ class SplitTable:
     def ref(self, folder: int, index: int) -> SampleRef:
         return self.refs[folder][index]
 
-    def intensity(self, folder: int) -> tuple[float, float]:
-        """(mean, std) of `folder`'s train split, fractions of full scale."""
-        return self.folders[folder].intensity_mean, self.folders[folder].intensity_std
+    def read(self, reader: ShardReader, folder: int, index: int) -> StoredSample:
+        """Sample `index` of `folder`: its bytes through `reader` (a seek and a read, no image decode)."""
+        ref = self.refs[folder][index]
+        components = reader.read(ref)
+        source = self.folders[folder]
+        folder_labels = decode_labels(components, len(source.label_names), f"{ref.tar_path}:{ref.key}")
+        return StoredSample(
+            key=ref.key,
+            image=components[ref.sample.image_extension],
+            roi=components.get(ROI_EXTENSION),
+            labels=self.labels(folder, folder_labels),
+            mean=source.intensity_mean,
+            std=source.intensity_std,
+        )
 
     def intensities(self) -> list[dict]:
         return [

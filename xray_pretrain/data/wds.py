@@ -18,9 +18,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from xray_pretrain.data.augment import FULL_VIEW, AugmentParams, TrainAugment, transform_sample
-from xray_pretrain.data.decode import decode_image, decode_labels, decode_roi, estimate_roi, image_extension
+from xray_pretrain.data.decode import decode_image, decode_roi, estimate_roi
 from xray_pretrain.data.order import GlobalOrder
-from xray_pretrain.data.shardio import ROI_EXTENSION
 from xray_pretrain.data.shards import ShardReader, SplitTable
 
 
@@ -33,19 +32,11 @@ def load_item(
     image_size: tuple[int, int],
 ) -> dict:
     """Read, decode and transform one sample into its batch row (no batch dimension)."""
-    ref = table.ref(folder, index)
-    components = reader.read(ref)
-    image_HW = decode_image(components[image_extension(components)])
-    if ROI_EXTENSION in components:
-        roi_hw = decode_roi(components[ROI_EXTENSION])
-    else:
-        roi_hw = estimate_roi(image_HW)
-    mean, std = table.intensity(folder)
-    image_1HW, roi_1HW = transform_sample(image_HW, roi_hw, params, image_size, mean, std)
-    folder_labels = decode_labels(
-        components, len(table.folders[folder].label_names), f"{ref.tar_path}:{ref.key}"
-    )
-    return {"image": image_1HW, "roi": roi_1HW, "labels": table.labels(folder, folder_labels), "key": ref.key}
+    sample = table.read(reader, folder, index)
+    image_HW = decode_image(sample.image)
+    roi_hw = decode_roi(sample.roi) if sample.roi is not None else estimate_roi(image_HW)
+    image_1HW, roi_1HW = transform_sample(image_HW, roi_hw, params, image_size, sample.mean, sample.std)
+    return {"image": image_1HW, "roi": roi_1HW, "labels": sample.labels, "key": sample.key}
 
 
 class TrainDataset(Dataset):
