@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_tools.encode import FORMAT_EXTENSION
-from data_tools.manifest import FULL_SCALE, empty_label_counts, intensity_stats, read_manifest
+from data_tools.encode import FORMAT_EXTENSION, pixel_sums
+from data_tools.manifest import FULL_SCALE, count_label, empty_label_counts, intensity_stats, read_manifest
 from data_tools.roi import roi_size
 from data_tools.writer import sha256_file
 from xray_pretrain.data.shardio import (
@@ -60,14 +60,16 @@ class _Totals:
 
     def add(self, split: str, labels: np.ndarray, pixels: np.ndarray) -> None:
         self.splits[split] = self.splits.get(split, 0) + 1
+        # The writer's counting and sums, applied to what was decoded from the tar: what is checked
+        # is the stored data against the manifest, not the arithmetic a second time.
         counts = self.label_counts.setdefault(split, empty_label_counts(self.label_names))
-        for name, value in zip(self.label_names, labels.tolist()):
-            counts[name]["null" if np.isnan(value) else str(int(value))] += 1
-        flat = pixels.reshape(-1).astype(np.int64)
+        values = [None if np.isnan(v) else v for v in labels.tolist()]
+        count_label(counts, dict(zip(self.label_names, values)))
+        pixel_sum, pixel_sumsq = pixel_sums(pixels)
         acc = self.sums.setdefault(split, [0, 0, 0])
-        acc[0] += int(flat.sum())
-        acc[1] += int(np.dot(flat, flat))
-        acc[2] += flat.size
+        acc[0] += pixel_sum
+        acc[1] += pixel_sumsq
+        acc[2] += pixels.size
 
 
 def _decode(data: bytes) -> tuple[np.ndarray, str]:
