@@ -33,7 +33,7 @@ import torch
 from xray_pretrain.data.augment import FULL_VIEW, AugmentParams, TrainAugment, crop_box_pixels
 from xray_pretrain.data.decode import decode_image, encode_roi_png, estimate_roi
 from xray_pretrain.data.decode import image_size as encoded_image_size
-from xray_pretrain.data.order import GlobalOrder, TrainBatchSampler, micro_batch_positions
+from xray_pretrain.data.order import GlobalOrder, TrainBatchSampler
 from xray_pretrain.data.shards import ShardReader, SplitTable
 
 FULL_SCALE_16 = 65535.0
@@ -218,15 +218,9 @@ class TrainSchedule:
 
     def __init__(self, order: GlobalOrder, sampler: TrainBatchSampler, augment: TrainAugment, seed: int):
         self.order, self.sampler, self.augment, self.seed = order, sampler, augment, seed
-        self.first_micro_step = sampler.start_position // (sampler.world_size * sampler.micro_batch)
 
     def __call__(self, number: int) -> list[Row]:
-        positions = micro_batch_positions(
-            self.first_micro_step + number,
-            self.sampler.rank,
-            self.sampler.micro_batch,
-            self.sampler.world_size,
-        )
+        positions = self.sampler.positions(number)
         return [Row(*self.order.locate(p), self.augment.sample(self.seed, p), p, 1.0) for p in positions]
 
 

@@ -20,6 +20,7 @@ the same samples per optimizer step.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -144,12 +145,16 @@ class TrainBatchSampler:
                 "(micro_batch x world_size x accum_steps); resume with the same global batch as the checkpoint"
             )
         self.start_position = start_position
+        self.first_micro_step = start_position // (world_size * micro_batch)
+
+    def positions(self, number: int) -> list[int]:
+        """Global positions of this rank's `number`-th micro-batch (from 0) after `start_position`."""
+        return micro_batch_positions(
+            self.first_micro_step + number, self.rank, self.micro_batch, self.world_size
+        )
 
     def __iter__(self) -> Iterator[list[int]]:
-        micro_step = self.start_position // (self.world_size * self.micro_batch)
-        while True:
-            yield micro_batch_positions(micro_step, self.rank, self.micro_batch, self.world_size)
-            micro_step += 1
+        return map(self.positions, itertools.count())
 
 
 def val_rank_batches(
