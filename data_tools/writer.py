@@ -118,9 +118,8 @@ class ShardBuilder:
         started = time.process_time()
         if self._tar is not None:
             self._tar.close()
-            tar_path = self.out_dir / self.shard.name
-            self.state.num_bytes = tar_path.stat().st_size
-            self.state.sha256 = sha256_file(tar_path)
+            self.state.num_bytes = self._tar.num_bytes
+            self.state.sha256 = sha256_file(self._tar.tar_path)
         seconds = self.state.cpu_seconds
         seconds["write"] = seconds.get("write", 0.0) + time.process_time() - started
         store.save(self.state)
