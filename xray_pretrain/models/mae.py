@@ -16,7 +16,7 @@ from torch import nn
 
 from .attention import ATTN_BACKENDS, check_attention_backend, describe_attention_backend
 from .masking import MaskConfig, make_mask, num_visible_tokens, pool_region, rectangle_region, region_stats
-from .pos_embed import sincos_2d
+from .pos_embed import sincos_buffer
 from .stem import STEMS, token_patch_size, unpatchify
 from .vit import (
     ENCODER_SIZES,
@@ -225,10 +225,12 @@ class MaskedAutoencoder(nn.Module):
         self._set_decoder_grid()
 
     def _set_decoder_grid(self) -> None:
-        old = getattr(self, "decoder_pos_embed", None)
-        dtype = old.dtype if old is not None else torch.float32
-        device = self.mask_fill.mask_token.device
-        table = sincos_2d(self.decoder_dim, self.grid_size).unsqueeze(0).to(device=device, dtype=dtype)
+        table = sincos_buffer(
+            self.decoder_dim,
+            self.grid_size,
+            self.mask_fill.mask_token.device,
+            getattr(self, "decoder_pos_embed", None),
+        )
         self.register_buffer("decoder_pos_embed", table, persistent=False)  # (1, 1 + L, Dd)
         # K visible tokens per sample; ValueError now if the ratio leaves none (or nothing masked).
         self.num_visible = num_visible_tokens(self.num_patches, self.mask_cfg.ratio)

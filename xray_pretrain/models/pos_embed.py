@@ -41,3 +41,15 @@ def sincos_2d(dim: int, grid_size: tuple[int, int], cls_token: bool = True) -> t
     if cls_token:
         table_LD = torch.cat([torch.zeros(1, dim, dtype=torch.float64, device="cpu"), table_LD], dim=0)
     return table_LD.float()
+
+
+def sincos_buffer(
+    dim: int, grid_size: tuple[int, int], device: torch.device, replaces: torch.Tensor | None
+) -> torch.Tensor:
+    """``(1, 1 + rows*cols, dim)`` table (zero cls slot first) on ``device``, for a module buffer.
+
+    Takes the dtype of the table it ``replaces`` (a model cast to bf16 stays bf16 end to end), float32
+    for the first one.
+    """
+    dtype = replaces.dtype if replaces is not None else torch.float32
+    return sincos_2d(dim, grid_size).unsqueeze(0).to(device=device, dtype=dtype)

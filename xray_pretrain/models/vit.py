@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import Attention, check_attention_backend
-from .pos_embed import sincos_2d
+from .pos_embed import sincos_buffer
 from .stem import build_stem, patchify, token_patch_size
 
 # MAE's encoder dims for base/large/huge; tiny/small as DeiT. MAE's huge uses patch 14: patch size is
@@ -150,11 +150,9 @@ class ViTEncoder(nn.Module):
         self.image_size = as_hw(image_size)
         self.grid_size = grid_for(self.image_size, self.token_patch)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
-        # Keep the current buffer's device and dtype (a model cast to bf16 stays bf16 end to end).
-        old = getattr(self, "pos_embed", None)
-        device = self.cls_token.device
-        dtype = old.dtype if old is not None else torch.float32
-        table = sincos_2d(self.embed_dim, self.grid_size).unsqueeze(0).to(device=device, dtype=dtype)
+        table = sincos_buffer(
+            self.embed_dim, self.grid_size, self.cls_token.device, getattr(self, "pos_embed", None)
+        )
         self.register_buffer("pos_embed", table, persistent=False)  # (1, 1 + L, D)
 
     def set_grad_checkpointing(self, enable: bool = True, every: int = 1) -> None:
