@@ -27,7 +27,8 @@ class DataConfig:
     val_shards: folders for validation; None = the same as `shards`.
     val_num_samples: validation uses the first N samples of the val split in sorted-key order.
     backend: auto (DALI when it imports and training runs on a GPU, else wds) | dali | wds.
-    num_workers: host worker processes (DataLoader workers / DALI external-source workers); 0 = none.
+    num_workers: wds: DataLoader worker processes, 0 = load in the training process; dali: DALI's CPU
+        threads (at least 1; the host feed itself runs in the training process).
     crop_scale / crop_ratio: random resized crop, area fraction and aspect relative to the image's.
     hflip: random horizontal flip (off by default: it moves the heart to the other side).
     brightness / contrast: jitter amounts (factors drawn from 1 +- amount); 0 = off.
