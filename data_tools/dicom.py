@@ -30,6 +30,7 @@ from data_tools.images import (
     luma,
     percentile_range,
     unit_from_values,
+    view_filter_reason,
 )
 
 FOR_PROCESSING_SOP_CLASSES = {
@@ -139,10 +140,9 @@ def filter_reason(ds, options: DecodeOptions) -> str | None:
     )
     if for_processing and not options.allow_for_processing:
         return f"filtered: {modality} FOR PROCESSING (raw detector data); pass --allow-for-processing to keep"
-    if options.views is not None and (header_view(ds) or "UNKNOWN") not in options.views:
-        return (
-            f"filtered: view {header_view(ds) or 'unknown'} not in --views {','.join(sorted(options.views))}"
-        )
+    view_reason = view_filter_reason(header_view(ds), options.views)
+    if view_reason:
+        return view_reason
     num_frames = number_of_frames(ds)
     if num_frames > 1 and options.frames == "skip":
         return f"filtered: multi-frame ({num_frames} frames) and --frames skip"

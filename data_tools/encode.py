@@ -45,6 +45,7 @@ from data_tools.images import (
     polarity_suspect,
     quantize,
     resize_unit,
+    view_filter_reason,
 )
 from data_tools.manifest import FULL_SCALE, salted_id
 from data_tools.records import Record
@@ -154,12 +155,17 @@ class Sample:
 
 
 def _check_view(view: str | None, views: frozenset[str] | None) -> None:
-    if views is not None and view not in views:
-        raise SkipInput(f"filtered: view {view or 'unknown'} not in --views {','.join(sorted(views))}")
+    reason = view_filter_reason(view, views)
+    if reason:
+        raise SkipInput(reason)
 
 
 def _load(record: Record, decode: DecodeOptions) -> LoadedImage:
-    """Decode with the view filter applied to the source's view if it has one, else the header's."""
+    """Decode with the view filter applied to the source's view if it has one, else the header's.
+
+    A DICOM's header view is filtered before its pixels are decoded (`dicom.filter_reason`); the
+    check after loading is what filters other images, which carry no view.
+    """
     if record.view:
         _check_view(record.view, decode.views)
         return load_image(record.source_path, replace(decode, views=None))

@@ -89,6 +89,16 @@ class LoadedImage:
         self.original_size = int(self.unit_hw.shape[0]), int(self.unit_hw.shape[1])
 
 
+def view_filter_reason(view: str | None, views: frozenset[str] | None) -> str | None:
+    """Why an image of `view` (None: unknown) is filtered out by `--views`, or None to keep it.
+
+    An unknown view is the name UNKNOWN, so `--views PA,UNKNOWN` keeps images that do not say.
+    """
+    if views is None or (view or "UNKNOWN") in views:
+        return None
+    return f"filtered: view {view or 'unknown'} not in --views {','.join(sorted(views))}"
+
+
 def sniff_kind(head: bytes) -> str:
     """'dicom' (preamble + DICM), an image format name from its magic number, or 'unknown'.
 

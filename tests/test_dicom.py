@@ -363,3 +363,22 @@ def test_view_filter_reads_the_header(tmp_path):
     path = write_dicom(tmp_path / "lat.dcm", stored_chest(), ViewPosition="LL")
     with pytest.raises(SkipInput, match="filtered: view LL not in --views AP,PA"):
         load_image(path, replace(ANY, views=frozenset({"PA", "AP"})))
+
+
+def test_view_filter_treats_a_missing_view_as_unknown(tmp_path):
+    """DICOM header and other images share one rule: no view is UNKNOWN, which --views may list."""
+    from PIL import Image
+
+    from data_tools.encode import SampleOptions, build_sample
+    from data_tools.records import Record
+
+    dicom_path = write_dicom(tmp_path / "noview.dcm", stored_chest(), ViewPosition=None)
+    png_path = tmp_path / "noview.png"
+    Image.fromarray(np.rint(chest_brightness() * 255).astype(np.uint8)).save(png_path)
+    for path in (dicom_path, png_path):
+        record = Record(path, path.name, "t")
+        keep = SampleOptions(decode=replace(ANY, views=frozenset({"PA", "UNKNOWN"})), long_side=64)
+        assert build_sample(record, "k", "train", keep).key == "k"
+        drop = SampleOptions(decode=replace(ANY, views=frozenset({"PA"})), long_side=64)
+        with pytest.raises(SkipInput, match="^filtered: view unknown not in --views PA$"):
+            build_sample(record, "k", "train", drop)
