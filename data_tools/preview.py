@@ -6,14 +6,14 @@ the chosen split), so the same folder always gives the same sheet.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from data_tools.manifest import read_manifest
+from data_tools.encode import FORMAT_EXTENSION, decode_stored
+from data_tools.manifest import FULL_SCALE, read_manifest
 from xray_pretrain.data.shardio import idx_path_for, read_idx, read_sample
 
 BOX_COLOUR = (255, 40, 40)
@@ -34,14 +34,12 @@ def _samples(folder: Path, manifest: dict, split: str | None, num: int):
                 yield read_sample(f, sample)
 
 
-def _tile(components: dict[str, bytes], tile: int):
+def _tile(components: dict[str, bytes], image_format: str, tile: int):
     from PIL import Image, ImageDraw
 
     meta = json.loads(components["json"])
-    ext = next(e for e in ("png", "jpg", "jp2") if e in components)
-    with Image.open(io.BytesIO(components[ext])) as image:
-        pixels = np.asarray(image).astype(np.float32)
-    full_scale = 255.0 if ext == "jpg" else 65535.0
+    pixels = decode_stored(components[FORMAT_EXTENSION[image_format]]).astype(np.float32)
+    full_scale = FULL_SCALE[image_format]
     gray = Image.fromarray(np.clip(pixels / full_scale * 255.0 + 0.5, 0, 255).astype(np.uint8))
     h, w = pixels.shape
     scale = tile / max(h, w)
@@ -75,9 +73,11 @@ def preview(
     """Write a contact sheet of the first `num` samples (of `split`, if given) to `out` (PNG)."""
     from PIL import Image
 
+    if num < 1 or columns < 1 or tile < 32:
+        raise ValueError("--num and --columns must be >= 1, --tile >= 32")
     folder = Path(folder)
     manifest = read_manifest(folder)
-    tiles = [_tile(c, tile) for c in _samples(folder, manifest, split, num)]
+    tiles = [_tile(c, manifest["image_format"], tile) for c in _samples(folder, manifest, split, num)]
     if not tiles:
         raise ValueError(f"{folder}: no samples{f' in split {split}' if split else ''} to preview")
     rows = -(-len(tiles) // columns)
@@ -100,9 +100,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.num < 1 or args.columns < 1 or args.tile < 32:
-        print("xray-shard preview: error: --num and --columns must be >= 1, --tile >= 32", file=sys.stderr)
-        return 2
     try:
         out = preview(args.folder, args.out, args.num, args.columns, args.tile, args.split)
     except (ValueError, OSError) as error:

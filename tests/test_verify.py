@@ -127,3 +127,8 @@ def test_stats_and_preview(clean, tmp_path, capsys):
     assert sheet.shape == (128, 192, 3)
     assert ((sheet[..., 0] == 255) & (sheet[..., 1] == 40)).any()  # the red chest-region box
     assert main(["stats", str(clean)]) == 0 and "samples 6" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--num and --columns must be >= 1, --tile >= 32"):
+        preview(clean, tmp_path / "none.png", columns=0)
+    assert main(["preview", str(clean), "--out", str(tmp_path / "none.png"), "--tile", "16"]) == 2
+    assert "error: --num and --columns must be >= 1, --tile >= 32" in capsys.readouterr().err
+    assert not (tmp_path / "none.png").exists()
