@@ -14,6 +14,7 @@ import numpy as np
 
 from data_tools.encode import FORMAT_EXTENSION, decode_stored
 from data_tools.manifest import FULL_SCALE, read_manifest
+from data_tools.records import SPLITS
 from xray_pretrain.data.shardio import idx_path_for, read_idx, read_sample
 
 BOX_COLOUR = (255, 40, 40)
@@ -96,7 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num", type=int, default=16, help="samples to show (default 16)")
     parser.add_argument("--columns", type=int, default=4, help="tiles per row (default 4)")
     parser.add_argument("--tile", type=int, default=256, help="tile size in pixels (default 256)")
-    parser.add_argument("--split", choices=("train", "val", "test"), help="only this split")
+    parser.add_argument("--split", choices=SPLITS, help="only this split")
 
 
 def run(args: argparse.Namespace) -> int:

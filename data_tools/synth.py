@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from data_tools import phantom_anatomy as anatomy_lib
+from data_tools.records import SPLITS
 
 FINDINGS = anatomy_lib.FINDINGS
 LABELS_HEADER = ["path", "patient_id", "study_id", "view", "split", *FINDINGS, "report"]
@@ -363,9 +364,7 @@ def _check_arguments(out_dir: Path, num_images: int, size: int, seed: int, num_w
 def _summarize(
     out_dir: Path, jobs: list[ImageJob], rows: list[dict[str, str]], seconds: float
 ) -> SynthSummary:
-    split_patients = {
-        name: len({j.patient_id for j in jobs if j.split == name}) for name in ("train", "val", "test")
-    }
+    split_patients = {name: len({j.patient_id for j in jobs if j.split == name}) for name in SPLITS}
     return SynthSummary(
         out_dir=out_dir,
         labels_csv=out_dir / "labels.csv",
@@ -373,7 +372,7 @@ def _summarize(
         num_patients=len({j.patient_id for j in jobs}),
         num_studies=len({j.study_id for j in jobs}),
         findings={name: sum(int(r[name]) for r in rows) for name in FINDINGS},
-        splits={name: sum(j.split == name for j in jobs) for name in ("train", "val", "test")},
+        splits={name: sum(j.split == name for j in jobs) for name in SPLITS},
         split_patients=split_patients,
         modalities=dict(Counter(j.modality for j in jobs)),
         photometrics=dict(Counter(j.photometric for j in jobs)),
