@@ -119,7 +119,7 @@ class ShardBuilder:
         if self._tar is not None:
             self._tar.close()
             self.state.num_bytes = self._tar.num_bytes
-            self.state.sha256 = sha256_file(self._tar.tar_path)
+            self.state.sha256 = self._tar.sha256  # hashed while writing: no second read of the tar
         seconds = self.state.cpu_seconds
         seconds["write"] = seconds.get("write", 0.0) + time.process_time() - started
         store.save(self.state)

@@ -64,3 +64,13 @@ def test_sample_keys_are_stable_and_distinct():
     assert sample_key("nih", "a.png") == sample_key("nih", "a.png") != sample_key("chexpert", "a.png")
     assert all(len(k) == 16 and int(k, 16) >= 0 for k in list(keys)[:10])
     assert np.unique([k[:4] for k in keys]).size > 500  # hashed, not sequential
+
+
+def test_the_writer_hashes_the_tar_it_wrote(tmp_path):
+    import hashlib
+
+    writer = ShardTarWriter(tmp_path / "x-train-000000.tar")
+    writer.write_sample("k", {"png": b"\x89PNG" * 1000, "json": b"{}"})
+    writer.close()
+    data = (tmp_path / "x-train-000000.tar").read_bytes()
+    assert writer.num_bytes == len(data) and writer.sha256 == hashlib.sha256(data).hexdigest()

@@ -74,16 +74,44 @@ def split_member_name(name: str) -> tuple[str, str]:
     return name[:dot], name[dot + 1 :]
 
 
+class _HashingFile:
+    """A binary file that hashes what is written through it (the tar's sha256 without reading it back)."""
+
+    def __init__(self, path: Path):
+        self._file = open(path, "wb")
+        self.digest = hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self._file.write(data)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def fileno(self) -> int:
+        return self._file.fileno()
+
+    def close(self) -> None:
+        self._file.close()
+
+
 class ShardTarWriter:
-    """Writes one tar deterministically and records each member's data offset for the idx file."""
+    """Writes one tar deterministically and records each member's data offset for the idx file.
+
+    After `close()`: `num_bytes` and `sha256` of the finished tar (hashed while writing).
+    """
 
     def __init__(self, tar_path: str | Path):
         self.tar_path = Path(tar_path)
         self._tmp_path = self.tar_path.with_name(self.tar_path.name + ".partial")
-        self._file = open(self._tmp_path, "wb")
+        self._file = _HashingFile(self._tmp_path)
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
         self.samples: list[IndexedSample] = []
         self.num_bytes = 0
+        self.sha256 = ""
 
     def write_sample(self, key: str, components: dict[str, bytes]) -> None:
         unknown = set(components) - set(COMPONENT_ORDER)
@@ -113,6 +141,7 @@ class ShardTarWriter:
         os.fsync(self._file.fileno())
         self._file.close()
         self.num_bytes = self._tmp_path.stat().st_size
+        self.sha256 = self._file.digest.hexdigest()
         write_idx(self.samples, idx_path_for(self.tar_path))
         os.replace(self._tmp_path, self.tar_path)
 
