@@ -34,6 +34,7 @@ def test_yaml_holds_differences_and_overrides_are_typed():
         ("train.stpes=3", "unknown key 'train.stpes'"),
         ("nosuch.key=3", "unknown config section"),
         ("train.steps=many", "train.steps expects int"),
+        ("train.steps=true", "train.steps expects int"),
         ("train.precision=fp8", "train.precision must be one of"),
         ("train.global_batch=30", "not a multiple of train.micro_batch"),
         ("steps", "section.key=value"),

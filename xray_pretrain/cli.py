@@ -92,7 +92,7 @@ def _run(args) -> int:
         from xray_pretrain.engine.trainer import train
 
         summary = train(cfg)
-        if summary.get("rank", 0) == 0 and _is_rank0():
+        if _is_rank0():
             out = Path(cfg.log.out_dir) / "train_summary.json"
             out.write_text(json.dumps(summary, indent=2))
             print(json.dumps(summary))

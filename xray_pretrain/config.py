@@ -216,10 +216,10 @@ def _coerce(value, hint, key: str, where: str):
             return float(value)
         except ValueError:
             pass
-    if hint in (int, float, str, bool) and not (
-        isinstance(value, hint) and not (hint is int and isinstance(value, bool))
-    ):
-        raise ValueError(f"{where}: {key} expects {hint.__name__}, got {value!r}")
+    if hint in (int, float, str, bool):
+        is_bool_for_int = hint is int and isinstance(value, bool)  # bool is an int subclass in Python
+        if not isinstance(value, hint) or is_bool_for_int:
+            raise ValueError(f"{where}: {key} expects {hint.__name__}, got {value!r}")
     return value
 
 

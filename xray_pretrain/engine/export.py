@@ -32,14 +32,12 @@ def load_mae_from_checkpoint(path: Path):
     root, tag = checkpoint.resolve_checkpoint(path)
     cfg = config_from_dict(json.loads((root / tag / checkpoint.CONFIG_NAME).read_text()))
     model = build_mae(cfg.model, cfg.mask)
-    state = consolidated_state_dict(root, tag)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    persistent = set(model.state_dict().keys())
-    missing = [k for k in missing if k in persistent and k in dict(model.named_parameters())]
-    if missing or unexpected:
+    try:
+        model.load_state_dict(consolidated_state_dict(root, tag), strict=True)
+    except RuntimeError as err:  # names differ: a checkpoint of another code version or model
         raise ValueError(
-            f"checkpoint {root / tag} does not match the model: missing {missing}, unexpected {unexpected}"
-        )
+            f"checkpoint {root / tag} does not match the model its config builds: {err}"
+        ) from err
     return model, cfg, tag
 
 
