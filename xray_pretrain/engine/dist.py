@@ -1,4 +1,4 @@
-"""Process-group setup shared by one plain process, `deepspeed --num_gpus N` and SLURM's srun."""
+"""Process-group setup shared by one plain process and the `deepspeed` launcher (one or many nodes)."""
 
 from __future__ import annotations
 
@@ -27,15 +27,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _fill_env_from_slurm() -> None:
-    """srun starts one task per GPU with SLURM_* variables; translate them to torch's names."""
-    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ or "SLURM_NTASKS" not in os.environ:
-        return
-    os.environ["RANK"] = os.environ["SLURM_PROCID"]
-    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
-    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-
-
 def init_distributed() -> DistContext:
     """Initialize torch.distributed through DeepSpeed (nccl on GPUs, gloo on CPUs) and pick the device.
 
@@ -44,7 +35,6 @@ def init_distributed() -> DistContext:
     """
     import deepspeed
 
-    _fill_env_from_slurm()
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
