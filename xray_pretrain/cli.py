@@ -46,7 +46,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xray-pretrain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train_args(
-        sub.add_parser("pretrain", help="MAE pre-training (one process, or under deepspeed/srun)")
+        sub.add_parser("pretrain", help="MAE pre-training (one process, or under the deepspeed launcher)")
     )
     check = sub.add_parser("check-config", help="resolve and validate a config, print it, spawn nothing")
     _add_train_args(check)
