@@ -7,9 +7,9 @@ setup(
     version="0.1.0",
     description="DICOM/PNG/JPEG X-ray archives -> WebDataset shards -> DeepSpeed ViT-MAE at 1280^2",
     python_requires=">=3.10",
-    packages=find_packages(include=["xray_pretrain*", "data_tools*"]),
+    packages=find_packages(include=["xray_core*", "xray_pretrain*", "data_tools*"]),
     include_package_data=True,
-    package_data={"xray_pretrain": ["configs/*.yaml"]},
+    package_data={"xray_pretrain": ["configs/*.yaml", "configs/deepspeed/*.json"]},
     install_requires=[
         # The torch wheel is a cu130 build; DALI must match that CUDA major.
         "torch==2.14.1",

@@ -30,7 +30,6 @@ from itertools import islice
 from pathlib import Path
 
 from data_tools.encode import DEFAULT_QUALITY, IMAGE_FORMATS, PNG_LEVEL, Sample, SampleOptions
-from data_tools.images import FRAME_POLICIES, INTENSITY_POLICIES, DecodeOptions
 from data_tools.manifest import (
     DEFAULT_SALT,
     build_manifest,
@@ -43,7 +42,8 @@ from data_tools.records import SPLITS, Record, Skip, split_for_patient
 from data_tools.sources import SOURCES, get_source
 from data_tools.version import TOOL_VERSION
 from data_tools.writer import ShardBuilder, ShardState, StateStore, plan_shards
-from xray_pretrain.data.shardio import sample_key
+from xray_core.images import FRAME_POLICIES, INTENSITY_POLICIES, DecodeOptions
+from xray_core.shardio import sample_key
 
 DEFAULT_SHARD_SIZE = 1000
 SHARD_BYTES_SAMPLE = 16  # records encoded to estimate bytes per sample for --shard-bytes / --dry-run
@@ -124,7 +124,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     out.add_argument("--upsample", action="store_true", help="also enlarge images smaller than --long-side")
     out.add_argument(
-        "--intensity", choices=INTENSITY_POLICIES, default="percentile", help="see data_tools.images"
+        "--intensity", choices=INTENSITY_POLICIES, default="percentile", help="see xray_core.images"
     )
     out.add_argument("--shard-size", type=int, help=f"samples per shard (default {DEFAULT_SHARD_SIZE})")
     out.add_argument("--shard-bytes", type=int, help="target bytes per shard (instead of --shard-size)")
@@ -344,9 +344,9 @@ def _init_worker(options: SampleOptions) -> None:
 def _task(task: tuple):
     """Worker entry point. ("sample", key, split, record) -> Sample, or the skip reason (str);
     ("identity", path) -> (PatientID, StudyInstanceUID) or None. Never raises for a bad input."""
-    from data_tools.dicom import read_identity
     from data_tools.encode import build_sample
-    from data_tools.images import SkipInput
+    from xray_core.dicom import read_identity
+    from xray_core.images import SkipInput
 
     if task[0] == "identity":
         try:

@@ -36,20 +36,20 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from data_tools.images import (
+from data_tools.manifest import FULL_SCALE, salted_id
+from data_tools.records import Record
+from xray_core.images import (
     DecodeOptions,
     LoadedImage,
     SkipInput,
-    load_image,
     output_size,
     polarity_suspect,
     quantize,
     resize_unit,
     view_filter_reason,
 )
-from data_tools.manifest import FULL_SCALE, salted_id
-from data_tools.records import Record
-from data_tools.roi import estimate_chest_region_detail, small_copy
+from xray_core.load import load_image
+from xray_core.roi import estimate_chest_region_detail, small_copy
 
 IMAGE_FORMATS = ("png16", "jpg", "jp2")
 FORMAT_EXTENSION = {"png16": "png", "jpg": "jpg", "jp2": "jp2"}

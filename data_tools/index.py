@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from xray_pretrain.data.shardio import idx_path_for, index_tar, write_idx
+from xray_core.shardio import idx_path_for, index_tar, write_idx
 
 
 def tar_paths(paths: list[Path]) -> list[Path]:

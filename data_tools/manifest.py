@@ -21,7 +21,7 @@ from pathlib import Path
 
 from data_tools.records import SPLITS
 from data_tools.version import TOOL_NAME, TOOL_VERSION
-from xray_pretrain.data.shardio import MANIFEST_NAME, SKIPPED_NAME
+from xray_core.shardio import MANIFEST_NAME, SKIPPED_NAME
 
 DEFAULT_SALT = "xray-shard-public-default-salt-v1"
 ID_MAP_NAME = "id_map.csv"

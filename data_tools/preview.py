@@ -15,7 +15,7 @@ import numpy as np
 from data_tools.encode import FORMAT_EXTENSION, decode_stored
 from data_tools.manifest import FULL_SCALE, read_manifest
 from data_tools.records import SPLITS
-from xray_pretrain.data.shardio import idx_path_for, read_idx, read_sample
+from xray_core.shardio import idx_path_for, read_idx, read_sample
 
 BOX_COLOUR = (255, 40, 40)
 TEXT_COLOUR = (255, 230, 0)

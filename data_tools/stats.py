@@ -13,7 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 from data_tools.manifest import read_manifest
-from xray_pretrain.data.shardio import META_EXTENSION, SKIPPED_NAME, idx_path_for, read_idx
+from xray_core.shardio import META_EXTENSION, SKIPPED_NAME, idx_path_for, read_idx
 
 TOP = 8  # rows shown for sizes, flags and skip reasons
 

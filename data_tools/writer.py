@@ -20,7 +20,7 @@ from pathlib import Path
 
 from data_tools.manifest import count_label, empty_label_counts, write_atomic
 from data_tools.records import SPLITS, Record
-from xray_pretrain.data.shardio import ShardTarWriter, idx_path_for, shard_name
+from xray_core.shardio import ShardTarWriter, idx_path_for, shard_name
 
 STATE_DIR = ".xray-shard"
 PLAN_NAME = "plan.json"

@@ -10,7 +10,7 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CORPUS = REPO_ROOT.parent / "shared" / "cxr-corpus"
-TINY_CONFIG = REPO_ROOT / "configs" / "tiny_cpu.yaml"
+TINY_CONFIG = "tiny_cpu"  # packaged config
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from xray_pretrain.data.config import dali_available
-from xray_pretrain.data.shardio import (
+from xray_core.shardio import (
     MANIFEST_NAME,
     SKIPPED_NAME,
     ShardTarWriter,
@@ -30,6 +29,7 @@ from xray_pretrain.data.shardio import (
     sample_key,
     shard_name,
 )
+from xray_pretrain.data.config import dali_available
 
 needs_dali = pytest.mark.skipif(
     not dali_available(), reason="nvidia.dali is not installed (pip install nvidia-dali-cuda130)"

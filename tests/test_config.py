@@ -8,7 +8,7 @@ from xray_pretrain.config import RunConfig, config_from_dict, load_config
 from xray_pretrain.engine.ds_config import build_ds_config
 from xray_pretrain.engine.optim import lr_at, param_groups
 
-TINY = "configs/tiny_cpu.yaml"
+TINY = "tiny_cpu"
 SHARDS = "data.shards=[runs/shards]"
 
 

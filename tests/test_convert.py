@@ -20,7 +20,7 @@ from test_dicom import stored_chest, write_dicom
 
 from data_tools.convert import convert
 from data_tools.verify import verify
-from xray_pretrain.data.shardio import index_tar, read_idx, read_sample, sample_key
+from xray_core.shardio import index_tar, read_idx, read_sample, sample_key
 
 LABELS = ["cardiomegaly", "effusion"]
 SALT = "test-salt"

@@ -15,7 +15,7 @@ from PIL import Image
 
 from data_tools.convert import convert
 from data_tools.verify import verify
-from xray_pretrain.data.shardio import read_idx, read_sample
+from xray_core.shardio import read_idx, read_sample
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "cxr-corpus"
 MONOCHROME1_CHESTS = [

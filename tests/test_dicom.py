@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_tools.images import DecodeOptions, SkipInput, load_image, polarity_suspect
-from data_tools.roi import small_copy
+from xray_core.images import DecodeOptions, SkipInput, polarity_suspect
+from xray_core.load import load_image
+from xray_core.roi import small_copy
 
 ANY = DecodeOptions(modalities=None, body_parts=None)
 

@@ -28,7 +28,7 @@ def shards(tmp_path_factory):
 
 def _train(shards, out_dir, overrides):
     cfg = load_config(
-        "configs/tiny_cpu.yaml",
+        "tiny_cpu",
         [
             "model.image_size=[64,64]",
             "model.patch_size=8",

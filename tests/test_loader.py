@@ -58,7 +58,7 @@ def test_round_trip_pixels_equal_source(tmp_path, image_format, tolerance):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_missing_roi_is_estimated_from_the_image(tmp_path, backend):
-    from data_tools.roi import estimate_chest_region
+    from xray_core.roi import estimate_chest_region
 
     fixture = write_shard_folder(tmp_path, with_roi=False, size_hw=(48, 40), splits={"val": 3})
     cfg = DataConfig(shards=[str(tmp_path)], backend=backend, num_workers=0)

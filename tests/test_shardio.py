@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from data_fixtures import write_shard_folder
 
-from xray_pretrain.data.shardio import (
+from xray_core.shardio import (
     ShardTarWriter,
     idx_path_for,
     index_tar,

@@ -18,7 +18,7 @@ from data_tools.index import index_tars
 from data_tools.preview import preview
 from data_tools.stats import folder_stats, format_stats
 from data_tools.verify import verify
-from xray_pretrain.data.shardio import ShardTarWriter, read_idx, read_sample
+from xray_core.shardio import ShardTarWriter, read_idx, read_sample
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,9 @@
 """One typed config tree for every run: defaults in dataclasses, YAML overlays, CLI overrides.
 
-    cfg = load_config("configs/tiny_cpu.yaml", ["train.steps=50", "data.shards=[runs/shards]"])
+    cfg = load_config("tiny_cpu", ["train.steps=50", "data.shards=[runs/shards]"])
+
+A config is a YAML file's path or the name of one shipped in the package (`xray_pretrain/configs/`,
+listed by `packaged_configs()`), so an installed wheel runs from any working directory.
 
 A YAML file holds only differences from the defaults. Each `section.key=value` override is parsed as
 YAML (so `[1,2]`, `true`, `3e-4` work) and type-checked against the dataclass field. Unknown keys are
@@ -12,6 +15,7 @@ this module only assembles them.
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import json
 import types
 import typing
@@ -55,7 +59,7 @@ class TrainConfig:
     steps: int = 1000  # optimizer steps
     precision: str = "bf16"  # fp32 | bf16 | fp16 (dynamic loss scaling, for GPUs without bf16)
     zero_stage: int = 2
-    ds_config: str | None = None  # default: ds_configs/zero{zero_stage}.json
+    ds_config: str | None = None  # default: the packaged configs/deepspeed/zero{zero_stage}.json
     seed: int = 0
     compile: bool = False  # torch.compile the model
 
@@ -136,13 +140,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """Defaults <- YAML file <- `section.key=value` overrides, then validated."""
     cfg = RunConfig()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"config file {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        text, where = read_config_text(path)
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"{where} is not valid YAML: {str(err).splitlines()[0]}") from None
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
-        _merge(cfg, data, where=str(path))
+            raise ValueError(f"{where}: expected a mapping of sections, got {type(data).__name__}")
+        _merge(cfg, data, where=where)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -150,6 +155,31 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         set_value(cfg, key.strip(), yaml.safe_load(raw) if raw.strip() else None, where="command line")
     cfg.validate()
     return cfg
+
+
+def packaged_configs() -> dict[str, importlib.resources.abc.Traversable]:
+    """Name -> file of every run config shipped inside the package (`xray_pretrain/configs/*.yaml`)."""
+    folder = importlib.resources.files("xray_pretrain") / "configs"
+    return {f.name.removesuffix(".yaml"): f for f in folder.iterdir() if f.name.endswith(".yaml")}
+
+
+def read_config_text(path_or_name: str | Path) -> tuple[str, str]:
+    """(YAML text, where it came from) for a config file path or a packaged config's name.
+
+    A path that exists wins; otherwise `tiny_cpu`, `tiny_cpu.yaml` and `configs/tiny_cpu.yaml` all
+    name the packaged file, so commands written against a checkout still work from an installed wheel.
+    """
+    path = Path(path_or_name)
+    if path.is_file():
+        return path.read_text(), str(path)
+    packaged = packaged_configs()
+    name = path.name.removesuffix(".yaml")
+    if name in packaged and (len(path.parts) == 1 or path.parent.name == "configs"):
+        return packaged[name].read_text(), f"{name} (packaged config)"
+    raise ValueError(
+        f"config {str(path_or_name)!r} is neither a file nor a packaged config name; "
+        f"packaged: {', '.join(sorted(packaged))}"
+    )
 
 
 def config_from_dict(data: dict) -> RunConfig:

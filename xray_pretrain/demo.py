@@ -9,21 +9,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny_cpu.yaml"
+DEFAULT_CONFIG = "tiny_cpu"  # a packaged config (xray_pretrain/configs/), found from any folder
 # Phantoms hold no real patients, so a fixed, public salt is fine here (real data: --salt SECRET).
 DEMO_SALT = "xray-pretrain-demo-phantoms"
 
 
 def add_arguments(p) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="everything goes under this folder")
-    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="config file or packaged config name")
     p.add_argument("--num-images", type=int, default=480, help="phantom radiographs to synthesize")
     p.add_argument("--size", type=int, default=256, help="phantom size in pixels")
     p.add_argument("--long-side", type=int, default=128, help="stored shard image long side")
@@ -33,23 +31,19 @@ def add_arguments(p) -> None:
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="extra run-config overrides")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _step(title: str) -> float:
     print(f"\n== {title}", flush=True)
     return time.perf_counter()
 
 
-def launch_training(config: Path, overrides: list[str], num_ranks: int, log_path: Path) -> None:
+def launch_training(config: str | Path, overrides: list[str], num_ranks: int, log_path: Path) -> None:
     """Run `xray-pretrain pretrain` under the deepspeed launcher (N CPU ranks when there is no GPU)."""
+    from xray_pretrain.engine.dist import free_port
+
     script = shutil.which("xray-pretrain") or str(Path(sys.executable).with_name("xray-pretrain"))
     cmd = [
         sys.executable, "-m", "deepspeed.launcher.runner",
-        "--num_gpus", str(num_ranks), "--master_port", str(_free_port()),
+        "--num_gpus", str(num_ranks), "--master_port", str(free_port()),
         script, "pretrain", "--config", str(config), *overrides,
     ]  # fmt: skip
     print("$ " + " ".join(cmd), flush=True)

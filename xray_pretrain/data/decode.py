@@ -11,7 +11,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from xray_pretrain.data.shardio import LABELS_EXTENSION
+from xray_core.shardio import LABELS_EXTENSION
 
 # Full scale of each Pillow mode a stored image may decode to.
 _FULL_SCALE = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "L": 255.0}
@@ -48,10 +48,10 @@ def decode_roi(data: bytes) -> np.ndarray:
 def estimate_roi(image_HW: np.ndarray) -> np.ndarray:
     """Chest-region mask (h, w) uint8 0/1 for a sample stored without roi.png (slow: full-image work).
 
-    `data_tools.roi.estimate_chest_region` takes any dtype (it normalizes by percentiles) and returns
+    `xray_core.roi.estimate_chest_region` takes any dtype (it normalizes by percentiles) and returns
     the mask at the stored roi size (long side <= 128), which the transform then treats as roi.png.
     """
-    from data_tools.roi import estimate_chest_region  # lazy: only tars without roi.png need it
+    from xray_core.roi import estimate_chest_region  # lazy: only tars without roi.png need it
 
     mask, _box = estimate_chest_region(image_HW)
     return (np.asarray(mask) >= 128).astype(np.uint8)

@@ -1,7 +1,7 @@
 """Shard folders: manifest validation, the samples of a split, label alignment, random-access reads.
 
 A shard folder (written by `xray-shard convert`) holds ``manifest.json``, the tars and one DALI
-``.idx`` beside each tar (format: `xray_pretrain.data.shardio`). Loaders never stream tars: they read
+``.idx`` beside each tar (format: `xray_core.shardio`). Loaders never stream tars: they read
 one sample at a time at the offsets the idx gives, which is what makes the global sample order exact.
 
 Several folders can be mixed; their labels align by name (`union_label_names`, `label_scatter`).
@@ -18,8 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xray_pretrain.data.decode import decode_labels
-from xray_pretrain.data.shardio import (
+from xray_core.shardio import (
     MANIFEST_NAME,
     ROI_EXTENSION,
     IndexedSample,
@@ -27,6 +26,7 @@ from xray_pretrain.data.shardio import (
     read_idx,
     read_sample,
 )
+from xray_pretrain.data.decode import decode_labels
 
 FORMAT_VERSION = 1
 IMAGE_FORMATS = ("png16", "jpg", "jp2")

@@ -1,12 +1,13 @@
 """The DeepSpeed JSON, generated from the run config so the two can never disagree.
 
-`ds_configs/zero{1,2,3}.json` hold what is specific to DeepSpeed (ZeRO buckets, overlap, stage-3
+`xray_pretrain/configs/deepspeed/zero{1,2,3}.json` (packaged, read through importlib.resources) hold what is specific to DeepSpeed (ZeRO buckets, overlap, stage-3
 prefetching). Batch sizes, accumulation, clipping and precision belong to the run config alone: a
 JSON that sets them is refused, so a change to the run config can never be silently overridden.
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 from pathlib import Path
 
@@ -23,11 +24,12 @@ OWNED_KEYS = (
     "optimizer",
     "scheduler",
 )
-DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 
 
-def default_ds_config_path(zero_stage: int) -> Path:
-    return DS_CONFIG_DIR / f"zero{zero_stage}.json"
+def default_ds_config_text(zero_stage: int) -> str:
+    """The packaged ZeRO settings for this stage."""
+    folder = importlib.resources.files("xray_pretrain") / "configs" / "deepspeed"
+    return (folder / f"zero{zero_stage}.json").read_text()
 
 
 def build_ds_config(cfg: RunConfig, world_size: int) -> dict:
@@ -36,10 +38,12 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> dict:
     if train.zero_stage == 0:
         base = {"zero_optimization": {"stage": 0}}
     else:
-        path = Path(train.ds_config) if train.ds_config else default_ds_config_path(train.zero_stage)
-        if not path.is_file():
-            raise ValueError(f"train.ds_config={path} does not exist")
-        base = json.loads(path.read_text())
+        if train.ds_config is None:
+            base = json.loads(default_ds_config_text(train.zero_stage))
+        elif Path(train.ds_config).is_file():
+            base = json.loads(Path(train.ds_config).read_text())
+        else:
+            raise ValueError(f"train.ds_config={train.ds_config} does not exist")
     clashing = [k for k in OWNED_KEYS if k in base]
     if clashing:
         raise ValueError(

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
+from xray_pretrain.collectives import all_reduce_mean
 from xray_pretrain.config import RunConfig, save_resolved_config
 from xray_pretrain.engine import checkpoint
-from xray_pretrain.engine.dist import DistContext, all_reduce_mean, init_distributed
+from xray_pretrain.engine.dist import DistContext, init_distributed
 from xray_pretrain.engine.ds_config import build_ds_config
 from xray_pretrain.engine.monitor import RunMonitor
 from xray_pretrain.engine.optim import build_optimizer, lr_at, set_lr

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from xray_pretrain.engine.dist import all_reduce_sum
+from xray_pretrain.collectives import all_reduce_sum
 from xray_pretrain.models import build_mae, estimate_step_flops
 
 # Stream tags: training and validation masks never share a noise stream.

@@ -3,7 +3,8 @@
 The pieces every decoder shares live here: recognizing a file by its content (`sniff_kind`), the
 intensity policies (`affine_for_range`, `percentile_range`, `apply_affine`), the Pillow path for
 PNG/JPEG/TIFF/BMP/GIF/JPEG 2000 files (`load_pillow_image`), the area-averaging resize and the
-polarity check. DICOM decoding is in `data_tools.dicom`; `load_image` picks one by content.
+polarity check. DICOM decoding is in `xray_core.dicom`; `xray_core.load.load_image` picks one by
+content.
 
 Intensity policies (`--intensity`), applied to every input, DICOM or not:
 
@@ -103,7 +104,7 @@ def sniff_kind(head: bytes) -> str:
     """'dicom' (preamble + DICM), an image format name from its magic number, or 'unknown'.
 
     `head` is the first 132 bytes or more. 'unknown' files may still be DICOM without a preamble;
-    `data_tools.dicom.read_dataset` decides that by parsing.
+    `xray_core.dicom.read_dataset` decides that by parsing.
     """
     if len(head) >= 132 and head[128:132] == b"DICM":
         return "dicom"
@@ -111,20 +112,6 @@ def sniff_kind(head: bytes) -> str:
         if head.startswith(magic):
             return kind
     return "unknown"
-
-
-def load_image(path: Path, options: DecodeOptions) -> LoadedImage:
-    """Decode any supported file by content (not extension). Raises SkipInput with a precise reason."""
-    from data_tools import dicom
-
-    with open(path, "rb") as f:
-        head = f.read(132)
-    if not head:
-        raise SkipInput("empty file (0 bytes)")
-    kind = sniff_kind(head)
-    if kind == "unknown" or kind == "dicom":
-        return dicom.load_dicom(path, options, has_preamble=kind == "dicom")
-    return load_pillow_image(path, options)
 
 
 def percentile_range(values_hw: np.ndarray, valid_hw: np.ndarray | None = None) -> tuple[float, float]:

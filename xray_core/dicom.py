@@ -5,7 +5,7 @@ Order of operations on the first frame (PS3.3 C.11 and C.7.6.3):
   -> BitsStored: high bits masked (signed data sign-extended), flag `values_exceed_bits_stored`
   -> colour (RGB / YBR_* / PALETTE COLOR) to BT.601 luma
   -> Modality LUT (Modality LUT Sequence, or Rescale Slope/Intercept folded into one affine map)
-  -> intensity policy (`data_tools.images`: percentile | window (VOI LUT / window) | raw) -> [0, 1]
+  -> intensity policy (`xray_core.images`: percentile | window (VOI LUT / window) | raw) -> [0, 1]
   -> photometric: MONOCHROME1, or Presentation LUT Shape INVERSE, is inverted once, so air is dark
   -> PixelPaddingValue pixels (excluded from statistics) set to 0.
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_tools.images import (
+from xray_core.images import (
     DecodeOptions,
     LoadedImage,
     SkipInput,
@@ -29,6 +29,7 @@ from data_tools.images import (
     apply_affine,
     luma,
     percentile_range,
+    sniff_kind,
     unit_from_values,
     view_filter_reason,
 )
@@ -98,8 +99,6 @@ def read_identity(path: Path) -> tuple[str | None, str | None] | None:
 
     Used before conversion to split by patient when the source gives no patient ids.
     """
-    from data_tools.images import sniff_kind
-
     with open(path, "rb") as f:
         kind = sniff_kind(f.read(132))
     if kind not in ("dicom", "unknown"):
