@@ -31,6 +31,8 @@ setup(
         "pyyaml",
         "tensorboard",
         "tqdm",
+        # Report metrics: BLEU, METEOR (bundled jar; needs a Java runtime), ROUGE-L, CIDEr-D.
+        "pycocoevalcap==1.2",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "scikit-learn"],
