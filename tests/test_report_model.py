@@ -123,3 +123,17 @@ def test_learns_two_reports_and_generates_them():
     for out in (greedy, beam):
         assert out[0, :5].tolist() == expected[0, :5].tolist() and out[0, 5:].eq(PAD).all()
         assert out[1, :6].tolist() == expected[1].tolist()
+
+
+def test_encoder_names_and_freezing():
+    model = tiny_generator()
+    names = [n for n, _ in model.named_parameters()]
+    assert "encoder.blocks.0.attn.qkv.weight" in names and "encoder.cls_token" in names  # as the MAE's
+    model.freeze_encoder(1)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any(n.startswith("encoder.") and not n.startswith("encoder.norm") for n in trainable)
+    assert "encoder.norm.weight" in trainable and "head.weight" in trainable
+    model.freeze_encoder(-1)
+    assert not any(n.startswith("encoder.") for n, p in model.named_parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="freeze_blocks=2"):
+        model.freeze_encoder(2)

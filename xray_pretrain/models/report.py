@@ -88,38 +88,29 @@ class DecoderBlock(nn.Module):
 
 
 class ImageMemory(nn.Module):
-    """Encoder patch tokens -> (optionally pooled) decoder-width memory tokens, views concatenated."""
+    """Encoder patch tokens of each view -> (optionally pooled) decoder-width memory, views concatenated."""
 
-    def __init__(self, encoder: ViTEncoder, cfg: ReportDecoderConfig) -> None:
+    def __init__(self, encoder_dim: int, grid_size: tuple[int, int], cfg: ReportDecoderConfig) -> None:
         super().__init__()
-        self.encoder = encoder
+        self.grid_size = tuple(grid_size)
         self.feature_grid = tuple(cfg.feature_grid) if cfg.feature_grid is not None else None
         self.num_views = cfg.num_views
-        self.proj = nn.Linear(encoder.embed_dim, cfg.dim)
+        self.proj = nn.Linear(encoder_dim, cfg.dim)
         self.norm = nn.LayerNorm(cfg.dim, eps=LAYER_NORM_EPS)
         self.view_embed = nn.Embedding(cfg.num_views, cfg.dim)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) or (B, V, C, H, W) -> (B, V * tokens_per_view, D)."""
-        if images.dim() == 4:
-            images = images.unsqueeze(1)
-        B, V = images.shape[:2]
-        if self.num_views != V:
-            raise ValueError(f"the report model takes {self.num_views} view(s) per sample, got {V}")
-        tokens_NLE = self.encoder(images.flatten(0, 1))[:, 1:]  # (B*V, L, E): patch tokens, cls dropped
+    def forward(self, tokens_NLE: torch.Tensor) -> torch.Tensor:
+        """(B * V, L, E) patch tokens (a sample's views adjacent) -> (B, V * tokens_per_view, D)."""
         if self.feature_grid is not None:
-            rows, cols = self.encoder.grid_size
-            grid_NEhw = tokens_NLE.transpose(1, 2).reshape(B * V, -1, rows, cols)
+            grid_NEhw = tokens_NLE.transpose(1, 2).reshape(tokens_NLE.shape[0], -1, *self.grid_size)
             tokens_NLE = F.adaptive_avg_pool2d(grid_NEhw, self.feature_grid).flatten(2).transpose(1, 2)
         memory_NLD = self.norm(self.proj(tokens_NLE))
-        views_V = torch.arange(V, device=images.device)
-        memory_BVLD = (
-            memory_NLD.view(B, V, -1, memory_NLD.shape[-1]) + self.view_embed(views_V)[None, :, None]
-        )
-        return memory_BVLD.flatten(1, 2)
+        views_V = torch.arange(self.num_views, device=tokens_NLE.device)
+        memory_BVLD = memory_NLD.view(-1, self.num_views, *memory_NLD.shape[1:])
+        return (memory_BVLD + self.view_embed(views_V)[None, :, None]).flatten(1, 2)
 
     def num_tokens(self) -> int:
-        rows, cols = self.feature_grid or self.encoder.grid_size
+        rows, cols = self.feature_grid or self.grid_size
         return self.num_views * rows * cols
 
 
@@ -137,30 +128,51 @@ class TokenEmbedding(nn.Module):
 
 
 class ReportGenerator(nn.Module):
+    """Parameter names: ``encoder.*`` exactly as the MAE's and the classifier's encoder (weights load
+    by the same names), ``memory.*`` / ``embed.*`` / ``blocks.*`` / ``norm.*`` / ``head.*`` new."""
+
     def __init__(self, encoder: ViTEncoder, cfg: ReportDecoderConfig) -> None:
         super().__init__()
         cfg.validate()
         check_attention_backend(cfg.attn, (cfg.dim // cfg.num_heads,))
         self.cfg = cfg
-        self.memory = ImageMemory(encoder, cfg)
+        self.encoder = encoder
+        self.memory = ImageMemory(encoder.embed_dim, encoder.grid_size, cfg)
         self.embed = TokenEmbedding(cfg.vocab_size, cfg.max_length, cfg.dim)
         self.blocks = nn.ModuleList(
             DecoderBlock(cfg.dim, cfg.num_heads, cfg.mlp_ratio, cfg.attn) for _ in range(cfg.depth)
         )
         self.norm = nn.LayerNorm(cfg.dim, eps=LAYER_NORM_EPS)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size)
-        for module in (self.memory.proj, self.memory.norm, self.blocks, self.norm, self.head):
+        for module in (self.memory, self.blocks, self.norm, self.head):
             module.apply(init_mae_weights)  # the encoder keeps its own (pre-trained) weights
         for embedding in (self.memory.view_embed, self.embed.tokens, self.embed.positions):
             nn.init.normal_(embedding.weight, std=0.02)
 
-    @property
-    def encoder(self) -> ViTEncoder:
-        return self.memory.encoder
+    def freeze_encoder(self, num_blocks: int) -> None:
+        """``-1``: the whole encoder frozen; ``k > 0``: its stem, cls token and first k blocks; 0: none."""
+        if num_blocks < -1 or num_blocks > len(self.encoder.blocks):
+            raise ValueError(
+                f"freeze_blocks={num_blocks}: use -1 (all), 0 (none) or 1..{len(self.encoder.blocks)}"
+            )
+        frozen = [self.encoder] if num_blocks == -1 else []
+        if num_blocks > 0:
+            frozen = [self.encoder.patch_embed, *self.encoder.blocks[:num_blocks]]
+            self.encoder.cls_token.requires_grad_(False)
+        for module in frozen:
+            module.requires_grad_(False)
 
     def memory_kv(self, images: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Encode the images once; each block's cross-attention keys/values over them."""
-        memory_BMD = self.memory(images)
+        """(B, C, H, W) or (B, V, C, H, W) images, encoded once -> each block's cross-attention keys
+        and values over them."""
+        if images.dim() == 4:
+            images = images.unsqueeze(1)
+        if images.shape[1] != self.cfg.num_views:
+            raise ValueError(
+                f"the report model takes {self.cfg.num_views} view(s) per sample, got {images.shape[1]}"
+            )
+        tokens_NLE = self.encoder(images.flatten(0, 1))[:, 1:]  # (B*V, L, E): patch tokens, cls dropped
+        memory_BMD = self.memory(tokens_NLE)
         return [block.cross_attn.memory_kv(memory_BMD) for block in self.blocks]
 
     def decode(
