@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from xray_pretrain.models.attention import Attention, CrossAttention, KVCache, attend_qkv
-from xray_pretrain.models.report import ReportDecoderConfig, ReportGenerator
+from xray_pretrain.models.report import GenerationOptions, ReportDecoderConfig, ReportGenerator
 from xray_pretrain.models.vit import ViTEncoder
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
@@ -98,6 +98,8 @@ def test_bad_inputs_are_clear_errors():
         model(torch.randn(2, 1, 32, 48), torch.tensor([[BOS, EOS]] * 2))
     with pytest.raises(ValueError, match="exceed max_length=10"):
         model(torch.randn(1, 2, 1, 32, 48), torch.ones(1, 11, dtype=torch.long))
+    with pytest.raises(ValueError, match="pass token ids"):
+        model(torch.randn(1, 2, 1, 32, 48))
     with pytest.raises(ValueError, match="build the tokenizer first"):
         ReportGenerator(
             ViTEncoder(image_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2), ReportDecoderConfig()
@@ -118,8 +120,8 @@ def test_learns_two_reports_and_generates_them():
         optimizer.step()
     model.eval()
     expected = reports[:, 1:]
-    greedy = model.generate(images, beam_size=1)
-    beam = model.generate(images, beam_size=3)
+    greedy = model(images, generation=GenerationOptions(beam_size=1))
+    beam = model(images, generation=GenerationOptions(beam_size=3))
     for out in (greedy, beam):
         assert out[0, :5].tolist() == expected[0, :5].tolist() and out[0, 5:].eq(PAD).all()
         assert out[1, :6].tolist() == expected[1].tolist()

@@ -6,12 +6,10 @@ and lateral through the same encoder, their tokens concatenated, each view's tok
 learned view embedding). All attention goes through :mod:`.attention`'s fused kernels.
 
 ``forward(images, ids)`` is teacher forcing: the loss of predicting ``ids[:, 1:]`` from
-``ids[:, :-1]``, padding ignored, optional label smoothing. :meth:`ReportGenerator.generate`
-decodes with :mod:`.decoding` (greedy or beam search) over a key/value cache.
-
-ZeRO-3: every parameter is used inside the forward of the module that owns it (linears, norms,
-embeddings, the encoder), so DeepSpeed's per-module hooks gather it also when generation calls
-sub-modules step by step outside ``forward``.
+``ids[:, :-1]``, padding ignored, optional label smoothing. ``forward(images, generation=...)``
+decodes with :mod:`.decoding` (greedy or beam search) over a key/value cache; generation is a mode
+of ``forward`` so that under DeepSpeed it runs inside the engine's forward, where ZeRO-3 gathers
+every parameter the step-by-step decoding reads.
 """
 
 from __future__ import annotations
@@ -59,6 +57,19 @@ class ReportDecoderConfig:
             raise ValueError(f"feature_grid={self.feature_grid} must be [rows, cols] >= 1, or null")
         if self.num_heads < 1 or self.dim % self.num_heads:
             raise ValueError(f"report decoder num_heads={self.num_heads} must divide dim={self.dim}")
+
+
+@dataclass
+class GenerationOptions:
+    """Decoding settings (:mod:`.decoding`). ``beam_size=1`` is greedy; ``max_length`` None: the
+    model's. ``all_finished(local_done) -> global_done`` decides when to stop: under DeepSpeed pass an
+    all-ranks reduction (``collectives.all_ranks_true``) so that every rank runs the same steps."""
+
+    beam_size: int = 3
+    max_length: int | None = None
+    length_penalty: float = 0.0
+    block_trigrams: bool = True
+    all_finished: Callable[[bool], bool] | None = None
 
 
 @dataclass
@@ -188,8 +199,23 @@ class ReportGenerator(nn.Module):
             x_BTD = block(x_BTD, memory_kv[i], None if caches is None else caches[i])
         return self.head(self.norm(x_BTD))
 
-    def forward(self, images: torch.Tensor, ids_BT: torch.Tensor) -> ReportOutput:
-        """Teacher forcing on ``ids_BT`` = ``[<bos>, words..., <eos>, <pad>...]`` (T <= max_length)."""
+    def forward(
+        self,
+        images: torch.Tensor,
+        ids_BT: torch.Tensor | None = None,
+        generation: GenerationOptions | None = None,
+    ) -> ReportOutput | torch.Tensor:
+        """``model(images, ids_BT)``: teacher forcing on ``[<bos>, words..., <eos>, <pad>...]``
+        (T <= max_length) -> :class:`ReportOutput`. ``model(images, generation=GenerationOptions())``:
+        decoding -> (B, T) generated ids (:meth:`generate`).
+
+        Generation is a mode of ``forward`` so that it runs inside DeepSpeed's forward: ZeRO-3 gathers
+        parameters read outside their own module's forward (the patch stem's conv weight) only there.
+        """
+        if generation is not None:
+            return self.generate(images, generation)
+        if ids_BT is None:
+            raise ValueError("pass token ids (teacher forcing) or generation options")
         if ids_BT.shape[1] > self.cfg.max_length:
             raise ValueError(f"reports of {ids_BT.shape[1]} ids exceed max_length={self.cfg.max_length}")
         logits_BTV = self.decode(ids_BT[:, :-1], self.memory_kv(images))
@@ -202,21 +228,11 @@ class ReportGenerator(nn.Module):
         return ReportOutput(loss, logits_BTV)
 
     @torch.no_grad()
-    def generate(
-        self,
-        images: torch.Tensor,
-        *,
-        beam_size: int = 3,
-        max_length: int | None = None,
-        length_penalty: float = 0.0,
-        block_trigrams: bool = True,
-        all_finished: Callable[[bool], bool] | None = None,
-    ) -> torch.Tensor:
+    def generate(self, images: torch.Tensor, options: GenerationOptions) -> torch.Tensor:
         """(B, V, 1, H, W) or (B, 1, H, W) -> (B, T) generated ids after ``<bos>``: words, ``<eos>``,
-        then ``<pad>``. ``beam_size=1`` is greedy. ``all_finished(local_done) -> global_done`` decides
-        when to stop (see :mod:`.decoding`): pass an all-ranks reduction under DeepSpeed so that every
-        rank runs the same number of decoder steps."""
-        max_length = min(max_length or self.cfg.max_length, self.cfg.max_length)
+        then ``<pad>``. Under DeepSpeed call ``engine(images, generation=...)`` instead (see forward)."""
+        max_length = min(options.max_length or self.cfg.max_length, self.cfg.max_length)
+        beam_size = options.beam_size
         memory_kv = self.memory_kv(images)
         batch_size = memory_kv[0][0].shape[0]
         if beam_size > 1:
@@ -239,10 +255,12 @@ class ReportGenerator(nn.Module):
             bos_id=self.cfg.bos_id,
             eos_id=self.cfg.eos_id,
             pad_id=self.cfg.pad_id,
-            block_trigrams=block_trigrams,
-            all_finished=all_finished,
+            block_trigrams=options.block_trigrams,
+            all_finished=options.all_finished,
             device=images.device,
         )
         if beam_size == 1:
             return greedy_search(step, **common)
-        return beam_search(step, reorder, beam_size=beam_size, length_penalty=length_penalty, **common).ids_BT
+        return beam_search(
+            step, reorder, beam_size=beam_size, length_penalty=options.length_penalty, **common
+        ).ids_BT

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 import torch
 
 from xray_pretrain.collectives import all_ranks_true
-from xray_pretrain.models.report import ReportDecoderConfig, ReportGenerator
+from xray_pretrain.models.report import GenerationOptions, ReportDecoderConfig, ReportGenerator
 from xray_pretrain.models.vit import ViTEncoder
 from xray_pretrain.report.metrics import TRUNCATED_SUFFIX, r2gen_truncated_references, score_reports
 from xray_pretrain.report.tokenizer import BOS_ID, EOS_ID, PAD_ID, ReportTokenizer
@@ -116,12 +116,12 @@ class ReportTask:
     @torch.no_grad()
     def generate(self, model, images: torch.Tensor) -> list[str]:
         """Cleaned report text per sample. Every rank steps until all ranks are done (ZeRO-3)."""
-        module = getattr(model, "module", model)
         rc = self.rcfg
-        ids_BT = module.generate(
-            images, beam_size=rc.beam_size, length_penalty=rc.length_penalty, block_trigrams=rc.block_trigrams,
+        options = GenerationOptions(
+            beam_size=rc.beam_size, length_penalty=rc.length_penalty, block_trigrams=rc.block_trigrams,
             all_finished=lambda done: all_ranks_true(done, images.device),
         )  # fmt: skip
+        ids_BT = model(images, generation=options)  # through the engine's forward: ZeRO-3 gathers there
         return [self._tokenizer().decode(ids) for ids in ids_BT.tolist()]
 
     @torch.no_grad()
