@@ -35,7 +35,9 @@ setup(
         "pycocoevalcap==1.2",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "scikit-learn"],
+        "test": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "scikit-learn", "transformers>=5"],
+        # Report clinical efficacy with user-supplied CheXbert weights (report.chexbert).
+        "clinical": ["transformers>=5"],
     },
     entry_points={
         "console_scripts": [

@@ -81,3 +81,59 @@ def test_inference_state_and_errors():
         make_task(views=3)
     with pytest.raises(ValueError, match="has no tokenizer"):
         ReportTask(SimpleNamespace(model=MAEConfig(), report=ReportConfig())).build_model()
+
+
+def test_clinical_efficacy_options_are_checked_before_work(tmp_path):
+    with pytest.raises(ValueError, match="go together"):
+        ReportConfig(chexbert=str(tmp_path / "chexbert.pth")).validate()
+    with pytest.raises(ValueError, match=r"report.chexbert=.*chexbert.pth is not a file"):
+        ReportConfig(
+            chexbert=str(tmp_path / "chexbert.pth"), chexbert_vocab=str(tmp_path / "v.txt")
+        ).validate()
+
+
+def test_clinical_efficacy_skipped_without_weights(caplog):
+    task = make_task()
+    with caplog.at_level("INFO"):
+        metrics = task.metrics(REPORTS, [task.tokenizer.clean(r) for r in REPORTS])
+    assert not any(k.startswith("val_ce_") for k in metrics)
+    assert "clinical efficacy skipped: no report.chexbert" in caplog.text
+
+
+def _rank_main(rank: int, port: int, results) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    task = make_task()
+    torch.manual_seed(0)
+    model = task.build_model()  # the same weights on both ranks
+    images = torch.randn(3, 2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    # Uneven: rank 0 has studies 0 and 2, rank 1 study 1 and a padding row.
+    if rank == 0:
+        val = batch(images[[0, 2]], [REPORTS[0], REPORTS[0]], [1.0, 1.0])
+        val["position"] = torch.tensor([0, 2])
+    else:
+        val = batch(images[[1, 1]], [REPORTS[1], "padding"], [1.0, 0.0])
+        val["position"] = torch.tensor([1, 3])
+    rows = task.predict_rows(model, [val], torch.device("cpu"), torch.float32)
+    metrics = task.evaluate(model, [val], torch.device("cpu"), torch.float32)
+    results[rank] = (rows["position"], rows["reference"], metrics)
+    torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_gather_rows_in_position_order_and_agree_on_scores():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.start_processes(_rank_main, args=(port, results), nprocs=2, join=True, start_method="fork")
+    assert results[0] == results[1]  # every rank: the same rows and the same metrics
+    positions, references, metrics = results[0]
+    assert positions == [0, 1, 2] and references == [REPORTS[0], REPORTS[1], REPORTS[0]]
+    assert metrics["val_num_reports"] == 3

@@ -21,6 +21,7 @@ import torch
 from xray_pretrain.collectives import all_ranks_true
 from xray_pretrain.models.report import GenerationOptions, ReportDecoderConfig, ReportGenerator
 from xray_pretrain.models.vit import ViTEncoder
+from xray_pretrain.report.clinical import ChexbertLabeler
 from xray_pretrain.report.metrics import TRUNCATED_SUFFIX, r2gen_truncated_references, score_reports
 from xray_pretrain.report.tokenizer import BOS_ID, EOS_ID, PAD_ID, ReportTokenizer
 
@@ -47,6 +48,24 @@ def _gather(rows: dict[str, list]) -> dict[str, list]:
     return {name: [v for part in parts for v in part[name]] for name in rows}
 
 
+def _on_rank0(compute):
+    """``compute()`` on rank 0, its result (or its error) broadcast to every rank, so that a failure
+    stops all ranks instead of leaving them waiting; just ``compute()`` without a process group."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return compute()
+    outcome: list = [None]
+    if torch.distributed.get_rank() == 0:
+        try:
+            outcome = [(True, compute())]
+        except Exception as error:  # re-raised on every rank below
+            outcome = [(False, f"{type(error).__name__}: {error}")]
+    torch.distributed.broadcast_object_list(outcome, src=0)
+    ok, value = outcome[0]
+    if not ok:
+        raise RuntimeError(f"report scoring failed on rank 0: {value}")
+    return value
+
+
 class ReportTask:
     preview_name = None
     val_whole_split = True  # generation is scored over the whole split, gathered from every rank
@@ -59,6 +78,7 @@ class ReportTask:
         self.rcfg.validate()
         self.selection = (f"val_{self.rcfg.select_metric}", "max")
         self.tokenizer: ReportTokenizer | None = None
+        self._labeler: ChexbertLabeler | None = None  # built at the first evaluation that needs it
 
     # ---- data ------------------------------------------------------------------------------------
     def bind_reports(self, train_reports: Iterable[str]) -> ReportTokenizer:
@@ -148,27 +168,29 @@ class ReportTask:
 
     def evaluate(self, model, loader, device, dtype, fitted: dict | None = None) -> dict:
         rows = self.predict_rows(model, loader, device, dtype)
-        return self.metrics(rows["reference"], rows["generated"])
+        # Every rank holds every row; one rank scores (one METEOR JVM, one CheXbert), all get the result.
+        return _on_rank0(lambda: self.metrics(rows["reference"], rows["generated"]))
 
     def metrics(self, raw_references: list[str], generated: list[str]) -> dict:
         """``val_``-prefixed scores against the full cleaned references (+ R2Gen's truncated variant,
-        suffixed, when ``report.r2gen_truncated_refs``)."""
+        suffixed, when ``report.r2gen_truncated_refs``; + clinical efficacy with ``report.chexbert``)."""
         tok = self._tokenizer()
         rc = self.rcfg
-        scores = score_reports(
-            [tok.clean(r) for r in raw_references],
-            generated,
-            meteor=rc.meteor,
-            meteor_timeout_s=rc.meteor_timeout_s,
-        )
+        references = [tok.clean(r) for r in raw_references]
+        scores = score_reports(references, generated, meteor=rc.meteor, meteor_timeout_s=rc.meteor_timeout_s)
         out = {f"val_{k}": v for k, v in scores.items()}
         if rc.r2gen_truncated_refs:
             truncated = score_reports(
                 r2gen_truncated_references(tok, raw_references), generated, meteor=False
             )
             out.update({f"val_{k}{TRUNCATED_SUFFIX}": v for k, v in truncated.items() if k != "meteor"})
+        if rc.chexbert is None:
+            log.info("clinical efficacy skipped: no report.chexbert / report.chexbert_vocab given")
+        else:
+            if self._labeler is None:
+                self._labeler = ChexbertLabeler(rc.chexbert, rc.chexbert_vocab)
+            out.update({f"val_{k}": v for k, v in self._labeler.scores(references, generated).items()})
         out["val_num_reports"] = len(generated)
-        log.info("clinical efficacy (CheXbert labels): skipped, no labeler in this build")
         return out
 
     def fitted_state(self) -> dict:

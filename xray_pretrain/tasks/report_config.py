@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from xray_pretrain.report.metrics import METRIC_NAMES
 from xray_pretrain.report.studies import SECTIONS
@@ -27,6 +28,9 @@ class ReportConfig:
     r2gen_truncated_refs: also score against R2Gen's truncated, <unk>-mapped references; reported
         as `*_r2gen_truncated`, never instead of the full references.
     meteor: compute METEOR (needs Java; null with the reason logged without it).
+    chexbert / chexbert_vocab: local CheXbert checkpoint (chexbert.pth) and bert-base-uncased
+        vocab.txt for clinical efficacy (needs `pip install 'xray_pretrain[clinical]'`); both null:
+        clinical efficacy is skipped (logged). Nothing is downloaded.
     """
 
     section: str = "findings"
@@ -47,6 +51,8 @@ class ReportConfig:
     r2gen_truncated_refs: bool = False
     meteor: bool = True
     meteor_timeout_s: float = 600.0
+    chexbert: str | None = None
+    chexbert_vocab: str | None = None
 
     def validate(self) -> None:
         if self.section not in SECTIONS:
@@ -65,5 +71,13 @@ class ReportConfig:
             raise ValueError(f"report.feature_grid={self.feature_grid}: use [rows, cols] >= 1, or null")
         if self.freeze_blocks < -1:
             raise ValueError(f"report.freeze_blocks={self.freeze_blocks}: use -1 (all), 0 (none) or k > 0")
+        if (self.chexbert is None) != (self.chexbert_vocab is None):
+            raise ValueError(
+                "report.chexbert and report.chexbert_vocab go together: set both paths or neither"
+            )
+        for key in ("chexbert", "chexbert_vocab"):
+            path = getattr(self, key)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"report.{key}={path} is not a file")
         if self.meteor_timeout_s <= 0:
             raise ValueError(f"report.meteor_timeout_s={self.meteor_timeout_s} must be > 0")
