@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
+from tests.ranks import run_ranks
 from xray_pretrain.collectives import all_ranks_true
 from xray_pretrain.models.decoding import ban_repeated_trigrams, beam_search, greedy_search
 
@@ -149,26 +147,19 @@ def test_fixed_number_of_steps_gives_the_same_result():
     assert strip(a.ids_BT[0]) == strip(b.ids_BT[0]) and torch.equal(a.log_prob_B, b.log_prob_B)
 
 
-def _rank_main(rank: int, port: int, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
-    # Rank 0's sample ends after one word, rank 1's runs to max_length (never <eos> before).
-    table = {(): {A: 0.9, EOS: 0.1}, (A,): {EOS: 1.0}} if rank == 0 else {}
-    default = {EOS: 1e-6, A: 1 - 1e-6} if rank == 1 else DEFAULT
-    model = ToyModel([table], default, 3)
-    out = search(
-        model, beam=3, max_length=7, block_trigrams=False, all_finished=lambda d: all_ranks_true(d, "cpu")
-    )
-    results[rank] = (model.num_steps, strip(out.ids_BT[0]))
-    torch.distributed.destroy_process_group()
-
-
 def test_every_rank_runs_the_same_number_of_steps():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    results = mp.Manager().dict()
-    # fork: no second torch import per rank (CPU only, no CUDA state to inherit)
-    mp.start_processes(_rank_main, args=(port, results), nprocs=2, join=True, start_method="fork")
+    def on_rank(rank: int):
+        # Rank 0's sample ends after one word, rank 1's runs to max_length (never <eos> before).
+        table = {(): {A: 0.9, EOS: 0.1}, (A,): {EOS: 1.0}} if rank == 0 else {}
+        default = {EOS: 1e-6, A: 1 - 1e-6} if rank == 1 else DEFAULT
+        model = ToyModel([table], default, 3)
+
+        def everyone_done(done: bool) -> bool:
+            return all_ranks_true(done, torch.device("cpu"))
+
+        out = search(model, beam=3, max_length=7, block_trigrams=False, all_finished=everyone_done)
+        return model.num_steps, strip(out.ids_BT[0])
+
+    results = run_ranks(on_rank)
     assert results[0] == (6, (A, EOS))  # done after 2 steps, kept stepping with rank 1
     assert results[1] == (6, (A,) * 6)

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from tests.ranks import run_ranks
 from xray_pretrain.models import MAEConfig
 from xray_pretrain.tasks.report import ReportTask
 from xray_pretrain.tasks.report_config import ReportConfig
@@ -100,39 +101,24 @@ def test_clinical_efficacy_skipped_without_weights(caplog):
     assert "clinical efficacy skipped: no report.chexbert" in caplog.text
 
 
-def _rank_main(rank: int, port: int, results) -> None:
-    import os
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
-    torch.set_num_threads(1)
-    task = make_task()
-    torch.manual_seed(0)
-    model = task.build_model()  # the same weights on both ranks
-    images = torch.randn(3, 2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
-    # Uneven: rank 0 has studies 0 and 2, rank 1 study 1 and a padding row.
-    if rank == 0:
-        val = batch(images[[0, 2]], [REPORTS[0], REPORTS[0]], [1.0, 1.0])
-        val["position"] = torch.tensor([0, 2])
-    else:
-        val = batch(images[[1, 1]], [REPORTS[1], "padding"], [1.0, 0.0])
-        val["position"] = torch.tensor([1, 3])
-    rows = task.predict_rows(model, [val], torch.device("cpu"), torch.float32)
-    metrics = task.evaluate(model, [val], torch.device("cpu"), torch.float32)
-    results[rank] = (rows["position"], rows["reference"], metrics)
-    torch.distributed.destroy_process_group()
-
-
 def test_two_ranks_gather_rows_in_position_order_and_agree_on_scores():
-    import socket
+    def on_rank(rank: int):
+        task = make_task()
+        torch.manual_seed(0)
+        model = task.build_model()  # the same weights on both ranks
+        images = torch.randn(3, 2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+        # Uneven: rank 0 has studies 0 and 2, rank 1 study 1 and a padding row.
+        if rank == 0:
+            val = batch(images[[0, 2]], [REPORTS[0], REPORTS[0]], [1.0, 1.0])
+            val["position"] = torch.tensor([0, 2])
+        else:
+            val = batch(images[[1, 1]], [REPORTS[1], "padding"], [1.0, 0.0])
+            val["position"] = torch.tensor([1, 3])
+        rows = task.predict_rows(model, [val], torch.device("cpu"), torch.float32)
+        metrics = task.evaluate(model, [val], torch.device("cpu"), torch.float32)
+        return rows["position"], rows["reference"], metrics
 
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    results = mp.Manager().dict()
-    mp.start_processes(_rank_main, args=(port, results), nprocs=2, join=True, start_method="fork")
+    results = run_ranks(on_rank)
     assert results[0] == results[1]  # every rank: the same rows and the same metrics
     positions, references, metrics = results[0]
     assert positions == [0, 1, 2] and references == [REPORTS[0], REPORTS[1], REPORTS[0]]

@@ -5,13 +5,10 @@ for ever) and generate what the unpartitioned model generates."""
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 
+from tests.ranks import run_ranks
 from tests.test_report_model import tiny_generator
 from xray_pretrain.models.report import GenerationOptions
 
@@ -32,15 +29,11 @@ def reference(rank: int) -> tuple[list, int]:
     return ids.tolist(), len(steps)
 
 
-def _rank_main(rank: int, port: int, results) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
-    os.environ["MASTER_PORT"] = str(port)
+def _generate_under_zero3(rank: int) -> tuple[list, int]:
     import deepspeed
 
     from xray_pretrain.collectives import all_ranks_true
 
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
     model = tiny_generator(num_views=2, feature_grid=(2, 2))
     config = {
         "train_micro_batch_size_per_gpu": 1,
@@ -56,19 +49,13 @@ def _rank_main(rank: int, port: int, results) -> None:
     with torch.no_grad():
         ids = engine(study_images(rank), generation=options)
     counted.remove()
-    results[rank] = (ids.tolist(), len(steps))
-    torch.distributed.destroy_process_group()
+    return ids.tolist(), len(steps)
 
 
 def test_zero3_generation_with_uneven_batches_finishes_on_every_rank(one_cpu_thread):
     alone = [reference(rank) for rank in range(2)]
     assert alone[0][1] < alone[1][1] == MAX_STEPS  # rank 0 alone would stop early: uneven for real
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    results = mp.Manager().dict()
-    # fork: the ranks inherit the imported modules (a spawn re-imports torch and DeepSpeed twice).
-    mp.start_processes(_rank_main, args=(port, results), nprocs=2, join=True, start_method="fork")
+    results = run_ranks(_generate_under_zero3)
     for rank in range(2):
         ids, num_steps = results[rank]
         assert num_steps == MAX_STEPS  # the same decoder steps on both ranks
