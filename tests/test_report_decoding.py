@@ -138,6 +138,19 @@ def test_greedy_with_trigram_blocking_by_hand():
     assert strip(out[0]) == (A, A, A, B, A, A, C)
 
 
+@pytest.mark.parametrize("beam", [1, 3])
+def test_pad_and_bos_are_never_generated(beam):
+    class Babbler(ToyModel):
+        def step(self, last_N, position):
+            out = super().step(last_N, position)
+            out[:, PAD], out[:, BOS] = 0.0, -0.1  # the model's favourites: both forbidden
+            return out
+
+    out = search(Babbler([{}], DEFAULT, beam), beam=beam, max_length=6, block_trigrams=False)
+    ids = out if beam == 1 else out.ids_BT
+    assert strip(ids[0]) == (EOS,)  # DEFAULT's best real token
+
+
 def test_fixed_number_of_steps_gives_the_same_result():
     early = ToyModel([GREEDY_TRAP], DEFAULT, 3)
     fixed = ToyModel([GREEDY_TRAP], DEFAULT, 3)

@@ -14,7 +14,7 @@ ranks (``xray_pretrain.collectives.all_ranks_true``), and ``lambda done: False``
 
 Conventions: ``max_length`` counts every id including ``<bos>`` (as the tokenizer's), so at most
 ``max_length - 1`` ids are generated; results hold the generated ids after ``<bos>``: words,
-``<eos>``, then ``<pad>``. Trigram blocking forbids a token that would repeat a trigram already in
+``<eos>``, then ``<pad>``; ``<pad>`` and ``<bos>`` are never generated. Trigram blocking forbids a token that would repeat a trigram already in
 the hypothesis. The length penalty (fairseq's): hypotheses are ranked by
 ``sum log p / num_generated ** length_penalty`` (``0``: plain log-probability, R2Gen's default).
 """
@@ -63,6 +63,7 @@ def greedy_search(
     done_B = torch.zeros(batch_size, dtype=torch.bool, device=device)
     for position in range(max_length - 1):
         log_probs_BV = step(tokens_BT[:, -1], position)
+        log_probs_BV[:, [pad_id, bos_id]] = float("-inf")  # never generated (an untrained model may try)
         if block_trigrams:
             ban_repeated_trigrams(tokens_BT, log_probs_BV)
         next_B = log_probs_BV.argmax(-1).masked_fill(done_B, pad_id)
@@ -115,6 +116,7 @@ def beam_search(
     for position in range(max_length - 1):
         log_probs_NV = step(tokens_NT[:, -1], position).float()
         V = log_probs_NV.shape[-1]
+        log_probs_NV[:, [pad_id, bos_id]] = float("-inf")  # never generated
         if block_trigrams:
             ban_repeated_trigrams(tokens_NT, log_probs_NV)
         # A finished hypothesis continues only with <pad>, at no cost and no added length.
