@@ -19,7 +19,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import sys
 import time
 import warnings
 from collections import deque
@@ -639,10 +638,5 @@ def _summary(result: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        result = convert_folder(args)
-    except ValueError as error:
-        print(f"xray-shard convert: error: {error}", file=sys.stderr)
-        return 2
-    print(_summary(result))
+    print(_summary(convert_folder(args)))
     return 0

@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import csv
 import datetime
-import sys
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -433,12 +432,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        summary = synthesize(
-            args.out, args.num, args.size, args.seed, progress=not args.no_progress, num_workers=args.workers
-        )
-    except ValueError as error:
-        print(f"xray-shard synth: error: {error}", file=sys.stderr)
-        return 2
+    summary = synthesize(
+        args.out, args.num, args.size, args.seed, progress=not args.no_progress, num_workers=args.workers
+    )
     print(summary.one_line())
     return 0

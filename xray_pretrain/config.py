@@ -22,12 +22,15 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 
 from xray_pretrain.data.config import DataConfig
 from xray_pretrain.models import MAEConfig, MaskConfig
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+# train.precision -> the dtype the model computes in (fp16 with DeepSpeed's dynamic loss scaling)
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = tuple(PRECISION_DTYPES)
 TASKS = ("pretrain",)
 
 
@@ -75,6 +78,10 @@ class TrainConfig:
                 f"train.global_batch={self.global_batch} is not a multiple of train.micro_batch="
                 f"{self.micro_batch}; pick sizes with global_batch = micro_batch * world_size * accumulation"
             )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return PRECISION_DTYPES[self.precision]
 
     def accum_steps(self, world_size: int) -> int:
         """Gradient accumulation that keeps the global batch fixed at this world size."""

@@ -17,12 +17,14 @@ import itertools
 import json
 import time
 
+from xray_pretrain.data.config import BACKENDS
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--shards", nargs="+", required=True, help="shard folder(s) written by `xray-shard convert`"
     )
-    parser.add_argument("--backend", choices=("auto", "dali", "wds"), default="auto")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto")
     parser.add_argument("--image-size", type=int, default=1280, help="square output size in pixels")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-batches", type=int, default=50, help="timed batches")
