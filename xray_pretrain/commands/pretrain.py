@@ -15,9 +15,13 @@ add_arguments = add_config_arguments
 
 def run(args) -> int:
     from xray_pretrain.config import load_config
-    from xray_pretrain.engine.trainer import train
+    from xray_pretrain.engine.preflight import check_run
 
     cfg = load_config(args.config, args.overrides)
+    check_run(cfg)  # bad inputs fail here, before DeepSpeed, a process group or the run folder
+
+    from xray_pretrain.engine.trainer import train
+
     summary = train(cfg)
     if is_rank0():
         (Path(cfg.log.out_dir) / "train_summary.json").write_text(json.dumps(summary, indent=2))
