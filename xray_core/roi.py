@@ -47,6 +47,13 @@ TOPS = (-0.08, 0.4)
 NUM_COARSE = (5, 4, 6, 7)  # grid points for width, aspect, centre x, top
 NUM_REFINE = 4  # local refinements, each halving the step
 NUM_STARTS = 3  # coarse boxes refined
+# Visible lung fields (the dark-component estimate) constrain the box: the score of a box is its atlas
+# correlation minus LUNG_WEIGHT x the share of the visible lung pixels it leaves out.
+LUNG_WEIGHT = 1.0
+SMOOTH_SIGMA = 0.7  # px at 128: removes noise, keeps the thin chest wall between lung and air
+MIN_LUNG_FRACTION = 0.01  # a lung field covers at least 1% of the image
+MAX_BORDER_CONTACT = 0.05  # a lung may touch the half-image's edges along at most 5% of them
+MAX_EROSIONS = 6  # at 128 px: dark bridges up to ~12 px wide are cut
 
 
 @dataclass
@@ -80,6 +87,105 @@ def small_copy(image_hw: np.ndarray, long_side: int = ROI_LONG_SIDE) -> np.ndarr
     if high <= low:
         return np.zeros(size, dtype=np.float32)
     return np.clip((small - low) / (high - low), 0.0, 1.0)
+
+
+def otsu_threshold(values: np.ndarray, num_bins: int = 128) -> float:
+    """Otsu's threshold of values in [0, 1]: maximizes the between-class variance."""
+    hist, edges = np.histogram(values, bins=num_bins, range=(0.0, 1.0))
+    centers = 0.5 * (edges[:-1] + edges[1:])
+    weight0 = np.cumsum(hist).astype(np.float64)
+    weight1 = weight0[-1] - weight0
+    sum0 = np.cumsum(hist * centers)
+    mean0 = sum0 / np.maximum(weight0, 1)
+    mean1 = (sum0[-1] - sum0) / np.maximum(weight1, 1)
+    between = weight0 * weight1 * (mean0 - mean1) ** 2
+    return float(edges[1:][int(np.argmax(between))])
+
+
+def _largest_inner_component(dark_hw: np.ndarray, outer_side: int) -> np.ndarray | None:
+    """The largest dark component of one half-image that does not touch its top, bottom or outer
+    side (`outer_side` 0 = left column, -1 = right column), or None.
+
+    A lung often meets the outside air through a thin dark bridge (axilla, neck, a cropped edge) at
+    this resolution, so the mask is eroded more and more until such bridges break; the component
+    found is then dilated as much as it was eroded (an opening: a smooth shape without the bridge).
+    """
+    from scipy import ndimage
+
+    for num_erosions in range(1, MAX_EROSIONS + 1):
+        core = ndimage.binary_erosion(dark_hw, iterations=num_erosions, border_value=1)
+        labels, num = ndimage.label(core)
+        if num == 0:
+            return None
+        edge = np.concatenate([labels[0], labels[-1], labels[:, outer_side]])
+        contact = np.bincount(edge, minlength=num + 1)[1:]
+        sizes = ndimage.sum_labels(np.ones_like(labels), labels, index=np.arange(1, num + 1))
+        sizes[contact > MAX_BORDER_CONTACT * edge.size] = 0
+        best = int(np.argmax(sizes))
+        if sizes[best] >= MIN_LUNG_FRACTION * 2 * core.size:
+            return ndimage.binary_dilation(labels == best + 1, iterations=num_erosions)
+    return None
+
+
+def _midline(small_hw: np.ndarray) -> int:
+    """Column of the mediastinum: the brightest column band in the central 30..70% of the width."""
+    h, w = small_hw.shape
+    profile = small_hw[int(0.2 * h) : int(0.8 * h)].mean(axis=0)
+    lo, hi = int(0.3 * w), max(int(0.3 * w) + 1, int(0.7 * w))
+    return lo + int(np.argmax(profile[lo:hi]))
+
+
+def _lung_fields(small_hw: np.ndarray, dark_hw: np.ndarray) -> np.ndarray | None:
+    """Left and right lung fields, each searched in its own half (split at the mediastinum), or None.
+
+    Searching the halves apart keeps one lung that merges with the outside air from hiding the other.
+    """
+    mid = _midline(small_hw)
+    w = dark_hw.shape[1]
+    left = _largest_inner_component(dark_hw[:, :mid], outer_side=0)
+    right = _largest_inner_component(dark_hw[:, mid:], outer_side=-1)
+    if left is None and right is None:
+        return None
+    lungs = np.zeros_like(dark_hw)
+    if left is not None:
+        lungs[:, :mid] = left
+    if right is not None:
+        lungs[:, mid:] = right
+    if left is None or right is None:
+        # One side merged with the outside air: assume the other lung's mirror image (chests are
+        # roughly symmetric about the mediastinum), clipped to the image.
+        cols = np.arange(w)
+        mirrored = 2 * mid - cols
+        inside = (mirrored >= 0) & (mirrored < w)
+        lungs[:, cols[inside]] |= lungs[:, mirrored[inside]]
+    return lungs
+
+
+def visible_lungs(small_hw: np.ndarray) -> np.ndarray | None:
+    """The dark lung fields that can be seen (bool, small_hw's shape), or None: Otsu's threshold on a
+    lightly smoothed copy, then per half (split at the mediastinum) the largest dark component that
+    does not reach the image's edges. Misses opacified lung, so it only constrains the box."""
+    from scipy import ndimage
+
+    smooth = ndimage.gaussian_filter(small_hw, sigma=SMOOTH_SIGMA)
+    if min(smooth.shape) < 8 or smooth.max() <= smooth.min():
+        return None
+    lungs = _lung_fields(smooth, smooth < otsu_threshold(smooth))
+    return lungs if lungs is not None and lungs.mean() >= MIN_LUNG_FRACTION else None
+
+
+def _outside_fraction(lungs_hw: np.ndarray | None, boxes_N4: np.ndarray) -> np.ndarray:
+    """(N,) share of the visible lung pixels outside each box (0 without visible lungs)."""
+    if lungs_hw is None:
+        return np.zeros(len(boxes_N4), dtype=np.float32)
+    h, w = lungs_hw.shape
+    table = np.zeros((h + 1, w + 1), dtype=np.float64)  # summed-area table
+    table[1:, 1:] = lungs_hw.cumsum(axis=0).cumsum(axis=1)
+    rows = np.clip(np.rint(boxes_N4[:, [0, 2]] * h), 0, h).astype(np.int64)
+    cols = np.clip(np.rint(boxes_N4[:, [1, 3]] * w), 0, w).astype(np.int64)
+    (r0, r1), (c0, c1) = rows.T, cols.T
+    inside = table[r1, c1] - table[r0, c1] - table[r1, c0] + table[r0, c0]
+    return (1.0 - inside / table[-1, -1]).astype(np.float32)
 
 
 def sample_frames(small_hw: np.ndarray, boxes_N4: np.ndarray, grid: int, margin: float):
@@ -119,37 +225,49 @@ def _boxes(widths, aspects, centres, tops, image_aspect: float) -> np.ndarray:
     return np.stack([t, c - w / 2, t + height, c + w / 2], axis=1)
 
 
-def _refine(small_hw, start, step, atlas, margin) -> tuple[np.ndarray, float]:
-    """Local search around `start` (width, aspect, centre x, top), halving `step` each round."""
-    h, w = small_hw.shape
-    best, score = start, -1.0
+def _scores(search_hw, boxes_N4, atlas, margin, lungs_hw) -> tuple[np.ndarray, np.ndarray]:
+    """(score, atlas correlation) of each box: score = correlation - LUNG_WEIGHT x lungs left out."""
+    correlation = _correlations(search_hw, boxes_N4, atlas, margin)
+    return correlation - LUNG_WEIGHT * _outside_fraction(lungs_hw, boxes_N4), correlation
+
+
+def _refine(search_hw, start, step, atlas, margin, lungs_hw) -> tuple[np.ndarray, float, float]:
+    """Local search around `start` (width, aspect, centre x, top), halving `step` each round:
+    (best parameters, their score, their atlas correlation)."""
+    h, w = search_hw.shape
+    best, score, correlation = start, -np.inf, -1.0
     for _ in range(NUM_REFINE):
         step = step / 2
         local = [best[i] + step[i] * np.array([-1.0, 0.0, 1.0]) for i in range(4)]
         params = np.stack(np.meshgrid(*local, indexing="ij"), axis=-1).reshape(-1, 4)
-        scores = _correlations(small_hw, _boxes(*local, w / h), atlas, margin)
-        best, score = params[int(np.argmax(scores))], float(scores.max())
-    return best, score
+        scores, correlations = _scores(search_hw, _boxes(*local, w / h), atlas, margin, lungs_hw)
+        i = int(np.argmax(scores))
+        best, score, correlation = params[i], float(scores[i]), float(correlations[i])
+    return best, score, correlation
 
 
-def fit_box(small_hw: np.ndarray, atlas: np.ndarray, margin: float) -> tuple[list[float], float]:
+def fit_box(
+    search_hw: np.ndarray, atlas: np.ndarray, margin: float, lungs_hw: np.ndarray | None = None
+) -> tuple[list[float], float]:
     """Best box [y0, x0, y1, x1] (fractions, not clipped) and its correlation with the atlas.
 
+    lungs_hw: the visible lung fields (any resolution, same aspect) the box should contain, or None.
     A coarse grid search matches a half-resolution atlas (2x2 cell means: a quarter of the cost); the
     best `NUM_STARTS` coarse boxes are then refined with the full atlas (one start alone can stop in
     a local optimum: a box one rib space too high scores nearly as well at the coarse level)."""
-    h, w = small_hw.shape
+    h, w = search_hw.shape
     ranges = (WIDTHS, ASPECTS, CENTRES_X, TOPS)
     axes = [np.linspace(lo, hi, num) for (lo, hi), num in zip(ranges, NUM_COARSE)]
     params = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 4)
     grid = atlas.shape[0]
     coarse = atlas.reshape(grid // 2, 2, grid // 2, 2).mean(axis=(1, 3))
-    scores = _correlations(small_hw, _boxes(*axes, w / h), coarse, margin)
+    scores, _ = _scores(search_hw, _boxes(*axes, w / h), coarse, margin, lungs_hw)
     step = np.array([(hi - lo) / (num - 1) for (lo, hi), num in zip(ranges, NUM_COARSE)])
-    fits = [_refine(small_hw, params[i], step, atlas, margin) for i in np.argsort(-scores)[:NUM_STARTS]]
-    best, score = max(fits, key=lambda fit: fit[1])
+    starts = np.argsort(-scores)[:NUM_STARTS]
+    fits = [_refine(search_hw, params[i], step, atlas, margin, lungs_hw) for i in starts]
+    best, _, correlation = max(fits, key=lambda fit: fit[1])
     box = _boxes(*([v] for v in best), w / h)[0]
-    return [float(v) for v in box], score
+    return [float(v) for v in box], correlation
 
 
 def box_mask(box, size_hw: tuple[int, int]) -> np.ndarray:
@@ -187,7 +305,8 @@ def estimate_chest_region_detail(
     search = small_copy(small, SEARCH_LONG_SIDE) if max(size) > SEARCH_LONG_SIDE else small
     confidence = 0.0
     if min(search.shape) >= 8 and search.max() > search.min():
-        box, confidence = fit_box(search, np.asarray(ATLAS, dtype=np.float32), MARGIN)
+        lungs = visible_lungs(small) if LUNG_WEIGHT > 0 else None
+        box, confidence = fit_box(search, np.asarray(ATLAS, dtype=np.float32), MARGIN, lungs)
         confidence = round(max(0.0, confidence), 4)
         if confidence >= MIN_CONFIDENCE:
             box = _clipped(box)
