@@ -19,6 +19,7 @@ COMMANDS = {
     "stats": ("data_tools.stats", "print the counts and intensity statistics of a shard folder"),
     "preview": ("data_tools.preview", "contact sheet of samples with keys, labels and chest region"),
     "index": ("data_tools.index", "write DALI .idx files for tars made elsewhere"),
+    "refresh-roi": ("data_tools.refresh_roi", "re-estimate the chest region of existing shards in place"),
 }
 
 
