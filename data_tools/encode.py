@@ -56,6 +56,7 @@ IMAGE_FORMATS = ("png16", "jpg", "jp2")
 FORMAT_EXTENSION = {"png16": "png", "jpg": "jpg", "jp2": "jp2"}
 PNG_LEVEL = 1
 PNG_STRATEGY = zlib.Z_HUFFMAN_ONLY
+ROI_REASON_FLAGS = ("roi_lateral", "roi_not_chest", "roi_unsure")
 ROI_PNG_LEVEL = 6  # 128-px masks: compression costs nothing here
 DEFAULT_QUALITY = 95
 
@@ -149,6 +150,7 @@ class Sample:
     id_row: tuple[str, str, str, str, str]  # key, patient hash, study hash, source_id, source path
     pixel_hash: str | None = None
     cpu_seconds: dict[str, float] = field(default_factory=dict)
+    roi_path: str = ""  # which chest region the sample carries (see `roi_path`), counted per shard
 
     @property
     def num_bytes(self) -> int:
@@ -233,6 +235,16 @@ def region_flags(region: ChestRegion) -> list[str]:
     return [f"roi_{region.reason}"] if region.reason else []
 
 
+def roi_path(meta: dict) -> str:
+    """Which chest region a sample's json says it carries: "fitted", "rectangle (lateral|not_chest|
+    unsure)", or "old estimate" for shards converted before `roi_method` existed."""
+    method = meta.get("roi_method")
+    if method is None:
+        return "old estimate"
+    reasons = [flag[len("roi_") :] for flag in meta["flags"] if flag in ROI_REASON_FLAGS]
+    return f"{method} ({', '.join(reasons)})" if reasons else method
+
+
 def build_sample(record: Record, key: str, split: str, options: SampleOptions) -> Sample:
     """Decode, resize, estimate the chest region and encode one record. Raises SkipInput."""
     clock = time.process_time
@@ -269,5 +281,6 @@ def build_sample(record: Record, key: str, split: str, options: SampleOptions) -
     id_row = (key, meta["patient"] or "", meta["study"] or "", record.source_id, str(record.source_path))
     seconds = {"decode": t1 - t0, "resize": t2 - t1, "roi": t3 - t2, "encode": t4 - t3}
     return Sample(
-        key, split, components, pixel_sum, pixel_sumsq, int(seen.size), labels, id_row, pixel_hash, seconds
-    )
+        key, split, components, pixel_sum, pixel_sumsq, int(seen.size), labels, id_row, pixel_hash, seconds,
+        roi_path(meta),
+    )  # fmt: skip

@@ -19,9 +19,16 @@ import zlib
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from data_tools.encode import ROI_PNG_LEVEL, decode_stored, encode_json, encode_png, region_flags, region_meta
+from data_tools.encode import (
+    ROI_PNG_LEVEL,
+    decode_stored,
+    encode_json,
+    encode_png,
+    region_flags,
+    region_meta,
+    roi_path,
+)
 from data_tools.manifest import read_manifest, write_atomic, write_manifest
-from data_tools.stats import roi_path
 from data_tools.writer import STATE_DIR
 from xray_core.roi import estimate_chest_region_detail, small_copy
 from xray_core.shardio import ROI_EXTENSION, ShardTarWriter, idx_path_for, read_idx, read_sample
@@ -61,12 +68,12 @@ def refresh_shard(tar_path: Path) -> tuple[str, int, str, dict[str, int]]:
     return tar_path.name, writer.num_bytes, writer.sha256, paths
 
 
-def _update_state(folder: Path, name: str, num_bytes: int, sha256: str) -> None:
+def _update_state(folder: Path, name: str, num_bytes: int, sha256: str, roi_paths: dict) -> None:
     """Keep a resumable conversion's state in step with the rewritten tar (else resume redoes it)."""
     state_path = folder / STATE_DIR / "shards" / f"{name}.json"
     if state_path.is_file():
         state = json.loads(state_path.read_text())
-        state.update(num_bytes=num_bytes, sha256=sha256)
+        state.update(num_bytes=num_bytes, sha256=sha256, roi_paths=roi_paths)
         write_atomic(state_path, json.dumps(state).encode())
 
 
@@ -89,9 +96,9 @@ def refresh_roi(folder: Path, num_workers: int = 1, progress: bool = True) -> di
         for name, num_bytes, sha256, paths in tqdm(
             results, total=len(tars), desc="refresh-roi", disable=not progress
         ):
-            entries[name].update(num_bytes=num_bytes, sha256=sha256)
+            entries[name].update(num_bytes=num_bytes, sha256=sha256, roi_paths=paths)
             write_manifest(folder, manifest)  # after every shard: an interrupted run leaves a valid folder
-            _update_state(folder, name, num_bytes, sha256)
+            _update_state(folder, name, num_bytes, sha256, paths)
             for path, count in paths.items():
                 totals[path] = totals.get(path, 0) + count
     return totals

@@ -13,11 +13,11 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from data_tools.encode import roi_path
 from data_tools.manifest import read_manifest
 from xray_core.shardio import META_EXTENSION, SKIPPED_NAME, idx_path_for, read_idx
 
 TOP = 8  # rows shown for sizes, flags and skip reasons
-ROI_REASON_FLAGS = ("roi_lateral", "roi_not_chest", "roi_unsure")
 
 
 def _sample_metas(folder: Path, manifest: dict):
@@ -38,16 +38,6 @@ def _skip_reason_kind(reason: str) -> str:
     if head.startswith("duplicate of"):
         return "duplicate"
     return head.split(" (")[0]
-
-
-def roi_path(meta: dict) -> str:
-    """Which chest region a sample carries: "fitted", "rectangle (lateral|not_chest|unsure)", or
-    "old estimate" for shards converted before `roi_method` existed (see `xray-shard refresh-roi`)."""
-    method = meta.get("roi_method")
-    if method is None:
-        return "old estimate"
-    reasons = [flag[len("roi_") :] for flag in meta["flags"] if flag in ROI_REASON_FLAGS]
-    return f"{method} ({', '.join(reasons)})" if reasons else method
 
 
 def folder_stats(folder: Path) -> dict:

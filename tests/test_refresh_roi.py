@@ -6,12 +6,14 @@ from __future__ import annotations
 import io
 import json
 import shutil
+from collections import Counter
 
 import numpy as np
 from PIL import Image
 
 from data_tools import refresh_roi as refresh_module
 from data_tools.cli import main as xray_shard
+from data_tools.manifest import read_manifest
 from data_tools.stats import folder_stats
 from data_tools.verify import verify
 from xray_core.roi import estimate_chest_region_detail, small_copy
@@ -69,4 +71,9 @@ def test_refresh_roi_replaces_old_regions_and_keeps_everything_else(
         assert "roi_fallback" not in meta["flags"]
         unchanged = {k: v for k, v in meta.items() if not k.startswith("roi_") and k != "flags"}
         assert unchanged == {k: v for k, v in old_meta.items() if not k.startswith("roi_") and k != "flags"}
-    assert sum(folder_stats(folder)["roi_paths"].values()) == 160
+    counted = folder_stats(folder)["roi_paths"]
+    assert sum(counted.values()) == 160
+    recorded = Counter()  # the manifest's per-shard counts (what the training log reads)
+    for entry in read_manifest(folder)["shards"]:
+        recorded.update(entry["roi_paths"])
+    assert recorded == counted
