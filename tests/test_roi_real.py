@@ -67,3 +67,31 @@ def test_lateral_view_gets_the_seed_rectangle_and_noise_is_unsure():
     mask = noise.mask_hw > 0
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     assert (rows[0], rows[-1] + 1, cols[0], cols[-1] + 1) == (38, 102, 15, 82)  # the rectangle at 128x102
+
+
+def test_convert_gives_lateral_views_the_seed_rectangle(tmp_path):
+    import csv
+    import json
+
+    from data_tools.convert import convert
+    from data_tools.synth import synthesize
+    from xray_core.shardio import read_idx, read_sample
+
+    synthesize(tmp_path / "dicom", num_images=3, size=64, seed=1, progress=False)
+    table = tmp_path / "dicom" / "labels.csv"
+    rows = list(csv.DictReader(open(table, newline="")))
+    rows[0]["view"] = "Lateral"  # the view column decides, whatever the pixels look like
+    with open(table, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    convert(tmp_path / "dicom", tmp_path / "shards", long_side=64, workers=1, progress=False, salt="t")
+    metas = []
+    for tar in sorted((tmp_path / "shards").glob("*.tar")):
+        with open(tar, "rb") as f:
+            metas += [json.loads(read_sample(f, s)["json"]) for s in read_idx(tar.with_suffix(".idx"))]
+    lateral = [m for m in metas if m["view"] == "LATERAL"]
+    assert len(metas) == 3 and len(lateral) == 1
+    assert lateral[0]["roi_method"] == "rectangle" and "roi_lateral" in lateral[0]["flags"]
+    assert lateral[0]["roi_box"] == [round(v, 4) for v in SEED_RECTANGLE]
+    assert all(m["roi_method"] == "fitted" for m in metas if m["view"] != "LATERAL")
