@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import zlib
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -112,13 +111,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.workers < 1:
-        print("xray-shard refresh-roi: error: --workers must be >= 1", file=sys.stderr)
-        return 2
-    try:
-        totals = refresh_roi(args.folder, args.workers, progress=not args.no_progress)
-    except (ValueError, OSError, KeyError) as error:
-        print(f"xray-shard refresh-roi: error: {error}", file=sys.stderr)
-        return 2
+        raise ValueError("--workers must be >= 1")
+    totals = refresh_roi(args.folder, args.workers, progress=not args.no_progress)
     num = sum(totals.values())
     shares = ", ".join(
         f"{path} {count} ({100 * count / max(num, 1):.1f}%)" for path, count in sorted(totals.items())

@@ -280,6 +280,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not Path(args.folder).is_dir():
+        raise ValueError(f"{args.folder}: no such shard folder")
     problems = verify(args.folder)
     for problem in problems:
         print(problem, file=sys.stderr)

@@ -85,7 +85,7 @@ def test_convert_gives_lateral_views_the_seed_rectangle(tmp_path):
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    convert(tmp_path / "dicom", tmp_path / "shards", long_side=64, workers=1, progress=False, salt="t")
+    convert(tmp_path / "dicom", tmp_path / "shards", long_side=64, num_workers=1, progress=False, salt="t")
     metas = []
     for tar in sorted((tmp_path / "shards").glob("*.tar")):
         with open(tar, "rb") as f:
@@ -95,3 +95,11 @@ def test_convert_gives_lateral_views_the_seed_rectangle(tmp_path):
     assert lateral[0]["roi_method"] == "rectangle" and "roi_lateral" in lateral[0]["flags"]
     assert lateral[0]["roi_box"] == [round(v, 4) for v in SEED_RECTANGLE]
     assert all(m["roi_method"] == "fitted" for m in metas if m["view"] != "LATERAL")
+
+
+def test_conversion_rectangle_is_the_one_rectangle_masking_uses():
+    from xray_pretrain.models.masking import SEED_GRID, SEED_RECT_COLS, SEED_RECT_ROWS
+
+    rows = [v / SEED_GRID for v in SEED_RECT_ROWS]
+    cols = [v / SEED_GRID for v in SEED_RECT_COLS]
+    assert list(SEED_RECTANGLE) == [rows[0], cols[0], rows[1], cols[1]]

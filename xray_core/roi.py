@@ -32,7 +32,9 @@ import numpy as np
 ROI_LONG_SIDE = 128
 SEARCH_LONG_SIDE = 64  # the atlas is matched on a copy this size: enough for a box, ~10 ms
 # The seed paper's fixed "chest region" as fractions of the image, [y0, x0, y1, x1]: rows 6-15 and
-# columns 3-15 (inclusive) of its 20x20 grid of 64-px patches at 1280 px.
+# columns 3-15 (inclusive) of its 20x20 grid of 64-px patches at 1280 px. The same rectangle as
+# xray_pretrain.models.masking's SEED_RECT_ROWS / SEED_RECT_COLS (models import nothing outside
+# themselves, so it is written twice; tests/test_roi_real.py keeps the two equal).
 SEED_RECTANGLE = (6 / 20, 3 / 20, 16 / 20, 16 / 20)
 LATERAL_VIEWS = frozenset({"LATERAL", "LL", "RL", "LAT", "LLD", "RLD"})
 MIN_CONFIDENCE = 0.6  # lowest chest radiograph of the tuning half: 0.67

@@ -21,15 +21,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from xray_core.roi import SEED_RECTANGLE
-
 STRATEGIES = ("random", "context", "rectangle")
-# The seed code's fixed "chest region" (xray_core.roi.SEED_RECTANGLE, the same box that conversion
-# writes as the region of images whose own estimate is unsure), in 1/20 of the image so it scales to
-# any grid.
+# The seed code's fixed "chest region": rows 6-15 and columns 3-15 (inclusive) of its 20x20 grid of
+# 64-px patches at 1280 px, kept as fractions of the image so it scales to any grid.
 SEED_GRID = 20
-SEED_RECT_ROWS = (round(SEED_RECTANGLE[0] * SEED_GRID), round(SEED_RECTANGLE[2] * SEED_GRID))  # [start, stop)
-SEED_RECT_COLS = (round(SEED_RECTANGLE[1] * SEED_GRID), round(SEED_RECTANGLE[3] * SEED_GRID))
+SEED_RECT_ROWS = (6, 16)  # [start, stop) in 1/20 of the image height
+SEED_RECT_COLS = (3, 16)
 
 
 @dataclass
