@@ -1,4 +1,4 @@
-"""Chest-region estimate from the image itself: a lung-box atlas fitted to each image (numpy only).
+"""Chest-region estimate from the image itself: a lung-box atlas fitted to each image (numpy, scipy).
 
     estimate_chest_region(image_hw) -> (mask_hw uint8 0/255, box [y0, x0, y1, x1] as fractions)
     estimate_chest_region_detail(image_hw, view=None) -> ChestRegion (mask, box, method, confidence)
@@ -10,8 +10,10 @@ appearance instead: `xray_core.roi_atlas.ATLAS` is the mean standardized radiogr
 laid over the lung box with a margin around it (shoulders, mediastinum, hemidiaphragms, abdomen, chest
 wall), learned from hand-drawn lung boxes on real radiographs (`python -m data_tools.roi_fit`).
 A box is scored by the masked Pearson correlation between the atlas and the image sampled on that
-box's grid (pixels outside the image ignored); a coarse grid search over centre, width, top and
-aspect, then a local refinement, picks the best box, on a copy of long side 64.
+box's grid (pixels outside the image ignored), minus `LUNG_WEIGHT` x the share of the visible
+(dark) lung fields the box leaves out: where the lungs can be seen they must be inside, where they
+are opacified the atlas decides. A coarse grid search over centre, width, top and aspect, then a
+local refinement, picks the best box, on a copy of long side 64.
 
 Confidence = that correlation (1 = looks exactly like the mean chest). Below `MIN_CONFIDENCE`
 (reason "unsure"; below `NOT_CHEST_CONFIDENCE`, "not_chest": measured, non-chest, inverted and
@@ -38,7 +40,7 @@ SEARCH_LONG_SIDE = 64  # the atlas is matched on a copy this size: enough for a 
 SEED_RECTANGLE = (6 / 20, 3 / 20, 16 / 20, 16 / 20)
 LATERAL_VIEWS = frozenset({"LATERAL", "LL", "RL", "LAT", "LLD", "RLD"})
 MIN_CONFIDENCE = 0.6  # lowest chest radiograph of the tuning half: 0.67
-NOT_CHEST_CONFIDENCE = 0.4  # below: unlike any chest (measured: canine 0.29, tibia 0.18, inverted 0.37)
+NOT_CHEST_CONFIDENCE = 0.4  # below: unlike any chest (measured: canine 0.29, tibia 0.16, inverted 0.37)
 MIN_COVERAGE = 0.5  # a candidate box's grid must lie at least half inside the image
 # Search ranges (fractions of the image; aspect = box height / width in pixels), from the spread of
 # the hand-drawn boxes (widths 0.62-0.93, aspect 0.70-1.10, tops 0.00-0.23) with room on each side.
