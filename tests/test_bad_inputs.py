@@ -62,6 +62,8 @@ def _cases(p: dict[str, Path]) -> list[tuple[str, list[str], str]]:
         ("shard", ["stats", str(root / "missing")], "no manifest.json"),
         ("shard", ["preview", str(root / "missing"), "--out", str(root / "p.png")], "missing"),
         ("shard", ["index", str(root / "missing")], "missing"),
+        ("shard", ["refresh-roi", str(root / "missing")], "no manifest.json"),
+        ("shard", ["refresh-roi", str(shards), "--workers", "0"], "--workers must be >= 1"),
         ("shard", ["synth", "--out", str(root / "a_file"), "--num", "4"], "a_file"),
     ]
 
