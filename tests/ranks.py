@@ -11,16 +11,24 @@ import torch.multiprocessing as mp
 from xray_pretrain.engine.dist import free_port
 
 
-def run_ranks(target: Callable[[int], object], num_ranks: int = 2) -> dict[int, object]:
+def run_ranks(
+    target: Callable[[int], object], num_ranks: int = 2, start_method: str = "fork"
+) -> dict[int, object]:
     """``target(rank)`` on every rank -> {rank: its (picklable) result}.
 
-    fork: the ranks inherit the imported modules (spawn would re-import torch and DeepSpeed per rank)
-    and ``target`` may be a closure. One thread per rank: the runner has 2 cores.
+    ``fork`` (default): the ranks inherit the imported modules and ``target`` may be a closure.
+    ``spawn``: clean processes (``target`` a module-level function) for DeepSpeed, whose global state
+    an earlier in-process DeepSpeed run in pytest's process would otherwise hand down stale.
+    One thread per rank: the runner has 2 cores.
     """
     results = mp.Manager().dict()
     port = free_port()
     mp.start_processes(
-        _rank_main, args=(target, port, num_ranks, results), nprocs=num_ranks, join=True, start_method="fork"
+        _rank_main,
+        args=(target, port, num_ranks, results),
+        nprocs=num_ranks,
+        join=True,
+        start_method=start_method,
     )
     return dict(results)
 
@@ -34,6 +42,10 @@ def _rank_main(rank: int, target, port: int, num_ranks: int, results) -> None:
         MASTER_PORT=str(port),
     )
     torch.set_num_threads(1)
+    if torch.distributed.is_initialized():
+        # A one-rank group an earlier in-process test left in pytest's process, copied by the fork:
+        # drop this copy (the parent's own is untouched) and join the ranks' group.
+        torch.distributed.destroy_process_group()
     torch.distributed.init_process_group("gloo", rank=rank, world_size=num_ranks)
     try:
         results[rank] = target(rank)

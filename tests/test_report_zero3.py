@@ -55,7 +55,7 @@ def _generate_under_zero3(rank: int) -> tuple[list, int]:
 def test_zero3_generation_with_uneven_batches_finishes_on_every_rank(one_cpu_thread):
     alone = [reference(rank) for rank in range(2)]
     assert alone[0][1] < alone[1][1] == MAX_STEPS  # rank 0 alone would stop early: uneven for real
-    results = run_ranks(_generate_under_zero3)
+    results = run_ranks(_generate_under_zero3, start_method="spawn")
     for rank in range(2):
         ids, num_steps = results[rank]
         assert num_steps == MAX_STEPS  # the same decoder steps on both ranks
