@@ -19,6 +19,7 @@ ALLOWED = {
     "data_tools": {"xray_core"},
     "xray_pretrain.models": set(),
     "xray_pretrain.collectives": set(),
+    "xray_pretrain.report": set(),  # tokenizer, metrics, study grouping: no model, data or engine code
     "xray_pretrain.data": {"xray_core"},
     "xray_pretrain.config": {"xray_pretrain.models", "xray_pretrain.data"},
     "xray_pretrain.tasks": {
@@ -26,6 +27,7 @@ ALLOWED = {
         "xray_pretrain.data",
         "xray_pretrain.collectives",
         "xray_pretrain.config",
+        "xray_pretrain.report",
         "xray_core",
     },  # fmt: skip
     "xray_pretrain.engine": {
