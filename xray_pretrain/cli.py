@@ -50,7 +50,9 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     )
     check = sub.add_parser("check-config", help="resolve and validate a config, print it, spawn nothing")
     _add_train_args(check)
-    exp = sub.add_parser("export", help="consolidate a checkpoint's encoder into safetensors + config.json")
+    exp = sub.add_parser(
+        "export", help="consolidate a checkpoint's encoder into a timm model folder with a model card"
+    )
     exp.add_argument(
         "--checkpoint", required=True, type=Path, help="checkpoints folder (uses latest) or one step folder"
     )
@@ -100,10 +102,13 @@ def _run(args) -> int:
     if args.command == "export":
         from xray_pretrain.engine.export import export_encoder
 
-        config = export_encoder(args.checkpoint, args.out, args.dtype)
+        summary = export_encoder(args.checkpoint, args.out, args.dtype)
         print(
-            f"exported {config['num_params']:,} encoder parameters ({config['checkpoint_tag']}) to {args.out}"
+            f"exported {summary['num_params']:,} encoder parameters ({summary['checkpoint_tag']}) to {args.out} "
+            f"({summary['format']} format, model card README.md)"
         )
+        if summary["format"] == "timm":
+            print(f'load it: timm.create_model("local-dir:{args.out.resolve()}", pretrained=True)')
         return 0
     if args.command == "demo":
         from xray_pretrain import demo
