@@ -33,7 +33,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "scikit-learn"],
+        "test": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "scikit-learn", "hypothesis>=6.100"],
     },
     entry_points={
         "console_scripts": [
