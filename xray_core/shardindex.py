@@ -98,8 +98,8 @@ def parse_idx(idx_path: Path) -> tuple[list[str], np.ndarray, list[str], np.ndar
 SLOT_OF = {**{ext: IMAGE_SLOT for ext in IMAGE_EXTENSIONS}, **{ext: SLOTS.index(ext) for ext in SLOTS[1:]}}
 
 
-def _shard_records(idx_path: Path, shard_row: int, tar_size: int, folder: Path) -> np.ndarray:
-    """Records of one shard, offsets checked against the tar (a bad idx is caught here, not as an
+def shard_records(idx_path: Path, shard_row: int, tar_size: int, folder: Path) -> np.ndarray:
+    """Records of one shard (`record_dtype` with this shard's longest key), offsets checked against the tar (a bad idx is caught here, not as an
     undecodable image deep inside a worker). Vectorized over the shard's members."""
     keys, counts, exts, offsets, sizes = parse_idx(idx_path)  # per member (M of them), but keys
     bad = (offsets < TAR_BLOCK) | (offsets % TAR_BLOCK != 0) | (offsets + sizes > tar_size)
@@ -140,7 +140,7 @@ def _shard_records(idx_path: Path, shard_row: int, tar_size: int, folder: Path) 
 
 def _shard_task(task: tuple[Path, int, int, Path]) -> np.ndarray:
     idx, shard_row, tar_size, folder = task
-    return _shard_records(idx, shard_row, tar_size, folder)
+    return shard_records(idx, shard_row, tar_size, folder)
 
 
 def build_parts(folder: str | Path, manifest: dict, num_workers: int = 1) -> tuple[dict, list[np.ndarray]]:
