@@ -1,15 +1,17 @@
 """The data path at scale: a simulated shard folder of 1M-10M samples, and what one rank pays for it.
 
     python benchmarks/data_scale.py build OUT --num-samples 1000000
+    python benchmarks/data_scale.py index OUT --workers 2
     python benchmarks/data_scale.py ranks OUT --world-size 8 --workers 2 [--num-ranks 8]
     python benchmarks/data_scale.py opens OUT --backend wds --num-reads 20000
 
-`build` writes a few *real* shards (tiny png16 images with roi.png, labels.npy and json, through the
-project's own `ShardTarWriter`, so their idx files are real), then hard-links them under as many shard
-names as the sample count needs, copies their idx beside each link and writes a manifest that is
-consistent with the links (names, splits, counts, sizes, sha256). No image is stored twice: a 10M
-folder costs the idx files and a few MB of tars. Keys repeat from one link of a real tar to the next
-(a hard link cannot change member names), which only `verify`'s duplicate-key check notices.
+`build` writes a few *real* shards (32x32 png16 images with roi.png, labels.npy and json, through the
+tests' `write_shard_folder`, i.e. the project's own `ShardTarWriter`, so their idx files are real),
+then hard-links them under as many shard names as the sample count needs (`link_scaled_folder`: a
+copy of the real idx beside each link, a manifest consistent with the links). No image is stored
+twice: a 10M folder costs its idx files (~1.5 GB) and a few MB of tars. Keys repeat from one link of
+a real tar to the next (a hard link cannot change member names), which `verify` reports as duplicates.
+`index` times the compact index build (`xray-shard index`, once per folder).
 
 `ranks` starts `--num-ranks` rank processes of a `--world-size` job at once (each: build the train
 loader with the wds backend and `--workers` DataLoader workers, take the first batch, then build the
@@ -29,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import builtins
-import io
 import json
 import os
 import shutil
@@ -38,94 +39,47 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
-SPLITS = (("train", 0.9), ("val", 0.1))
+REPO = Path(__file__).resolve().parent.parent
 SAMPLES_PER_SHARD = 1000
-NUM_REAL_SHARDS = 4  # per split: distinct real tars that the links point at
-LABEL_NAMES = ["cardiomegaly", "effusion", "pneumonia"]
+VAL_FRACTION = 0.1
 IMAGE_HW = (32, 32)
 
 
-def _png(array: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _write_real_shard(path: Path, split: str, shard: int, num_samples: int) -> tuple[int, str]:
-    """A real shard of tiny samples; returns (num_bytes, sha256)."""
-    from xray_core.shardio import ShardTarWriter, sample_key
-
-    rng = np.random.default_rng([shard, len(split)])
-    writer = ShardTarWriter(path)
-    for i in range(num_samples):
-        key = sample_key("scale", f"{split}/{shard}/{i}")
-        image = rng.integers(0, 65535, size=IMAGE_HW, dtype=np.uint16)
-        labels = rng.choice([0.0, 1.0, np.nan], size=len(LABEL_NAMES)).astype(np.float32)
-        npy = io.BytesIO()
-        np.save(npy, labels, allow_pickle=False)
-        meta = {"key": key, "dataset": "scale", "split": split, "size": list(IMAGE_HW), "report": None}
-        writer.write_sample(
-            key,
-            {
-                "png": _png(image),
-                "roi.png": _png(np.full(IMAGE_HW, 255, dtype=np.uint8)),
-                "labels.npy": npy.getvalue(),
-                "json": json.dumps(meta).encode(),
-            },
-        )
-    writer.close()
-    return writer.num_bytes, writer.sha256
-
-
 def build(out: Path, num_samples: int) -> dict:
-    from xray_core.shardio import MANIFEST_NAME, SKIPPED_NAME, idx_path_for, shard_name
+    """Real shards (2 train, 1 val, 1000 samples each) under out/_real, links to them in out."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from data_fixtures import link_scaled_folder, write_shard_folder
 
     start = time.perf_counter()
     if out.exists():
         shutil.rmtree(out)
-    real_dir = out / "_real"
-    real_dir.mkdir(parents=True)
-    entries, splits = [], {}
-    for split, fraction in SPLITS:
-        num_split = int(num_samples * fraction)
-        splits[split] = num_split
-        reals = []
-        for r in range(NUM_REAL_SHARDS):
-            tar = real_dir / shard_name("real", split, r)
-            reals.append((tar, *_write_real_shard(tar, split, r, SAMPLES_PER_SHARD)))
-        for shard in range(-(-num_split // SAMPLES_PER_SHARD)):
-            count = min(SAMPLES_PER_SHARD, num_split - shard * SAMPLES_PER_SHARD)
-            tar, num_bytes, sha = reals[shard % NUM_REAL_SHARDS]
-            if count < SAMPLES_PER_SHARD:  # the last shard: a real tar of its own size
-                tar = real_dir / shard_name("last", split, 0)
-                num_bytes, sha = _write_real_shard(tar, split, NUM_REAL_SHARDS, count)
-            name = shard_name("scale", split, shard)
-            os.link(tar, out / name)
-            shutil.copyfile(idx_path_for(tar), idx_path_for(out / name))
-            entries.append(
-                {"name": name, "split": split, "num_samples": count, "num_bytes": num_bytes, "sha256": sha}
-            )
-    manifest = {
-        "format_version": 1,
-        "dataset": "scale",
-        "image_format": "png16",
-        "label_names": LABEL_NAMES,
-        "num_inputs": num_samples,
-        "num_samples": sum(splits.values()),
-        "num_skipped": 0,
-        "splits": splits,
-        "shards": entries,
-        "intensity": {"mean": 0.5, "std": 0.29},
+    write_shard_folder(out / "_real", splits={"train": 2 * SAMPLES_PER_SHARD, "val": SAMPLES_PER_SHARD},
+                       samples_per_shard=SAMPLES_PER_SHARD, size_hw=IMAGE_HW)  # fmt: skip
+    num_val = round(num_samples * VAL_FRACTION / SAMPLES_PER_SHARD)
+    num_train = num_samples // SAMPLES_PER_SHARD - num_val
+    manifest = link_scaled_folder(out / "_real", out, {"train": num_train, "val": num_val})
+    result = {
+        "bench": "build_folder",
+        "num_samples": manifest["num_samples"],
+        "num_shards": num_train + num_val,
     }
-    (out / MANIFEST_NAME).write_text(json.dumps(manifest))
-    (out / SKIPPED_NAME).write_text("")
-    result = {"bench": "build_folder", "num_samples": sum(splits.values()), "num_shards": len(entries)}
     result["seconds"] = round(time.perf_counter() - start, 1)
     return result
+
+
+def index(folder: Path, workers: int) -> dict:
+    """`xray-shard index`'s compact index build (once per folder), timed."""
+    from xray_core.shardindex import index_folder
+
+    start = time.perf_counter()
+    path = index_folder(folder, workers)
+    seconds = time.perf_counter() - start
+    return {
+        "bench": "index_build",
+        "workers": workers,
+        "seconds": round(seconds, 1),
+        "bytes": path.stat().st_size,
+    }
 
 
 def _memory_kb(pid: int) -> tuple[int, int]:
@@ -272,6 +226,9 @@ def main() -> None:
     p = sub.add_parser("build")
     p.add_argument("folder", type=Path)
     p.add_argument("--num-samples", type=int, required=True)
+    p = sub.add_parser("index")
+    p.add_argument("folder", type=Path)
+    p.add_argument("--workers", type=int, default=1)
     for name in ("ranks", "rank", "opens"):
         p = sub.add_parser(name)
         p.add_argument("folder", type=Path)
@@ -286,12 +243,18 @@ def main() -> None:
     args = parser.parse_args()
     if args.command == "build":
         print(json.dumps(build(args.folder, args.num_samples)))
+    elif args.command == "index":
+        print(json.dumps(index(args.folder, args.workers)))
     elif args.command == "rank":
         rank_main(args)
     elif args.command == "ranks":
         results = ranks(args)
         for result in results:
-            print(json.dumps({"bench": "rank", "world_size": args.world_size, "workers": args.workers, **result}))
+            print(
+                json.dumps(
+                    {"bench": "rank", "world_size": args.world_size, "workers": args.workers, **result}
+                )
+            )
         total_pss = sum(r["pss_mb"] for r in results)
         print(json.dumps({"bench": "ranks_total", "num_ranks": len(results), "pss_mb": round(total_pss, 1)}))
     else:

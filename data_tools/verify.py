@@ -225,19 +225,18 @@ def _check_tar_file(folder: Path, entry: dict) -> list[str]:
     return problems
 
 
-def _check_shard(folder: Path, entry: dict, manifest: dict, totals: _Totals) -> tuple[list[str], list[str]]:
-    """(problems, keys in order) of one shard, every sample decoded; counts go into `totals`."""
+def _check_shard(folder: Path, entry: dict, manifest: dict, totals: _Totals) -> tuple[list[str], np.ndarray]:
+    """(problems, keys as bytes in order) of one shard, every sample decoded; counts go into `totals`."""
     tar_path = folder / entry["name"]
     problems = _check_tar_file(folder, entry)
     index_problems, indexed = _check_index(tar_path)
     problems += index_problems
     if len(indexed) != entry.get("num_samples"):
         problems.append(f"{entry['name']}: {len(indexed)} samples, manifest says {entry.get('num_samples')}")
-    keys = []
+    keys = np.array([sample.key.encode() for sample in indexed], dtype=bytes)
     with open(tar_path, "rb") as f:
         for sample in indexed:
             where = f"{entry['name']}:{sample.key}"
-            keys.append(sample.key)
             try:
                 problems += _check_sample(
                     read_sample(f, sample), sample.key, manifest, entry["split"], totals, where
@@ -251,24 +250,24 @@ def _check_shard(folder: Path, entry: dict, manifest: dict, totals: _Totals) -> 
 
 def _check_shard_quick(
     folder: Path, entry: dict, manifest: dict, totals: _Totals
-) -> tuple[list[str], list[str]]:
-    """(problems, keys in order) of one shard without decoding: tar size and sha256, the idx parses
+) -> tuple[list[str], np.ndarray]:
+    """(problems, keys as bytes in order) of one shard without decoding: tar size and sha256, the idx parses
     with offsets inside the tar, the sample count, and each sample's components are present."""
     tar_path = folder / entry["name"]
     problems = _check_tar_file(folder, entry)
     try:
         records = shard_records(idx_path_for(tar_path), 0, tar_path.stat().st_size, folder)
     except (OSError, ValueError) as error:
-        return [*problems, f"{idx_path_for(tar_path).name}: {error}"], []
+        return [*problems, f"{idx_path_for(tar_path).name}: {error}"], np.zeros(0, "S1")
     if len(records) != entry.get("num_samples"):
         problems.append(f"{entry['name']}: {len(records)} samples, manifest says {entry.get('num_samples')}")
-    keys = np.char.decode(records["key"]).tolist()
+    keys = records["key"]
     totals.splits[entry["split"]] = totals.splits.get(entry["split"], 0) + len(records)
     image_ext = FORMAT_EXTENSION.get(manifest.get("image_format"))
     present = records["rel"] != MISSING  # (N, slots)
     image_ok = present[:, IMAGE_SLOT] & (records["image"] == IMAGE_EXTENSIONS.index(image_ext))
     for row in np.flatnonzero(~image_ok | ~present.all(axis=1)):
-        where = f"{entry['name']}:{keys[row]}"
+        where = f"{entry['name']}:{keys[row].decode()}"
         if not image_ok[row]:
             problems.append(f"{where}: no {image_ext} image (manifest format {manifest.get('image_format')})")
         problems += [f"{where}: no {SLOTS[slot]}" for slot in range(1, len(SLOTS)) if not present[row, slot]]
@@ -277,44 +276,62 @@ def _check_shard_quick(
     return problems, keys
 
 
-def _shard_task(task: tuple[Path, dict, dict, bool]) -> tuple[list[str], list[str], _Totals]:
+def _shard_task(task: tuple[Path, dict, dict, bool]) -> tuple[list[str], np.ndarray, _Totals]:
     """One shard's check (in a worker process when --workers > 1)."""
     folder, entry, manifest, quick = task
     totals = _Totals(list(manifest.get("label_names", [])))
     if not (folder / entry["name"]).is_file():
-        return [f"{entry['name']}: listed in the manifest but missing"], [], totals
+        return [f"{entry['name']}: listed in the manifest but missing"], np.zeros(0, "S1"), totals
     check = _check_shard_quick if quick else _check_shard
     problems, keys = check(folder, entry, manifest, totals)
     return problems, keys, totals
 
 
 def _check_shards(folder: Path, manifest: dict, quick: bool, num_workers: int) -> tuple[list[str], _Totals]:
-    """Every listed shard, in manifest order (problems in that order whatever the workers), then
-    duplicate keys over the folder (each listed after its shard's other problems)."""
+    """Every listed shard, in manifest order whatever the workers; then duplicate keys over the folder
+    (found with one sort of all keys, no per-key Python object), each listed after its shard's other
+    problems, within the same per-shard limit."""
     from tqdm import tqdm
 
     entries = manifest.get("shards", [])
     tasks = [(folder, entry, manifest, quick) for entry in entries]
     totals = _Totals(list(manifest.get("label_names", [])))
-    problems, seen = [], set()
+    shard_problems, shard_keys = [], []
     pool = None
     if num_workers > 1 and len(tasks) > 1:
         pool = ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("forkserver"))
     try:
-        results = pool.map(_shard_task, tasks) if pool else map(_shard_task, tasks)
-        for entry, (shard_problems, keys, part) in tqdm(
-            zip(entries, results), total=len(tasks), desc="verify", unit="shard", disable=len(tasks) < 2
+        results = pool.map(_shard_task, tasks, chunksize=4) if pool else map(_shard_task, tasks)
+        for problems, keys, part in tqdm(
+            results, total=len(tasks), desc="verify", unit="shard", disable=len(tasks) < 2
         ):
-            problems += shard_problems
-            for key in keys:
-                if key in seen:
-                    problems.append(f"{entry['name']}:{key}: duplicate key")
-                seen.add(key)
+            shard_problems.append(problems)
+            shard_keys.append(keys)
             totals.merge(part)
     finally:
         if pool:
             pool.shutdown()
+    duplicate = _repeated(np.concatenate(shard_keys) if shard_keys else np.zeros(0, "S1"))
+    problems, start = [], 0
+    for entry, found, keys in zip(entries, shard_problems, shard_keys):
+        for key in keys[duplicate[start : start + len(keys)]]:
+            if len(found) > MAX_PROBLEMS_PER_SHARD:
+                if not found[-1].endswith("more problems not listed"):
+                    found.append(f"{entry['name']}: more problems not listed")
+                break
+            found.append(f"{entry['name']}:{key.decode()}: duplicate key")
+        problems += found
+        start += len(keys)
     return problems, totals
+
+
+def _repeated(keys: np.ndarray) -> np.ndarray:
+    """bool per key: True where the same key occurred earlier in `keys`."""
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    repeated = np.zeros(len(keys), dtype=bool)
+    repeated[order[1:]] = sorted_keys[1:] == sorted_keys[:-1]
+    return repeated
 
 
 def _check_totals(manifest: dict, totals: _Totals, folder: Path, quick: bool) -> list[str]:
