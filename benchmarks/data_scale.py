@@ -207,6 +207,9 @@ def opens(args: argparse.Namespace) -> dict:
     num_reads = 0
     start = time.perf_counter()
     with _OpenCounter() as counter:
+        while num_reads < args.num_reads // 2:
+            num_reads += len(next(batches)["key"])
+        num_first_half = (num_reads, counter.count)
         while num_reads < args.num_reads:
             num_reads += len(next(batches)["key"])
     return {
@@ -216,6 +219,9 @@ def opens(args: argparse.Namespace) -> dict:
         "num_reads": num_reads,
         "num_opens": counter.count,
         "opens_per_read": round(counter.count / num_reads, 4),
+        "opens_per_read_second_half": round(
+            (counter.count - num_first_half[1]) / (num_reads - num_first_half[0]), 4
+        ),
         "seconds": round(time.perf_counter() - start, 1),
     }
 

@@ -150,15 +150,15 @@ class ShardReader:
     """Reads samples with `os.pread` on tar descriptors kept open in an LRU as large as the process's
     descriptor budget (`open_file_budget`), so a training run opens each tar about once per process.
 
-    pread takes the offset with each call: no shared file position, so threads may share a reader.
-    Descriptors are dropped after a fork (the pid check): each DataLoader worker opens its own.
-    `num_opens` / `num_reads` count this process's opens and sample reads (benchmarks).
+    pread takes the offset with each call, so a descriptor has no file position to share: threads may
+    share a reader, and a forked DataLoader worker keeps using the descriptors it inherited (each
+    process closes only its own copies). `num_opens` / `num_reads` count this process's opens and
+    sample reads (benchmarks).
     """
 
     def __init__(self, max_open_files: int | None = None):
         self.max_open_files = open_file_budget() if max_open_files is None else max_open_files
         self._fds: OrderedDict[str, int] = OrderedDict()
-        self._pid = os.getpid()
         self.num_opens = self.num_reads = 0
 
     def read(self, tar_path: str, record: np.void) -> dict[str, bytes]:
@@ -181,9 +181,6 @@ class ShardReader:
         return out
 
     def _fd(self, tar_path: str) -> int:
-        if self._pid != os.getpid():  # inherited across fork: this process opens its own
-            self._fds.clear()  # the parent's descriptors stay the parent's (closed with the copy at exit)
-            self._pid = os.getpid()
         fd = self._fds.get(tar_path)
         if fd is None:
             if len(self._fds) >= self.max_open_files:
@@ -196,9 +193,8 @@ class ShardReader:
         return fd
 
     def close(self) -> None:
-        if self._pid == os.getpid():
-            for fd in self._fds.values():
-                os.close(fd)
+        for fd in self._fds.values():
+            os.close(fd)
         self._fds.clear()
 
     def __getstate__(self):  # pickled into spawned workers: never ship descriptors
