@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import builtins
+import gc
 import json
 import os
 import shutil
@@ -116,6 +117,8 @@ def rank_main(args: argparse.Namespace) -> None:
     val_built = time.perf_counter()
     val_batch = next(iter(val))
     val_first = time.perf_counter()
+    gc.collect()  # a full collection walks every tracked object: its pause grows with them
+    gc_full = time.perf_counter() - val_first
     report = {
         "rank": args.rank,
         "pid": os.getpid(),
@@ -124,6 +127,8 @@ def rank_main(args: argparse.Namespace) -> None:
         "first_batch_s": round(first - imported, 2),  # loader build + first batch (what a rank waits)
         "val_build_s": round(val_built - first, 2),
         "val_first_batch_s": round(val_first - first, 2),
+        "gc_full_s": round(gc_full, 3),
+        "gc_tracked_objects": len(gc.get_objects()),
         "batch_keys": len(batch["key"]) + len(val_batch["key"]),
     }
     Path(args.report).write_text(json.dumps(report))

@@ -27,6 +27,7 @@ tar's size; `load_index` rebuilds when any differs.
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -45,6 +46,8 @@ from xray_core.shardio import (
     idx_sample_lines,
     split_member_name,
 )
+
+log = logging.getLogger(__name__)
 
 INDEX_NAME = "shards.index"
 INDEX_MAGIC = b"XRAYIDX1"
@@ -256,6 +259,10 @@ def load_index(folder: str | Path, manifest: dict, write: bool = True) -> tuple[
     found = read_index(folder)
     if found is not None and is_current(folder, found[0], manifest):
         return found
+    log.warning(
+        "%s: shard index %s; building it from %d idx files (run `xray-shard index %s` once so that "
+        "ranks only map it)", folder, "stale" if found else "missing", len(manifest["shards"]), folder,
+    )  # fmt: skip
     header, parts = build_parts(folder, manifest)
     if write and os.access(folder, os.W_OK):
         write_index(folder, header, parts)
