@@ -99,3 +99,12 @@ def test_index_is_rebuilt_when_an_idx_changes(tmp_path):
     idx.write_text("\n".join([lines[0], " ".join(fields), *lines[2:]]) + "\n")
     with pytest.raises(ValueError, match="rebuild the index"):
         ShardFolder(tmp_path).split_samples("train")
+
+
+def test_val_subset_matches_a_full_sort_with_ties(big_folder):
+    folder = ShardFolder(big_folder)
+    table = SplitTable([folder, folder], "val")  # every key twice per folder link, and in both folders
+    keys = folder.split_samples("val")["key"]
+    expected = sorted((k, f, i) for f in range(2) for i, k in enumerate(keys.tolist()))[:101]
+    assert table.first_by_key(101).tolist() == [[f, i] for _k, f, i in expected]
+    assert len(table.first_by_key(10**9)) == 2 * len(keys)

@@ -27,6 +27,8 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from xray_pretrain.data.heap import release_freed_heap
+
 # Tags keep the seeded streams independent of each other (SeedSequence([seed, tag, ...])).
 TAG_EPOCH_SHUFFLE = 0
 TAG_FOLDER_DRAW = 1
@@ -166,6 +168,8 @@ class RankShare:
         mine = (run_starts[:, None] + np.arange(self.micro_batch)).ravel()
         mine = mine[(mine >= start) & (mine < start + size)] - start
         entry = self.order.compute_epoch(epoch, mine)
+        del mine, run_starts
+        release_freed_heap()
         self._cache[epoch] = entry
         if len(self._cache) > self._num_cached_epochs:
             self._cache.popitem(last=False)

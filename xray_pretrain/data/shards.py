@@ -24,6 +24,7 @@ import numpy as np
 from xray_core.shardindex import IMAGE_SLOT, MISSING, SLOTS, load_index
 from xray_core.shardio import MANIFEST_NAME, META_EXTENSION, ROI_EXTENSION, idx_path_for
 from xray_pretrain.data.decode import decode_labels
+from xray_pretrain.data.heap import release_freed_heap
 
 FORMAT_VERSION = 1
 IMAGE_FORMATS = ("png16", "jpg", "jp2")
@@ -278,25 +279,27 @@ class SplitTable:
 
     def first_by_key(self, num_samples: int) -> np.ndarray:
         """(folder, index) int64 rows (n, 2) of the first `num_samples` samples in sorted-key order
-        (folder, then index, break ties), found by partial selection: O(split) work, O(n log n) sort
-        of the chosen rows only, never the whole split."""
-        keys = (
-            np.concatenate([records["key"] for records in self.records])
-            if self.records
-            else np.zeros(0, "S1")
-        )
-        folder_of = np.repeat(np.arange(len(self.records)), self.folder_sizes)
-        index_of = np.concatenate([np.arange(n) for n in self.folder_sizes]) if self.records else folder_of
-        num = min(num_samples, len(keys))
+        (folder, then index, break ties), found by partial selection: one O(split) partition of the
+        keys, a sort of the chosen rows only, never of the whole split."""
+        starts = np.cumsum([0, *self.folder_sizes])
+        num = min(num_samples, int(starts[-1]))
         if num == 0:
             return np.zeros((0, 2), dtype=np.int64)
+        keys = (
+            self.records[0]["key"]
+            if len(self.records) == 1
+            else np.concatenate([r["key"] for r in self.records])
+        )
         if num < len(keys):  # everything tied with the num-th key competes for the last places
-            threshold = np.partition(keys, num - 1)[num - 1]
-            chosen = np.flatnonzero(keys <= threshold)
+            chosen = np.flatnonzero(keys <= np.partition(keys, num - 1)[num - 1])
         else:
             chosen = np.arange(len(keys))
-        ranked = chosen[np.lexsort((index_of[chosen], folder_of[chosen], keys[chosen]))][:num]
-        return np.stack([folder_of[ranked], index_of[ranked]], axis=1).astype(np.int64)
+        folder = np.searchsorted(starts, chosen, side="right") - 1
+        index = chosen - starts[folder]
+        ranked = np.lexsort((index, folder, keys[chosen]))[:num]
+        del keys
+        release_freed_heap()
+        return np.stack([folder[ranked], index[ranked]], axis=1).astype(np.int64)
 
 
 def open_folders(paths: list[str]) -> list[ShardFolder]:
