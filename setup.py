@@ -31,9 +31,15 @@ setup(
         "pyyaml",
         "tensorboard",
         "tqdm",
+        # downstream metrics (AUROC, AP, F1) are computed with scikit-learn's implementations
+        "scikit-learn",
+        # Report metrics: BLEU, METEOR (bundled jar; needs a Java runtime), ROUGE-L, CIDEr-D.
+        "pycocoevalcap==1.2",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "scikit-learn"],
+        "test": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "transformers>=5"],
+        # Report clinical efficacy with user-supplied CheXbert weights (report.chexbert).
+        "clinical": ["transformers>=5"],
     },
     entry_points={
         "console_scripts": [

@@ -10,7 +10,6 @@ loader process memory-maps) rebuilt from its idx files, `--workers` shards in pa
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from xray_core.shardindex import INDEX_NAME, index_folder
@@ -52,16 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.workers < 1:
-        print(f"xray-shard index: error: --workers must be >= 1, got {args.workers}", file=sys.stderr)
-        return 2
-    try:
-        written = index_tars(args.paths, args.overwrite)
-        for tar, num in written.items():
-            print(f"{idx_path_for(tar)}: {num} samples")
-        print(f"xray-shard index: {len(written)} idx file(s) written")
-        for folder in [p for p in args.paths if (p / MANIFEST_NAME).is_file()]:
-            print(f"{index_folder(folder, args.workers)}: written")
-    except (ValueError, OSError) as error:
-        print(f"xray-shard index: error: {error}", file=sys.stderr)
-        return 2
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    written = index_tars(args.paths, args.overwrite)
+    for tar, num in written.items():
+        print(f"{idx_path_for(tar)}: {num} samples")
+    print(f"xray-shard index: {len(written)} idx file(s) written")
+    for folder in [p for p in args.paths if (p / MANIFEST_NAME).is_file()]:
+        print(f"{index_folder(folder, args.workers)}: written")
     return 0

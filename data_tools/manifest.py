@@ -148,6 +148,7 @@ def build_manifest(
             "num_samples": s.num_samples,
             "num_bytes": s.num_bytes,
             "sha256": s.sha256,
+            "roi_paths": s.roi_paths,  # samples per chest-region path (see data_tools.encode.roi_path)
         }
         for s in with_samples
     ]
