@@ -81,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args) -> int:
     if args.command in ("pretrain", "check-config"):
+        from xray_pretrain.engine import preempt
+
+        if args.command == "pretrain":
+            preempt.install()  # before the heavy imports: an early USR1 must not kill the process
         from xray_pretrain.config import load_config
 
         cfg = load_config(args.config, args.overrides)
@@ -92,6 +96,9 @@ def _run(args) -> int:
         from xray_pretrain.engine.trainer import train
 
         summary = train(cfg)
+        if summary["preempted"]:
+            print(f"preempted: checkpoint at step {summary['steps']}; rerun to continue", flush=True)
+            return preempt.PREEMPTED_EXIT_CODE
         if _is_rank0():
             out = Path(cfg.log.out_dir) / "train_summary.json"
             out.write_text(json.dumps(summary, indent=2))
