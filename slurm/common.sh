@@ -45,7 +45,7 @@ trap xray_on_preempt USR1 TERM
 xray_requeue() {
     xray_log "requeueing job ${SLURM_JOB_ID}: $1"
     # Refused (and harmless) when the job is already requeued or was cancelled by scancel.
-    scontrol requeue "${SLURM_JOB_ID}" || xray_log "requeue refused; the job ends here"
+    scontrol requeue "${SLURM_JOB_ID}" || xray_log "requeue refused: the job was already requeued, or cancelled"
 }
 
 # srun "$@" with preemption handling; returns the step's exit status.

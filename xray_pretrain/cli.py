@@ -2,6 +2,7 @@
 
     xray-pretrain pretrain --config configs/tiny_cpu.yaml train.steps=100 data.shards=[DIR]
     deepspeed --num_gpus 8 $(which xray-pretrain) pretrain --config configs/vitl_1280.yaml ...
+    sbatch --nodes 4 --ntasks-per-node 8 --gpus-per-node 8 slurm/pretrain.sbatch --config vitl_1280 ...
     xray-pretrain export --checkpoint RUN/checkpoints --out RUN/export
     xray-pretrain demo --out runs/demo
     xray-pretrain bench step --model large --image-size 1280 --patch 16 --batch-size 8 --device cuda
@@ -46,7 +47,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xray-pretrain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train_args(
-        sub.add_parser("pretrain", help="MAE pre-training (one process, or under the deepspeed launcher)")
+        sub.add_parser("pretrain", help="MAE pre-training (one process, the deepspeed launcher, or srun)")
     )
     check = sub.add_parser("check-config", help="resolve and validate a config, print it, spawn nothing")
     _add_train_args(check)

@@ -119,8 +119,10 @@ def init_distributed() -> DistContext:
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        # A scheduler that binds each task to its own GPU (srun --gpus-per-task=1) leaves one visible.
+        index = 0 if torch.cuda.device_count() == 1 else local_rank
+        torch.cuda.set_device(index)
+        device = torch.device("cuda", index)
         backend = "nccl"
     else:
         device = torch.device("cpu")
