@@ -92,6 +92,7 @@ class ConvertOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are skipped before decoding
     num_workers: int | None = None  # decode processes; None: all cores
     decode_timeout: float = DEFAULT_DECODE_TIMEOUT_S  # seconds per file before it is skipped
+    part: tuple[int, int] | None = None  # (I, N): write only planned shards I, I+N, ... (parallel tasks)
     dry_run: bool = False
     progress: bool = True
     source_options: dict = field(default_factory=dict)
@@ -165,6 +166,14 @@ def _ensure_source_options_known() -> None:
     """Fill SOURCE_DESTS / SOURCE_DEFAULTS once (a library caller never built the CLI parser)."""
     if not SOURCE_DESTS:
         _add_source_arguments(argparse.ArgumentParser(prog="xray-shard convert", add_help=False))
+
+
+def _part(text: str) -> tuple[int, int]:
+    """'I/N' -> (I, N) with 0 <= I < N."""
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise argparse.ArgumentTypeError(f"--part wants I/N with 0 <= I < N (task I of N), got {text!r}")
+    return int(index), int(count)
 
 
 def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
@@ -250,6 +259,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="progress bar (--no-progress hides it)",
+    )
+    run.add_argument(
+        "--part",
+        type=_part,
+        metavar="I/N",
+        help="write only planned shards I, I+N, I+2N, ... (task I of N in a parallel conversion, e.g. "
+        "slurm/shard.sbatch); once all parts are done, the same command without --part writes the manifest",
     )
     _add_source_arguments(parser)
 
@@ -702,6 +718,8 @@ def convert_folder(options: ConvertOptions) -> dict:
     args = options.source_namespace()  # the adapters read their options from a namespace
     dataset = args.dataset or source.DATASET
     _check_paths(args, dataset)
+    if args.part and args.dedup:
+        raise ValueError("--dedup compares every shard with the earlier ones: it cannot run in --part tasks")
     salt = args.salt if args.salt is not None else DEFAULT_SALT
     if args.salt is None and not args.dry_run:
         warnings.warn(
@@ -728,6 +746,8 @@ def convert_folder(options: ConvertOptions) -> dict:
         plan = plan_shards(by_split, dataset, shard_size)
         settings = _settings_dict(args, options, shard_size)
         states = _write_missing_shards(args, plan, settings, dataset, label_names, salt, options.dedup, pool)
+    if args.part:  # the manifest needs every part: the run without --part writes it
+        return {"part": list(args.part), "shards": [state.name for state in states]}
     skipped = [{"source_id": s.source_id, "dataset": s.dataset, "reason": s.reason} for s in skips]
     skipped += [line for state in states for line in state.skipped]
     manifest = build_manifest(
@@ -753,20 +773,25 @@ def convert_folder(options: ConvertOptions) -> dict:
 def _write_missing_shards(
     args, plan, settings, dataset, label_names, salt, dedup: bool, pool
 ) -> list[ShardState]:
-    """Load the states of shards already complete, write the others; all states in plan order."""
+    """Load the states of shards already complete, write the others; all states in plan order (only
+    this task's shards with --part)."""
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    mine = plan[args.part[0] :: args.part[1]] if args.part else plan
     store = StateStore(out_dir)
-    store.begin(_fingerprint(settings, dataset, args.source, label_names, salt, plan))
-    done = {shard.name: store.load_complete(shard) for shard in plan}
-    pending = [shard for shard in plan if done[shard.name] is None]
+    store.begin(
+        _fingerprint(settings, dataset, args.source, label_names, salt, plan),
+        [shard.name for shard in mine] if args.part else None,
+    )
+    done = {shard.name: store.load_complete(shard) for shard in mine}
+    pending = [shard for shard in mine if done[shard.name] is None]
     deduper = _Dedup(plan) if dedup else None
     for state in filter(None, done.values()):
         for pixel_hash, key in state.pixel_hashes if deduper else []:
             deduper.note(pixel_hash, key)
     written = _write_shards(out_dir, pending, store, label_names, pool, args.progress, deduper)
     states = {state.name: state for state in [*filter(None, done.values()), *written]}
-    return [states[shard.name] for shard in plan]
+    return [states[shard.name] for shard in mine]
 
 
 def convert(input_dir: Path, out_dir: Path, **options) -> dict:
@@ -790,6 +815,9 @@ def convert(input_dir: Path, out_dir: Path, **options) -> dict:
 def _summary(result: dict) -> str:
     if result.get("dry_run"):
         return json.dumps(result, indent=1)
+    if "part" in result:
+        index, count = result["part"]
+        return f"part {index}/{count}: {len(result['shards'])} shards complete; manifest not written (run without --part)"
     splits = ", ".join(f"{k} {v}" for k, v in result["splits"].items())
     num_bytes = sum(s["num_bytes"] for s in result["shards"])
     return (

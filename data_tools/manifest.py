@@ -71,7 +71,7 @@ def intensity_stats(pixel_sum: int, pixel_sumsq: int, num_pixels: int, full_scal
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".partial")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")  # unique: parallel --part tasks share files
     try:
         tmp.write_bytes(data)
         os.replace(tmp, path)

@@ -140,8 +140,9 @@ class StateStore:
         self.root = self.out_dir / STATE_DIR
         self.shards_dir = self.root / "shards"
 
-    def begin(self, fingerprint: str) -> None:
-        """Create the folder, or check that it belongs to the same plan; remove leftover partial files."""
+    def begin(self, fingerprint: str, shard_names: list[str] | None = None) -> None:
+        """Create the folder, or check that it belongs to the same plan; remove leftover partial files
+        (only those of `shard_names` where given: other tasks of a parallel run may be writing theirs)."""
         plan_path = self.root / PLAN_NAME
         if plan_path.is_file():
             found = json.loads(plan_path.read_text()).get("fingerprint")
@@ -152,8 +153,10 @@ class StateStore:
                 )
         self.shards_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(plan_path, json.dumps({"fingerprint": fingerprint}).encode())
+        owned = None if shard_names is None else tuple(Path(name).stem + "." for name in shard_names)
         for leftover in list(self.out_dir.glob("*.partial")) + list(self.shards_dir.glob("*.partial")):
-            leftover.unlink()
+            if owned is None or leftover.name.startswith(owned):
+                leftover.unlink(missing_ok=True)
 
     def load_complete(self, shard: PlannedShard) -> ShardState | None:
         """The state of a shard that is fully on disk, or None if it must be (re)written."""

@@ -51,12 +51,9 @@ def phantom_shards(tmp_path_factory) -> Path:
     return root / "shards"
 
 
-def run_training(out_dir: Path, shards: Path, ranks: int, overrides: list[str]) -> dict:
-    """Launch `xray-pretrain pretrain` under the deepspeed launcher (N CPU ranks); returns its summary."""
-    from xray_pretrain.demo import launch_training
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    base = [
+def base_overrides(out_dir: Path, shards: Path) -> list[str]:
+    """The tiny test run's overrides of the packaged tiny config (every launcher's tests share them)."""
+    return [
         "model.image_size=[64,64]",  # the test shards' size; 64 tokens as in the demo
         "model.patch_size=8",
         f"data.shards=[{shards}]",
@@ -65,7 +62,14 @@ def run_training(out_dir: Path, shards: Path, ranks: int, overrides: list[str]) 
         "data.num_workers=1",
         "data.val_num_samples=16",
     ]
-    launch_training(TINY_CONFIG, base + overrides, ranks, out_dir / "train.log")
+
+
+def run_training(out_dir: Path, shards: Path, ranks: int, overrides: list[str]) -> dict:
+    """Launch `xray-pretrain pretrain` under the deepspeed launcher (N CPU ranks); returns its summary."""
+    from xray_pretrain.demo import launch_training
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    launch_training(TINY_CONFIG, base_overrides(out_dir, shards) + overrides, ranks, out_dir / "train.log")
     return json.loads((out_dir / "train_summary.json").read_text())
 
 
@@ -102,3 +106,18 @@ def copy_checkpoint(src_run: Path, tag: str, dst_run: Path) -> None:
     dst.mkdir(parents=True, exist_ok=True)
     shutil.copytree(src_run / "checkpoints" / tag, dst / tag)
     (dst / "latest").write_text(tag)
+
+
+def assert_same_parameters(reference: Path, run: Path, tag: str, after: str) -> None:
+    """The consolidated parameters of two runs' checkpoints `tag` agree (CPU runs are deterministic)."""
+    import torch
+
+    from xray_pretrain.engine.export import consolidated_state_dict
+
+    a = consolidated_state_dict(reference / "checkpoints", tag)
+    b = consolidated_state_dict(run / "checkpoints", tag)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(
+            b[name], a[name], rtol=1e-5, atol=1e-6, msg=f"parameter {name} differs {after}"
+        )

@@ -2,12 +2,13 @@
 
     xray-pretrain pretrain --config tiny_cpu train.steps=100 data.shards=[DIR]
     deepspeed --num_gpus 8 $(which xray-pretrain) pretrain --config vitl_1280 ...
+    sbatch --nodes 4 --ntasks-per-node 8 --gpus-per-node 8 slurm/pretrain.sbatch --config vitl_1280 ...
     xray-pretrain export --checkpoint RUN/checkpoints --out RUN/export
     xray-pretrain demo --out runs/demo
     xray-pretrain bench step --config vitl_1280 model.size=large train.precision=bf16 --device cuda
     xray-pretrain bench loader --shards DIR --backend dali
 
-Supported launchers: one plain process, or `deepspeed` (one or many nodes). Each subcommand is a
+Supported launchers: one plain process, `deepspeed` (one or many nodes), or `srun` (slurm/). Each subcommand is a
 module (`xray_pretrain.commands`, `xray_pretrain.demo`, `xray_pretrain.bench`) run through
 `xray_core.cli`, the convention shared with `xray-shard`.
 """
@@ -21,7 +22,7 @@ from xray_core.cli import main as cli_main
 
 COMMANDS = {
     "pretrain": Command(
-        "xray_pretrain.commands.pretrain", "MAE pre-training (one process, or under the deepspeed launcher)"
+        "xray_pretrain.commands.pretrain", "MAE pre-training (one process, the deepspeed launcher, or srun)"
     ),
     "check-config": Command(
         "xray_pretrain.commands.check_config", "resolve and validate a config, print it, spawn nothing"

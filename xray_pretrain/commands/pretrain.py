@@ -14,6 +14,9 @@ add_arguments = add_config_arguments
 
 
 def run(args) -> int:
+    from xray_pretrain.engine import preempt
+
+    preempt.install()  # before the heavy imports: an early USR1 must not kill the process
     from xray_pretrain.config import load_config
     from xray_pretrain.engine.preflight import check_run
 
@@ -23,6 +26,9 @@ def run(args) -> int:
     from xray_pretrain.engine.trainer import train
 
     summary = train(cfg)
+    if summary["preempted"]:
+        print(f"preempted: checkpoint at step {summary['steps']}; rerun to continue", flush=True)
+        return preempt.PREEMPTED_EXIT_CODE
     if is_rank0():
         (Path(cfg.log.out_dir) / "train_summary.json").write_text(json.dumps(summary, indent=2))
         print(json.dumps(summary))

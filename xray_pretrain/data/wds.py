@@ -14,6 +14,8 @@ validation padding rows.
 
 from __future__ import annotations
 
+import signal
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -84,6 +86,14 @@ def collate(items: list[dict]) -> dict:
     }
 
 
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """Workers leave SIGTERM/SIGUSR1 to the training process. Slurm signals every process of a job:
+    a worker dying of it would make the DataLoader raise before the ranks' agreed checkpoint
+    (engine/preempt.py). Workers still end with the training process (torch watches the parent)."""
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def make_dataloader(dataset: Dataset, batch_sampler, num_workers: int, pin_memory: bool) -> DataLoader:
     """A DataLoader that keeps its workers (persistent) and returns batches in sampler order."""
     return DataLoader(
@@ -93,5 +103,6 @@ def make_dataloader(dataset: Dataset, batch_sampler, num_workers: int, pin_memor
         collate_fn=collate,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
+        worker_init_fn=_ignore_stop_signals if num_workers > 0 else None,
         prefetch_factor=2 if num_workers > 0 else None,
     )

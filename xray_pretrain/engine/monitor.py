@@ -1,8 +1,14 @@
-"""What a run reports while it trains: TensorBoard, a metrics.jsonl copy, and a tqdm bar (rank 0 only)."""
+"""What a run reports while it trains: TensorBoard, a metrics.jsonl copy, and a tqdm bar (rank 0 only).
+
+A restarted run keeps one history: what an earlier start logged past the step this start continues
+from (work lost to a crash or a requeue) is dropped from metrics.jsonl, and TensorBoard is told to
+purge it (`purge_step`), so neither shows a step twice.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -23,8 +29,10 @@ class RunMonitor:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        self._writer = SummaryWriter(str(self.tb_dir))
-        self._jsonl = open(out_dir / "metrics.jsonl", "a")
+        self._writer = SummaryWriter(str(self.tb_dir), purge_step=start_step + 1)
+        metrics_path = out_dir / "metrics.jsonl"
+        truncate_history(metrics_path, start_step)
+        self._jsonl = open(metrics_path, "a")
         if progress:
             from tqdm import tqdm
 
@@ -69,3 +77,17 @@ class RunMonitor:
         self._writer.flush()
         self._writer.close()
         self._jsonl.close()
+
+
+def truncate_history(metrics_path: Path, last_step: int) -> int:
+    """Drop the rows of `metrics_path` logged after `last_step` (rewritten atomically); returns how many."""
+    if not metrics_path.is_file():
+        return 0
+    lines = metrics_path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= last_step]
+    if len(kept) == len(lines):
+        return 0
+    tmp = metrics_path.with_name(metrics_path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, metrics_path)
+    return len(lines) - len(kept)

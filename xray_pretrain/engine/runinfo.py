@@ -1,8 +1,11 @@
-"""Facts about a run written beside its resolved config: git revision, versions, world size."""
+"""Facts about a run written beside its resolved config: git revision, versions, world size, and one
+entry per start of the run (a requeued or resumed run appends to `starts`)."""
 
 from __future__ import annotations
 
 import importlib.metadata
+import json
+import os
 import platform
 import socket
 import subprocess
@@ -66,4 +69,27 @@ def run_info(cfg, world_size: int, accum_steps: int, ds_config: dict, device=Non
             cfg.model.attn, device, cfg.train.dtype, embed_dim // num_heads
         ),
         "ds_config": ds_config,
+    }
+
+
+def with_start_history(info: dict, out_dir: Path, start_step: int) -> dict:
+    """`info` (this start's facts, the top-level keys of run_info.json) plus `starts`: the entries of
+    the run_info.json already in `out_dir`, then one for this start."""
+    starts = []
+    path = Path(out_dir) / "run_info.json"
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        starts = previous.get("starts") or [_start_entry(previous, None)]
+    return {**info, "starts": [*starts, _start_entry(info, start_step)]}
+
+
+def _start_entry(info: dict, start_step: int | None) -> dict:
+    return {
+        "started": info.get("started"),
+        "start_step": start_step,  # optimizer steps already done when this start began
+        "host": info.get("host"),
+        "world_size": info.get("world_size"),
+        "git_commit": info.get("git", {}).get("commit"),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0")),
     }

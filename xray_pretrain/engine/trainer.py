@@ -21,12 +21,12 @@ import torch
 
 from xray_pretrain.collectives import all_reduce_mean
 from xray_pretrain.config import RunConfig, save_resolved_config
-from xray_pretrain.engine import checkpoint
+from xray_pretrain.engine import checkpoint, preempt
 from xray_pretrain.engine.dist import DistContext, init_distributed
 from xray_pretrain.engine.ds_config import build_ds_config
 from xray_pretrain.engine.monitor import RunMonitor
 from xray_pretrain.engine.optim import build_optimizer, lr_at, set_lr
-from xray_pretrain.engine.runinfo import run_info
+from xray_pretrain.engine.runinfo import run_info, with_start_history
 from xray_pretrain.models import mfu
 from xray_pretrain.tasks import build_task
 
@@ -90,6 +90,7 @@ class Trainer:
         self.state = self._load(resume_point)
         if self.ctx.is_main:
             info = run_info(cfg, self.ctx.world_size, self.accum, ds_config, self.ctx.device)
+            info = with_start_history(info, self.out_dir, self.state.step)
             print(
                 f"attention: {info['attention']}, world size {self.ctx.world_size}, accumulation {self.accum}",
                 flush=True,
@@ -149,6 +150,7 @@ class Trainer:
         batches = iter(self.train_loader)
         last_val: dict = {}
         image_path = None
+        stop = False
         while state.step < cfg.train.steps:
             result = self._train_step(batches)
             state.step += 1
@@ -160,9 +162,13 @@ class Trainer:
                 last_val = self._validate()
             if state.step % cfg.log.image_every == 0 or done:
                 image_path = self._preview() or image_path
-            if state.step % cfg.checkpoint.every == 0 or done:
+            stop = not done and preempt.agreed_to_stop(self.ctx.device)  # same answer on every rank
+            if state.step % cfg.checkpoint.every == 0 or done or stop:
                 self._save_checkpoint()
+            if stop:
+                break
         return {
+            "preempted": stop,
             "world_size": self.ctx.world_size,
             "accum_steps": self.accum,
             "backend": self.train_loader.backend,
