@@ -20,6 +20,7 @@ import numpy as np
 
 from xray_core.shardio import (
     MANIFEST_NAME,
+    META_EXTENSION,
     ROI_EXTENSION,
     IndexedSample,
     idx_path_for,
@@ -175,6 +176,10 @@ class ShardReader:
         """component name -> bytes for one sample."""
         return read_sample(self._handle(ref.tar_path), ref.sample)
 
+    def read_component(self, ref: SampleRef, extension: str) -> bytes:
+        """One component's bytes (e.g. the json alone, without the image)."""
+        return read_sample(self._handle(ref.tar_path), ref.sample, (extension,))[extension]
+
     def _handle(self, tar_path: Path):
         if self._pid != os.getpid():  # inherited across fork: these share file offsets with the parent
             self.close()  # closes this process's copies only
@@ -268,8 +273,19 @@ class SplitTable:
         out[self._scatters[folder]] = folder_labels
         return out
 
-    def sorted_by_key(self, num_samples: int) -> list[tuple[int, int]]:
-        """The first `num_samples` (folder, index) pairs in sorted-key order (folder breaks ties)."""
+    def subset(self, keep: list[list[int]]) -> SplitTable:
+        """The same table restricted to sample indices `keep[folder]` (e.g. a label fraction)."""
+        table = SplitTable(self.folders, self.split, self.label_names)
+        table.refs = [[refs[i] for i in indices] for refs, indices in zip(self.refs, keep)]
+        return table
+
+    def metadata(self, reader: ShardReader, folder: int, index: int) -> dict:
+        """One sample's json component (patient, study, view, labels as written; no image read)."""
+        return json.loads(reader.read_component(self.refs[folder][index], META_EXTENSION))
+
+    def sorted_by_key(self, num_samples: int | None = None) -> list[tuple[int, int]]:
+        """The first `num_samples` (all: None) (folder, index) pairs in sorted-key order (folder breaks
+        ties)."""
         pairs = [(ref.key, f, i) for f, refs in enumerate(self.refs) for i, ref in enumerate(refs)]
         pairs.sort()
         return [(f, i) for _key, f, i in pairs[:num_samples]]
