@@ -18,6 +18,7 @@ setup(
         "nvidia-dali-cuda130==2.4.0",
         "timm>=1.0",
         "safetensors>=0.4",
+        "scikit-learn>=1.3",  # downstream metrics (AUROC, average precision, F1)
         "webdataset>=0.2.100",
         "pydicom>=3.0",
         # pydicom pixel-data plugins: JPEG (baseline/extended/lossless), JPEG-LS, JPEG 2000, RLE.
@@ -33,7 +34,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "scikit-learn"],
+        "test": ["pytest>=8", "pytest-timeout", "ruff>=0.6"],
     },
     entry_points={
         "console_scripts": [
