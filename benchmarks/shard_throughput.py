@@ -94,7 +94,7 @@ def ours(phantoms: Path, out: Path, image_format: str, workers: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()
     manifest = convert(
-        phantoms, out, image_format=image_format, long_side=LONG_SIDE, workers=workers, progress=False,
+        phantoms, out, image_format=image_format, long_side=LONG_SIDE, num_workers=workers, progress=False,
         dataset="phantom", salt="benchmark",
     )  # fmt: skip
     wall = time.perf_counter() - started

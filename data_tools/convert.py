@@ -9,23 +9,25 @@ Steps (`convert_folder`):
   5. manifest.json, skipped.jsonl and id_map.csv are assembled from the shard states.
 
 Same inputs and options -> byte-identical tars and manifest, whatever --workers; a rerun after an
-interruption writes only the missing shards. Library use: `convert(input_dir, out_dir, ...)`.
+interruption writes only the missing shards. Library use: `convert(input_dir, out_dir, ...)`, or
+`convert_folder(ConvertOptions(...))`; the CLI parses its flags into the same `ConvertOptions`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import multiprocessing
 import os
-import sys
 import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
@@ -48,6 +50,73 @@ from xray_core.shardio import sample_key
 DEFAULT_SHARD_SIZE = 1000
 SHARD_BYTES_SAMPLE = 16  # records encoded to estimate bytes per sample for --shard-bytes / --dry-run
 DATASET_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """Everything one conversion needs; the CLI flags map one to one (`--long-side` -> long_side).
+
+    `source_options` holds the chosen `--source`'s own options by their argparse names (e.g.
+    `labels_csv` for `csv`); options it leaves out take the adapter's defaults.
+    """
+
+    input: Path
+    out: Path
+    source: str = "csv"
+    dataset: str | None = None  # default: the source's
+    image_format: str = "png16"
+    quality: int | None = None  # JPEG quality, --format jpg only
+    long_side: int = 1280
+    upsample: bool = False
+    intensity: str = "percentile"
+    shard_size: int | None = None
+    shard_bytes: int | None = None
+    salt: str | None = None  # None: the public default salt (with a warning)
+    keep_paths: bool = False
+    dedup: bool = False
+    modalities: str = "CR,DX"
+    body_parts: str = "CHEST,THORAX,ABSENT"
+    allow_for_processing: bool = False
+    views: str = "any"
+    frames: str = "first"
+    num_workers: int | None = None  # decode processes; None: all cores
+    dry_run: bool = False
+    progress: bool = True
+    source_options: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_namespace(cls, args: argparse.Namespace) -> ConvertOptions:
+        """The parsed `xray-shard convert` flags; flags of the chosen source go to source_options."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"source_options"}
+        values = vars(args)
+        mine = SOURCE_DESTS.get(values["source"], [])
+        foreign = sorted(
+            dest
+            for dest, default in SOURCE_DEFAULTS.items()
+            if dest not in mine and values.get(dest, default) != default
+        )
+        if foreign:
+            flags = ", ".join("--" + d.replace("_", "-") for d in foreign)
+            raise ValueError(f"{flags} do(es) not apply to --source {values['source']}")
+        return cls(
+            **{k: v for k, v in values.items() if k in names},
+            source_options={k: values[k] for k in mine if k in values},
+        )
+
+    def source_namespace(self) -> argparse.Namespace:
+        """What the source adapter reads: its own options (defaults filled in) plus the common ones."""
+        _ensure_source_options_known()
+        mine = SOURCE_DESTS.get(self.source, [])
+        unknown = sorted(set(self.source_options) - set(mine))
+        if unknown:
+            flags = ", ".join("--" + d.replace("_", "-") for d in unknown)
+            raise ValueError(f"{flags} do(es) not apply to --source {self.source}")
+        values = {dest: SOURCE_DEFAULTS.get(dest) for dest in mine}
+        values.update(self.source_options)
+        common = {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "source_options"
+        }
+        return argparse.Namespace(**common, **values)
 
 
 def _csv_set(text: str, option: str) -> frozenset[str] | None:
@@ -80,17 +149,10 @@ SOURCE_DESTS: dict[str, list[str]] = {}  # source name -> dests of its options
 SOURCE_DEFAULTS: dict[str, object] = {}  # dest -> default, to spot options of another source
 
 
-def _check_source_options(args) -> None:
-    """Refuse options that belong to another --source: they would silently have no effect."""
-    mine = set(SOURCE_DESTS.get(args.source, []))
-    foreign = sorted(
-        dest
-        for dest, default in SOURCE_DEFAULTS.items()
-        if dest not in mine and getattr(args, dest, default) != default
-    )
-    if foreign:
-        names = ", ".join("--" + d.replace("_", "-") for d in foreign)
-        raise ValueError(f"{names} do(es) not apply to --source {args.source}")
+def _ensure_source_options_known() -> None:
+    """Fill SOURCE_DESTS / SOURCE_DEFAULTS once (a library caller never built the CLI parser)."""
+    if not SOURCE_DESTS:
+        _add_source_arguments(argparse.ArgumentParser(prog="xray-shard convert", add_help=False))
 
 
 def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
@@ -148,11 +210,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     filters.add_argument("--views", default="any", help="e.g. PA,AP (default any)")
     filters.add_argument("--frames", choices=FRAME_POLICIES, default="first", help="multi-frame files")
     run = parser.add_argument_group("run")
-    run.add_argument("--workers", type=int, default=None, help="decode processes (default: all cores)")
+    run.add_argument(
+        "--num-workers",
+        "--workers",
+        dest="num_workers",
+        type=int,
+        default=None,
+        help="decode processes (default: all cores)",
+    )
     run.add_argument(
         "--dry-run", action="store_true", help="report counts and projected bytes; write nothing"
     )
-    run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    run.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="progress bar (--no-progress hides it)",
+    )
     _add_source_arguments(parser)
 
 
@@ -162,8 +236,8 @@ def _sample_options(args, label_names: list[str], salt: str) -> SampleOptions:
         raise ValueError(f"--long-side must be >= 16, got {args.long_side}")
     if args.quality is not None and (args.image_format != "jpg" or not 1 <= args.quality <= 100):
         raise ValueError(f"--quality {args.quality}: only for --format jpg, in 1..100")
-    if args.workers is not None and args.workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    if args.num_workers is not None and args.num_workers < 1:
+        raise ValueError(f"--num-workers must be >= 1, got {args.num_workers}")
     decode = DecodeOptions(
         intensity=args.intensity,
         modalities=_csv_set(args.modalities, "--modalities"),
@@ -519,12 +593,12 @@ def _dry_run_report(by_split, skips, num_inputs, shard_size, probe: tuple[list[S
     }
 
 
-def convert_folder(args: argparse.Namespace) -> dict:
-    """Run a conversion from parsed arguments; returns the manifest (or the dry-run report)."""
-    source = get_source(args.source)
+def convert_folder(options: ConvertOptions) -> dict:
+    """Run one conversion; returns the manifest (or the dry-run report)."""
+    source = get_source(options.source)
+    args = options.source_namespace()  # the adapters read their options from a namespace
     dataset = args.dataset or source.DATASET
     _check_paths(args, dataset)
-    _check_source_options(args)
     salt = args.salt if args.salt is not None else DEFAULT_SALT
     if args.salt is None and not args.dry_run:
         warnings.warn(
@@ -535,9 +609,9 @@ def convert_folder(args: argparse.Namespace) -> dict:
     label_names = list(source.label_names(Path(args.input), args))
     options = _sample_options(args, label_names, salt)
     records, skips = _list_inputs(source, args, dataset)
-    workers = max(1, args.workers or os.cpu_count() or 1)
+    workers = max(1, args.num_workers or os.cpu_count() or 1)
     with OrderedPool(_task, workers, _init_worker, (options,), _crash_result) as pool:
-        _fill_identities(records, pool, not args.no_progress)
+        _fill_identities(records, pool, args.progress)
         num_inputs = len(records) + len(skips)
         by_split = _assign(records, skips)
         # One probe serves both --shard-bytes and the dry-run report (it decodes and encodes files).
@@ -579,52 +653,27 @@ def _write_missing_shards(
     for state in filter(None, done.values()):
         for pixel_hash, key in state.pixel_hashes if deduper else []:
             deduper.note(pixel_hash, key)
-    written = _write_shards(out_dir, pending, store, label_names, pool, not args.no_progress, deduper)
+    written = _write_shards(out_dir, pending, store, label_names, pool, args.progress, deduper)
     states = {state.name: state for state in [*filter(None, done.values()), *written]}
     return [states[shard.name] for shard in plan]
 
 
-def build_args(input_dir: Path, out_dir: Path, source: str, **options) -> argparse.Namespace:
-    """The Namespace `xray-shard convert` would parse, with `options` (argparse dest names) applied."""
-    parser = argparse.ArgumentParser(prog="xray-shard convert")
-    add_arguments(parser)
-    args = parser.parse_args(["--input", str(input_dir), "--out", str(out_dir), "--source", source])
-    unknown = sorted(set(options) - set(vars(args)))
-    if unknown:
-        raise ValueError(
-            f"unknown convert option(s) {unknown}; known: {sorted(set(vars(args)) - {'input', 'out'})}"
-        )
-    for name, value in options.items():
-        setattr(args, name, value)
-    return args
-
-
-def convert(
-    input_dir: Path,
-    out_dir: Path,
-    source: str = "csv",
-    image_format: str = "png16",
-    long_side: int = 1280,
-    workers: int | None = None,
-    progress: bool = True,
-    **options,
-) -> dict:
+def convert(input_dir: Path, out_dir: Path, **options) -> dict:
     """Library entry point of `xray-shard convert`; returns the manifest (a dict).
 
-    `options` are the CLI options by their argparse names, e.g. dataset="phantom", salt="...",
-    modalities="any", shard_size=100, dedup=True, dry_run=True (then the dry-run report is returned).
+    `options` are `ConvertOptions` fields (e.g. image_format="jpg", long_side=512, num_workers=2,
+    progress=False, dry_run=True) or options of the chosen source by their argparse names (e.g.
+    labels_csv="labels.csv" for source="csv").
     """
-    args = build_args(
-        Path(input_dir),
-        Path(out_dir),
-        source,
-        image_format=image_format,
-        long_side=long_side,
-        workers=workers,
-        no_progress=not progress,
-        **options,
-    )
-    return convert_folder(args)
+    names = {f.name for f in dataclasses.fields(ConvertOptions)} - {"input", "out", "source_options"}
+    _ensure_source_options_known()
+    known_source = {dest for dests in SOURCE_DESTS.values() for dest in dests}
+    unknown = sorted(set(options) - names - known_source)
+    if unknown:
+        raise ValueError(f"unknown convert option(s) {unknown}; known: {sorted(names | known_source)}")
+    common = {k: v for k, v in options.items() if k in names}
+    specific = {k: v for k, v in options.items() if k not in names}
+    return convert_folder(ConvertOptions(Path(input_dir), Path(out_dir), **common, source_options=specific))
 
 
 def _summary(result: dict) -> str:
@@ -639,10 +688,5 @@ def _summary(result: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        result = convert_folder(args)
-    except ValueError as error:
-        print(f"xray-shard convert: error: {error}", file=sys.stderr)
-        return 2
-    print(_summary(result))
+    print(_summary(convert_folder(ConvertOptions.from_namespace(args))))
     return 0

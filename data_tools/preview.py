@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -101,10 +100,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        out = preview(args.folder, args.out, args.num, args.columns, args.tile, args.split)
-    except (ValueError, OSError) as error:
-        print(f"xray-shard preview: error: {error}", file=sys.stderr)
-        return 2
+    out = preview(args.folder, args.out, args.num, args.columns, args.tile, args.split)
     print(f"xray-shard preview: wrote {out}")
     return 0

@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import csv
 import datetime
-import sys
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -427,18 +426,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=_at_least(32), default=512, help="short side in pixels (default 512)")
     parser.add_argument("--seed", type=_at_least(0), default=0, help="random seed (default 0)")
     parser.add_argument(
-        "--workers", type=_at_least(1), default=1, help="processes (same bytes for any value)"
+        "--num-workers",
+        "--workers",
+        dest="num_workers",
+        type=_at_least(1),
+        default=1,
+        help="processes (same bytes for any value)",
     )
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="progress bar (--no-progress hides it)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        summary = synthesize(
-            args.out, args.num, args.size, args.seed, progress=not args.no_progress, num_workers=args.workers
-        )
-    except ValueError as error:
-        print(f"xray-shard synth: error: {error}", file=sys.stderr)
-        return 2
+    summary = synthesize(
+        args.out, args.num, args.size, args.seed, progress=args.progress, num_workers=args.num_workers
+    )
     print(summary.one_line())
     return 0

@@ -45,7 +45,7 @@ def phantom_shards(tmp_path_factory) -> Path:
         source="csv",
         image_format="png16",
         long_side=64,
-        workers=2,
+        num_workers=2,
         progress=False,
     )
     return root / "shards"

@@ -105,3 +105,25 @@ def test_no_weight_decay_on_norms_biases_and_tokens():
     assert {n for n in no_decay if n.endswith(("cls_token", "mask_token"))}
     assert all(p.ndim >= 2 for n, p in model.named_parameters() if n in decay)
     assert not any(n.endswith(("cls_token", "mask_token", "pos_embed")) or "norm" in n for n in decay)
+
+
+def test_bad_numbers_and_unparsable_overrides_are_one_clear_error():
+    for bad in ("optim.base_lr=.nan", "optim.base_lr=.inf", "optim.weight_decay=.nan"):
+        with pytest.raises(ValueError, match="must be finite"):
+            load([bad])
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load(["data.shards=[/x"])
+
+
+def test_a_single_folder_without_brackets_is_a_one_item_list():
+    assert load(["data.shards=/data/nih"]).data.shards == ["/data/nih"]
+
+
+def test_packaged_config_by_name_path_or_configs_prefix():
+    names = {
+        load_config(name, [SHARDS]).model.size
+        for name in ("tiny_cpu", "tiny_cpu.yaml", "configs/tiny_cpu.yaml")
+    }
+    assert names == {"tiny"}
+    with pytest.raises(ValueError, match="packaged: .*tiny_cpu"):
+        load_config("no_such_config", [SHARDS])

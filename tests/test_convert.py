@@ -65,7 +65,9 @@ def archive(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def shards(archive, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards") / "out"
-    convert(archive, out, long_side=64, workers=1, progress=False, dataset="hand", shard_size=2, salt=SALT)
+    convert(
+        archive, out, long_side=64, num_workers=1, progress=False, dataset="hand", shard_size=2, salt=SALT
+    )
     return out
 
 
@@ -126,9 +128,13 @@ def test_privacy_no_clear_ids_or_paths_in_any_tar_byte(archive, shards):
 
 def test_workers_and_reruns_give_identical_bytes(archive, shards, tmp_path):
     out = tmp_path / "w2"
-    convert(archive, out, long_side=64, workers=2, progress=False, dataset="hand", shard_size=2, salt=SALT)
+    convert(
+        archive, out, long_side=64, num_workers=2, progress=False, dataset="hand", shard_size=2, salt=SALT
+    )
     assert _folder_bytes(out) == _folder_bytes(shards)
-    convert(archive, out, long_side=64, workers=2, progress=False, dataset="hand", shard_size=2, salt=SALT)
+    convert(
+        archive, out, long_side=64, num_workers=2, progress=False, dataset="hand", shard_size=2, salt=SALT
+    )
     assert _folder_bytes(out) == _folder_bytes(shards)
 
 
@@ -139,7 +145,9 @@ def test_resume_after_deleted_or_truncated_shard(archive, shards, tmp_path):
     truncated = out / "hand-val-000000.tar"
     truncated.write_bytes(truncated.read_bytes()[:1000])
     (out / "manifest.json").unlink()
-    convert(archive, out, long_side=64, workers=1, progress=False, dataset="hand", shard_size=2, salt=SALT)
+    convert(
+        archive, out, long_side=64, num_workers=1, progress=False, dataset="hand", shard_size=2, salt=SALT
+    )
     assert _folder_bytes(out) == _folder_bytes(shards)
 
 
@@ -158,7 +166,7 @@ def test_resume_after_kill_mid_run(tmp_path):
         SALT,
     ]
     reference = tmp_path / "reference"
-    convert(archive, reference, long_side=64, workers=1, progress=False, shard_size=2, salt=SALT)
+    convert(archive, reference, long_side=64, num_workers=1, progress=False, shard_size=2, salt=SALT)
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "data_tools.cli", "convert", *args, "--out", str(out), "--no-progress"]
     proc = subprocess.Popen(command, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
@@ -168,7 +176,7 @@ def test_resume_after_kill_mid_run(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "manifest.json").exists(), "the run finished before it could be killed"
-    convert(archive, out, long_side=64, workers=1, progress=False, shard_size=2, salt=SALT)
+    convert(archive, out, long_side=64, num_workers=1, progress=False, shard_size=2, salt=SALT)
     assert _folder_bytes(out) == _folder_bytes(reference)
     assert verify(out) == []
 
@@ -183,7 +191,7 @@ def test_folder_source_accounts_for_every_file(tmp_path):
     Image.fromarray(np.dstack([stored_chest(bits=8).astype(np.uint8)] * 3)).save(root / "c/rgb.jpg")
     (root / "c/notes.txt").write_text("not an image")
     (root / "c/empty.dcm").write_bytes(b"")
-    manifest = convert(root, tmp_path / "out", source="folder", long_side=64, workers=1, progress=False)
+    manifest = convert(root, tmp_path / "out", source="folder", long_side=64, num_workers=1, progress=False)
     skipped = {
         json.loads(line)["source_id"]: json.loads(line)["reason"]
         for line in open(tmp_path / "out/skipped.jsonl")
@@ -213,7 +221,14 @@ def test_user_errors_are_reported_before_any_work(archive, shards, tmp_path):
         convert(archive, foreign, progress=False)
     with pytest.raises(ValueError, match="holds a conversion with other inputs or options"):
         convert(
-            archive, shards, long_side=32, workers=1, progress=False, dataset="hand", shard_size=2, salt=SALT
+            archive,
+            shards,
+            long_side=32,
+            num_workers=1,
+            progress=False,
+            dataset="hand",
+            shard_size=2,
+            salt=SALT,
         )
     bad = tmp_path / "bad"
     shutil.copytree(archive, bad)
@@ -244,7 +259,7 @@ def test_jp2_is_lossless_and_jpg_close_to_png16(archive, shards, tmp_path):
             out,
             image_format=image_format,
             long_side=64,
-            workers=1,
+            num_workers=1,
             progress=False,
             shard_size=2,
             salt=SALT,
@@ -269,7 +284,7 @@ def test_dali_decodes_what_pillow_decodes(archive, tmp_path, image_format, ext):
     from nvidia.dali import fn, types
 
     out = tmp_path / image_format
-    convert(archive, out, image_format=image_format, long_side=64, workers=1, progress=False, salt=SALT)
+    convert(archive, out, image_format=image_format, long_side=64, num_workers=1, progress=False, salt=SALT)
     tars = sorted(str(p) for p in out.glob("*.tar"))
 
     @dali.pipeline_def(batch_size=1, num_threads=1, device_id=None)
@@ -292,7 +307,7 @@ def test_dedup_skips_identical_pixels(tmp_path):
     write_dicom(root / "copy_of_a.dcm", stored_chest(seed=1))
     write_dicom(root / "b.dcm", stored_chest(seed=2))
     manifest = convert(
-        root, tmp_path / "out", source="folder", long_side=64, workers=1, progress=False, dedup=True
+        root, tmp_path / "out", source="folder", long_side=64, num_workers=1, progress=False, dedup=True
     )
     assert manifest["num_samples"] == 2
     [line] = (tmp_path / "out/skipped.jsonl").read_text().splitlines()
@@ -305,7 +320,7 @@ def test_dedup_skips_identical_pixels(tmp_path):
 
 def test_dry_run_writes_nothing_and_projects_bytes(archive, tmp_path):
     report = convert(
-        archive, tmp_path / "dry", long_side=64, workers=1, progress=False, dry_run=True, shard_size=4
+        archive, tmp_path / "dry", long_side=64, num_workers=1, progress=False, dry_run=True, shard_size=4
     )
     assert not (tmp_path / "dry").exists()
     assert report["num_inputs"] == 6 and report["num_records"] == 6 and report["num_shards_planned"] == 3
@@ -315,10 +330,10 @@ def test_dry_run_writes_nothing_and_projects_bytes(archive, tmp_path):
 
 def test_shard_bytes_sets_a_deterministic_shard_size(archive, tmp_path):
     first = convert(
-        archive, tmp_path / "a", long_side=64, workers=1, progress=False, shard_bytes=50_000, salt=SALT
+        archive, tmp_path / "a", long_side=64, num_workers=1, progress=False, shard_bytes=50_000, salt=SALT
     )
     second = convert(
-        archive, tmp_path / "b", long_side=64, workers=2, progress=False, shard_bytes=50_000, salt=SALT
+        archive, tmp_path / "b", long_side=64, num_workers=2, progress=False, shard_bytes=50_000, salt=SALT
     )
     assert first == second and first["options"]["shard_size"] >= 1
     # A tar is padded to 10240-byte records; within that, no shard overshoots the target by a sample.
@@ -331,7 +346,7 @@ def test_views_filter_and_keep_paths(archive, tmp_path):
         archive,
         tmp_path / "o",
         long_side=64,
-        workers=1,
+        num_workers=1,
         progress=False,
         views="AP",
         keep_paths=True,
@@ -364,7 +379,7 @@ def test_phantom_labels_csv_converts(tmp_path):
 
     synthesize(tmp_path / "phantom", num_images=8, size=64, seed=3, progress=False)
     manifest = convert(
-        tmp_path / "phantom", tmp_path / "out", long_side=48, workers=1, progress=False, salt=SALT
+        tmp_path / "phantom", tmp_path / "out", long_side=48, num_workers=1, progress=False, salt=SALT
     )
     rows = {row["path"]: row for row in csv.DictReader(open(tmp_path / "phantom/labels.csv"))}
     assert manifest["num_samples"] == 8 and manifest["label_names"] == list(next(iter(rows.values())))[5:10]

@@ -91,7 +91,7 @@ def test_pydicom_test_files_every_decodable_image_is_a_sample(tmp_path):
         modalities="any",
         body_parts="any",
         long_side=64,
-        workers=2,
+        num_workers=2,
         progress=False,
     )
     assert manifest["num_inputs"] == len(files)
@@ -114,7 +114,7 @@ def corpus_shards(tmp_path_factory) -> Path:
     if not CORPUS.is_dir():
         pytest.skip(f"real chest X-ray corpus not found at {CORPUS} (it lives beside the repo in ../shared)")
     out = tmp_path_factory.mktemp("corpus") / "shards"
-    convert(CORPUS, out, source="folder", long_side=256, workers=2, progress=False, salt="corpus-test")
+    convert(CORPUS, out, source="folder", long_side=256, num_workers=2, progress=False, salt="corpus-test")
     return out
 
 

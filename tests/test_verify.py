@@ -26,7 +26,7 @@ def clean(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("verify")
     csv_archive(root / "archive", num=6)
     convert(
-        root / "archive", root / "shards", long_side=48, workers=1, progress=False, shard_size=3, salt="s"
+        root / "archive", root / "shards", long_side=48, num_workers=1, progress=False, shard_size=3, salt="s"
     )
     assert verify(root / "shards") == []
     return root / "shards"

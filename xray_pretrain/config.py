@@ -17,18 +17,22 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 
 from xray_pretrain.data.config import DataConfig
 from xray_pretrain.models import MAEConfig, MaskConfig
 from xray_pretrain.tasks.classify_config import ClassifyConfig
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+# train.precision -> the dtype the model computes in (fp16 with DeepSpeed's dynamic loss scaling)
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = tuple(PRECISION_DTYPES)
 TASKS = ("pretrain", "classify")
 # Each task's own section: set while another task runs, it would silently do nothing.
 TASK_SECTIONS = {"classify": "classify"}
@@ -44,6 +48,11 @@ class OptimConfig:
     clip_grad: float = 1.0  # 0 disables clipping
 
     def validate(self) -> None:
+        numbers = {"base_lr": self.base_lr, "weight_decay": self.weight_decay, "min_lr": self.min_lr}
+        numbers.update(clip_grad=self.clip_grad, **{f"betas[{i}]": b for i, b in enumerate(self.betas)})
+        not_finite = [name for name, value in numbers.items() if not math.isfinite(value)]
+        if not_finite:
+            raise ValueError(f"optim.{', optim.'.join(not_finite)} must be finite numbers (got NaN or inf)")
         if self.base_lr <= 0:
             raise ValueError(f"optim.base_lr must be > 0, got {self.base_lr}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -81,6 +90,10 @@ class TrainConfig:
                 f"train.global_batch={self.global_batch} is not a multiple of train.micro_batch="
                 f"{self.micro_batch}; pick sizes with global_batch = micro_batch * world_size * accumulation"
             )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return PRECISION_DTYPES[self.precision]
 
     def accum_steps(self, world_size: int) -> int:
         """Gradient accumulation that keeps the global batch fixed at this world size."""
@@ -148,23 +161,32 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
-    def validate(self) -> None:
+    def validate(self, sections: tuple[str, ...] | None = None) -> None:
+        """Check every section (or only `sections`, for a tool that reads just those)."""
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
-            if dataclasses.is_dataclass(section):
+            if dataclasses.is_dataclass(section) and (sections is None or f.name in sections):
                 section.validate()
         for task, section in TASK_SECTIONS.items():
-            if self.task != task and getattr(self, section) != type(getattr(self, section))():
+            if (
+                sections is None
+                and self.task != task
+                and getattr(self, section) != type(getattr(self, section))()
+            ):
                 raise ValueError(f"{section}.* is set but task={self.task}: set task={task} or drop them")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Defaults <- YAML file <- `section.key=value` overrides, then validated."""
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    sections: tuple[str, ...] | None = None,
+) -> RunConfig:
+    """Defaults <- YAML file <- `section.key=value` overrides, then validated (all, or `sections`)."""
     cfg = RunConfig()
     if path is not None:
         text, where = read_config_text(path)
@@ -179,8 +201,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ValueError(f"override {item!r} is not of the form section.key=value")
-        set_value(cfg, key.strip(), yaml.safe_load(raw) if raw.strip() else None, where="command line")
-    cfg.validate()
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            raise ValueError(
+                f"override {item!r}: the value is not valid YAML ({str(err).splitlines()[0]}); "
+                "lists look like [a, b], strings with special characters go in quotes"
+            ) from None
+        set_value(cfg, key.strip(), value, where="command line")
+    cfg.validate(sections)
     return cfg
 
 
@@ -262,6 +291,8 @@ def _coerce(value, hint, key: str, where: str):
     if origin is list:
         (item_type,) = typing.get_args(hint) or (object,)
         if not isinstance(value, (list, tuple)):
+            if item_type is str and isinstance(value, str):
+                return [value]  # data.shards=/path means one folder, not a list of characters
             # A scalar where a list is expected: let the section's validate() interpret it
             # (e.g. model.image_size=1280 means square); store as given.
             return _coerce(value, item_type, key, where) if item_type is not object else value

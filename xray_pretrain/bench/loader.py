@@ -1,13 +1,13 @@
 """`xray-pretrain bench loader`: training-loader throughput on real shards, one JSON line.
 
     xray-pretrain bench loader --shards DIR --backend dali --image-size 1280 --batch-size 8 \\
-        --num-batches 50 --workers 4 [--device cuda]
+        --num-batches 50 --num-workers 4 [--device cuda]
 
 Times `--num-batches` training batches (default augmentation: random resized crop) after
 `--warmup` batches that are not timed (pipeline build, worker start, first decodes). Reports
 images_per_s and mb_per_s (encoded image bytes read per second), with the backend and the decode
-device. `--workers` is the number of DataLoader worker processes (wds) or DALI CPU threads (dali),
-so the two backends get the same number of cores.
+device. `--num-workers` (alias `--workers`; `data.num_workers` in a run config) is the number of
+DataLoader worker processes (wds) or DALI CPU threads (dali), so both backends get the same cores.
 """
 
 from __future__ import annotations
@@ -17,17 +17,26 @@ import itertools
 import json
 import time
 
+from xray_pretrain.data.config import BACKENDS
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--shards", nargs="+", required=True, help="shard folder(s) written by `xray-shard convert`"
     )
-    parser.add_argument("--backend", choices=("auto", "dali", "wds"), default="auto")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto")
     parser.add_argument("--image-size", type=int, default=1280, help="square output size in pixels")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-batches", type=int, default=50, help="timed batches")
     parser.add_argument("--warmup", type=int, default=3, help="untimed batches first")
-    parser.add_argument("--workers", type=int, default=4, help="wds: DataLoader workers; dali: CPU threads")
+    parser.add_argument(
+        "--num-workers",
+        "--workers",
+        dest="num_workers",
+        type=int,
+        default=4,
+        help="wds: DataLoader workers; dali: CPU threads (data.num_workers)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu | cuda (dali decodes on the GPU with cuda)")
     parser.add_argument("--split", default="train")
     parser.add_argument("--seed", type=int, default=0)
@@ -45,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
             "bench loader: --num-batches, --batch-size and --image-size must be >= 1, --warmup >= 0"
         )
     cfg = DataConfig(
-        shards=list(args.shards), train_split=args.split, backend=args.backend, num_workers=args.workers
+        shards=list(args.shards), train_split=args.split, backend=args.backend, num_workers=args.num_workers
     )
     cfg.validate()
     image_bytes = {
@@ -74,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         "image_formats": sorted({f["image_format"] for f in loader.intensity}),
         "image_size": args.image_size,
         "batch_size": args.batch_size,
-        "workers": args.workers,
+        "num_workers": args.num_workers,
         "num_batches": args.num_batches,
         "images_per_s": round(num_images / elapsed, 2),
         "mb_per_s": round(num_bytes / elapsed / 1e6, 2),

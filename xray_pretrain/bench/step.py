@@ -1,7 +1,14 @@
 """`xray-pretrain bench step`: time MAE training steps (torch alone, plain AdamW) and print one JSON line.
 
-    xray-pretrain bench step --model large --image-size 1280 --patch 16 --batch-size 8 --precision bf16
-    PYTHONPATH=. python -m xray_pretrain.bench.step --model base --image-size 1280 --batch-size auto
+    xray-pretrain bench step --config vitl_1280 --batch-size 8 --device cuda
+    xray-pretrain bench step --config vitl_1280 model.size=base model.grad_ckpt=false --batch-size auto
+    PYTHONPATH=. python -m xray_pretrain.bench.step model.size=base model.image_size=1280 --batch-size 4
+
+Configured like training: `--config FILE_OR_NAME` plus `section.key=value` overrides; the model comes
+from the `model` and `mask` sections, the precision and seed from `train` (the data section is not
+used). The older flags (`--model`, `--image-size`, `--patch`, `--precision`, `--grad-ckpt`, ...) stay
+as shorthands for those keys (`SHORTHANDS`) and are applied after the overrides. Without `--config`
+the defaults of `xray_pretrain/config.py` apply (a tiny model at 224 px).
 
 Synthetic inputs (random images; for context masking a central-ellipse chest region), warm-up steps
 excluded from the timing. Output keys: s_per_step, images_per_s, tflops (achieved model TFLOP/s, see
@@ -23,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from xray_pretrain.config import RunConfig, load_config
 from xray_pretrain.models import (
     ATTN_BACKENDS,
     ENCODER_SIZES,
@@ -38,36 +46,46 @@ from xray_pretrain.models import (
     suggest_batch_size,
 )
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Shorthand flag -> (config key, argparse options). `--grad-ckpt` is a switch for model.grad_ckpt=true.
+SHORTHANDS = {
+    "--model": ("model.size", {"choices": tuple(ENCODER_SIZES)}),
+    "--image-size": ("model.image_size", {"help": "PX or HxW, e.g. 1280 or 1024x1280"}),
+    "--patch": ("model.patch_size", {"type": int}),
+    "--stem": ("model.stem", {"choices": STEMS}),
+    "--precision": ("train.precision", {"choices": ("fp32", "bf16", "fp16")}),
+    "--attn": ("model.attn", {"choices": ATTN_BACKENDS}),
+    "--mask": ("mask.strategy", {"choices": STRATEGIES}),
+    "--mask-ratio": ("mask.ratio", {"type": float}),
+    "--decoder-heads": ("model.decoder_heads", {"type": int}),
+    "--decoder-dim": ("model.decoder_dim", {"type": int}),
+    "--decoder-depth": ("model.decoder_depth", {"type": int}),
+    "--embed-dim": ("model.embed_dim", {"type": int}),
+    "--depth": ("model.depth", {"type": int}),
+    "--num-heads": ("model.num_heads", {"type": int}),
+    "--seed": ("train.seed", {"type": int}),
+}
+BENCH_SECTIONS = ("model", "mask", "train")  # the sections this benchmark reads (and validates)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", choices=tuple(ENCODER_SIZES), default="base", help="encoder size")
-    parser.add_argument("--image-size", default="1280", help="PX or HxW, e.g. 1280 or 1024x1280")
-    parser.add_argument("--patch", type=int, default=16, help="patch size (stem input patch)")
-    parser.add_argument("--stem", choices=STEMS, default="patch")
+    parser.add_argument("--config", default=None, help="run config file or packaged name (default: defaults)")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="section.key=value", help="e.g. model.size=large model.grad_ckpt=true"
+    )
     parser.add_argument(
         "--batch-size", default="8", help="images per step, or 'auto' (analytic memory model)"
     )
     parser.add_argument("--max-batch-size", type=int, default=64, help="cap for --batch-size auto")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    parser.add_argument("--precision", choices=tuple(PRECISIONS), default="bf16")
-    parser.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing on every block")
-    parser.add_argument("--attn", choices=ATTN_BACKENDS, default="auto")
-    parser.add_argument("--mask", choices=STRATEGIES, default="random")
-    parser.add_argument("--mask-ratio", type=float, default=0.75)
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
-    parser.add_argument("--decoder-heads", type=int, default=16)
-    parser.add_argument("--decoder-dim", type=int, default=512)
-    parser.add_argument("--decoder-depth", type=int, default=8)
-    parser.add_argument("--embed-dim", type=int, default=None, help="override the size preset")
-    parser.add_argument("--depth", type=int, default=None, help="override the size preset")
-    parser.add_argument("--num-heads", type=int, default=None, help="override the size preset")
     parser.add_argument(
         "--peak-tflops", type=float, default=None, help="peak for MFU where the table has none"
     )
-    parser.add_argument("--seed", type=int, default=0)
+    shorthands = parser.add_argument_group("shorthands for config keys (applied after the overrides)")
+    for flag, (key, options) in SHORTHANDS.items():
+        shorthands.add_argument(flag, default=None, help=options.pop("help", key), **options)
+    shorthands.add_argument("--grad-ckpt", action="store_true", help="model.grad_ckpt=true")
 
 
 def _image_size(text: str) -> list[int]:
@@ -78,16 +96,22 @@ def _image_size(text: str) -> list[int]:
     return sizes * 2 if len(sizes) == 1 else sizes
 
 
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The run config this benchmark measures: file <- overrides <- shorthand flags."""
+    overrides = list(args.overrides)
+    for flag, (key, _) in SHORTHANDS.items():
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None:
+            value = _image_size(str(value)) if flag == "--image-size" else value
+            overrides.append(f"{key}={json.dumps(value) if not isinstance(value, str) else value}")
+    if args.grad_ckpt:
+        overrides.append("model.grad_ckpt=true")
+    return load_config(args.config, overrides, sections=BENCH_SECTIONS)
+
+
 def configs_from_args(args: argparse.Namespace) -> tuple[MAEConfig, MaskConfig]:
-    cfg = MAEConfig(
-        size=args.model, image_size=_image_size(str(args.image_size)), patch_size=args.patch, stem=args.stem,
-        embed_dim=args.embed_dim, depth=args.depth, num_heads=args.num_heads, decoder_dim=args.decoder_dim,
-        decoder_depth=args.decoder_depth, decoder_heads=args.decoder_heads, attn=args.attn, grad_ckpt=args.grad_ckpt,
-    )  # fmt: skip
-    mask_cfg = MaskConfig(strategy=args.mask, ratio=args.mask_ratio)
-    cfg.validate()
-    mask_cfg.validate()
-    return cfg, mask_cfg
+    cfg = config_from_args(args)
+    return cfg.model, cfg.mask
 
 
 def central_ellipse_roi(batch_size: int, height: int, width: int, device: torch.device) -> torch.Tensor:
@@ -131,7 +155,7 @@ def _resolve_device(name: str | None) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def _batch_size(args, cfg: MAEConfig, mask_cfg: MaskConfig, device: torch.device) -> int:
+def _batch_size(args, cfg: MAEConfig, mask_cfg: MaskConfig, precision: str, device: torch.device) -> int:
     if str(args.batch_size) != "auto":
         if not str(args.batch_size).isdigit() or int(args.batch_size) < 1:
             raise ValueError(f"--batch-size {args.batch_size!r}: use a positive integer or 'auto'")
@@ -140,10 +164,10 @@ def _batch_size(args, cfg: MAEConfig, mask_cfg: MaskConfig, device: torch.device
         memory = torch.cuda.get_device_properties(device).total_memory
     else:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    batch = suggest_batch_size(cfg, mask_cfg, memory, args.precision, max_batch_size=args.max_batch_size)
+    batch = suggest_batch_size(cfg, mask_cfg, memory, precision, max_batch_size=args.max_batch_size)
     if batch < 1:
         raise ValueError(
-            f"--batch-size auto: not even one image fits in {memory / 2**30:.0f} GiB; use --grad-ckpt"
+            f"--batch-size auto: not even one image fits in {memory / 2**30:.0f} GiB; use model.grad_ckpt=true"
         )
     return batch
 
@@ -176,13 +200,14 @@ def _timed_steps(step, num_steps: int, device: torch.device) -> tuple[float, flo
 
 def run(args: argparse.Namespace) -> int:
     """Build, warm up, time, print one JSON line. User errors raise ``ValueError`` before any work."""
-    cfg, mask_cfg = configs_from_args(args)
+    run_cfg = config_from_args(args)
+    cfg, mask_cfg, precision = run_cfg.model, run_cfg.mask, run_cfg.train.precision
     device = _resolve_device(args.device)
     if args.steps < 1 or args.warmup < 0:
         raise ValueError("--steps must be >= 1 and --warmup >= 0")
-    autocast_dtype = PRECISIONS[args.precision]
-    batch_size = _batch_size(args, cfg, mask_cfg, device)
-    torch.manual_seed(args.seed)
+    autocast_dtype = None if precision == "fp32" else run_cfg.train.dtype
+    batch_size = _batch_size(args, cfg, mask_cfg, precision, device)
+    torch.manual_seed(run_cfg.train.seed)
     rss_before = _rss_bytes()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -190,9 +215,9 @@ def run(args: argparse.Namespace) -> int:
     model = build_mae(cfg, mask_cfg).to(device).train()
     H, W = cfg.image_hw()
     images = torch.randn(batch_size, cfg.in_chans, H, W, device=device)
-    roi = central_ellipse_roi(batch_size, H, W, device) if args.mask == "context" else None
+    roi = central_ellipse_roi(batch_size, H, W, device) if mask_cfg.strategy == "context" else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type) if args.precision == "fp16" else None
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
     def step() -> torch.Tensor:
         return _train_step(model, optimizer, scaler, images, roi, autocast_dtype, device)
@@ -200,9 +225,7 @@ def run(args: argparse.Namespace) -> int:
     if args.warmup:
         _timed_steps(step, args.warmup, device)
     s_per_step, loss = _timed_steps(step, args.steps, device)
-    print(
-        json.dumps(_result(args, cfg, mask_cfg, device, batch_size, s_per_step, loss, rss_before, reset_ok))
-    )
+    print(json.dumps(_result(args, run_cfg, device, batch_size, s_per_step, loss, rss_before, reset_ok)))
     return 0
 
 
@@ -210,9 +233,10 @@ def _sig(value: float, digits: int = 5) -> float:
     return float(f"{value:.{digits}g}")
 
 
-def _result(args, cfg, mask_cfg, device, batch_size, s_per_step, loss, rss_before, reset_ok) -> dict:
+def _result(args, run_cfg: RunConfig, device, batch_size, s_per_step, loss, rss_before, reset_ok) -> dict:
+    cfg, mask_cfg, precision = run_cfg.model, run_cfg.mask, run_cfg.train.precision
     flops = estimate_step_flops(cfg, mask_cfg, batch_size)
-    peak = args.peak_tflops * 1e12 if args.peak_tflops else device_peak_flops(device, args.precision)
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else device_peak_flops(device, precision)
     utilisation = mfu(flops["total"], s_per_step, peak)
     if device.type == "cuda":
         peak_mem, mem_source = torch.cuda.max_memory_allocated(device), "cuda.max_memory_allocated"
@@ -229,27 +253,24 @@ def _result(args, cfg, mask_cfg, device, batch_size, s_per_step, loss, rss_befor
         "peak_mem_source": mem_source,
         "loss": _sig(loss),
         "flops_per_step": flops["total"],
-        "model": args.model,
+        "model": cfg.size,
         "embed_dim": embed_dim,
         "depth": depth,
         "num_heads": num_heads,
         "image_size": cfg.image_hw(),
-        "patch": args.patch,
-        "stem": args.stem,
+        "patch": cfg.patch_size,
+        "stem": cfg.stem,
         "tokens": cfg.image_hw()[0] * cfg.image_hw()[1] // cfg.token_patch() ** 2,
         "batch_size": batch_size,
         "steps": args.steps,
         "warmup": args.warmup,
-        "precision": args.precision,
-        "grad_ckpt": bool(args.grad_ckpt),
-        "attn": args.attn,
+        "precision": precision,
+        "grad_ckpt": cfg.grad_ckpt,
+        "attn": cfg.attn,
         "attn_backend": describe_attention_backend(
-            args.attn,
-            device,
-            PRECISIONS[args.precision] or torch.float32,
-            cfg.decoder_dim // cfg.decoder_heads,
+            cfg.attn, device, run_cfg.train.dtype, cfg.decoder_dim // cfg.decoder_heads
         ),
-        "mask": args.mask,
+        "mask": mask_cfg.strategy,
         "mask_ratio": mask_cfg.ratio,
         "decoder_dim": cfg.decoder_dim,
         "decoder_depth": cfg.decoder_depth,

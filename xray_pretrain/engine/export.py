@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
+from xray_pretrain.config import PRECISION_DTYPES
 from xray_pretrain.engine import checkpoint
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+EXPORT_PRECISIONS = ("fp32", "bf16")  # fp16 would need loss-scale-safe ranges: not offered
 
 
 def consolidated_state_dict(ckpt_root: Path, tag: str) -> dict[str, torch.Tensor]:
@@ -45,14 +46,14 @@ def export_encoder(checkpoint_path: Path, out_dir: Path, dtype: str = "fp32") ->
     """Write `encoder.safetensors` and `config.json` into `out_dir`; returns the config written."""
     from safetensors.torch import save_file
 
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    if dtype not in EXPORT_PRECISIONS:
+        raise ValueError(f"--dtype must be one of {list(EXPORT_PRECISIONS)}, got {dtype!r}")
     model, cfg, tag = load_mae_from_checkpoint(Path(checkpoint_path))
     encoder = model.encoder
     # timm names where timm has the architecture; the hierarchical stem has none: our own names.
     timm_kwargs = encoder.timm_kwargs()
     state = encoder.timm_state_dict() if timm_kwargs is not None else encoder.state_dict()
-    tensors = {k: v.detach().to(DTYPES[dtype]).contiguous() for k, v in state.items()}
+    tensors = {k: v.detach().to(PRECISION_DTYPES[dtype]).contiguous() for k, v in state.items()}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(

@@ -31,7 +31,6 @@ def run_info(cfg, world_size: int, accum_steps: int, ds_config: dict, device=Non
     from xray_pretrain.models import describe_attention_backend
 
     embed_dim, _, num_heads = cfg.model.encoder_dims()
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.precision]
 
     try:
         import deepspeed
@@ -49,7 +48,9 @@ def run_info(cfg, world_size: int, accum_steps: int, ds_config: dict, device=Non
         "world_size": world_size,
         "accum_steps": accum_steps,
         "peak_lr": cfg.optim.lr(cfg.train.global_batch),
-        # What really runs, e.g. "sdpa:auto->flash" (issue: the backend actually used is logged).
-        "attention": describe_attention_backend(cfg.model.attn, device, dtype, embed_dim // num_heads),
+        # The kernel that really runs, e.g. "sdpa:auto->flash": `auto` alone would not say.
+        "attention": describe_attention_backend(
+            cfg.model.attn, device, cfg.train.dtype, embed_dim // num_heads
+        ),
         "ds_config": ds_config,
     }

@@ -34,11 +34,10 @@ from xray_pretrain.engine.monitor import RunMonitor
 from xray_pretrain.engine.optim import build_optimizer, lr_at, set_lr
 from xray_pretrain.engine.runinfo import run_info
 from xray_pretrain.engine.selection import Selection
+from xray_pretrain.models import mfu
 from xray_pretrain.tasks import DataInfo, build_task
 
 METRICS_NAME = "metrics.json"
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -76,7 +75,7 @@ class Trainer:
             raise ValueError(
                 "train.precision=fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16): use bf16 or fp32"
             )
-        self.dtype = DTYPES[cfg.train.precision]
+        self.dtype = cfg.train.dtype
         self.accum = cfg.train.accum_steps(self.ctx.world_size)
         self.out_dir = Path(cfg.log.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
@@ -293,12 +292,12 @@ class Trainer:
             **{f"train/{k}": float(v) for k, v in result.task_logs.items()},
         }
         if self.flops_per_sample:
-            flops_per_device = (
-                self.flops_per_sample * cfg.train.global_batch / result.step_s / self.ctx.world_size
+            flops_per_device_step = self.flops_per_sample * cfg.train.global_batch / self.ctx.world_size
+            scalars["perf/tflops_per_device"] = flops_per_device_step / result.step_s / 1e12
+            scalars["perf/mfu"] = mfu(flops_per_device_step, result.step_s, self.peak_flops)
+            scalars["perf/matmul_ceiling_fraction"] = mfu(
+                flops_per_device_step, result.step_s, self.matmul_ceiling
             )
-            scalars["perf/tflops_per_device"] = flops_per_device / 1e12
-            scalars["perf/mfu"] = flops_per_device / self.peak_flops
-            scalars["perf/matmul_ceiling_fraction"] = flops_per_device / self.matmul_ceiling
         if self.ctx.device.type == "cuda":
             scalars["perf/peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         self.monitor.scalars(state.step, scalars)
@@ -333,11 +332,9 @@ class Trainer:
             "step": state.step,
             "samples_seen": state.samples_seen,
             "world_size": self.ctx.world_size,
-            "epoch": state.samples_seen // max(1, self.train_loader.num_samples_per_epoch),
             "first_loss": state.first_loss,
             "last_loss": state.last_loss,
             "rng": checkpoint.rng_state(),
-            "config": self.cfg.to_dict(),
             "selection": self.selection.state() if self.selection else None,
         }
 

@@ -1,0 +1,26 @@
+"""One module per `xray-pretrain` subcommand: `add_arguments(parser)` and `run(args) -> int`.
+
+`xray_pretrain.cli` holds the table; `xray_core.cli` parses, dispatches and turns user errors into
+one line. Heavy imports (DeepSpeed, DALI, pydicom) happen inside `run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--config FILE_OR_NAME` plus `section.key=value` overrides: every command that builds a run."""
+    parser.add_argument(
+        "--config", required=True, help="YAML file holding differences from the defaults, or a packaged name"
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="section.key=value", help="e.g. train.steps=100 data.shards=[DIR]"
+    )
+
+
+def is_rank0() -> bool:
+    """True in a plain process and on global rank 0 under a launcher (after the engine ran)."""
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
