@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from data_tools.encode import FORMAT_EXTENSION, pixel_sums
-from data_tools.manifest import FULL_SCALE, count_label, empty_label_counts, intensity_stats, read_manifest
+from data_tools.manifest import count_label, empty_label_counts, intensity_stats, read_manifest
 from data_tools.writer import sha256_file
+from xray_core.images import FULL_SCALE
 from xray_core.roi import roi_size
 from xray_core.shardio import (
     IMAGE_EXTENSIONS,

@@ -206,7 +206,9 @@ def index_tar(tar_path: str | Path) -> list[IndexedSample]:
     return samples
 
 
-def read_sample(fileobj, sample: IndexedSample, extensions: tuple[str, ...] | None = None) -> dict[str, bytes]:
+def read_sample(
+    fileobj, sample: IndexedSample, extensions: tuple[str, ...] | None = None
+) -> dict[str, bytes]:
     """Read one sample's components (or only `extensions`) from an open binary tar file by their idx
     offsets."""
     out = {}

@@ -24,3 +24,17 @@ def is_rank0() -> bool:
     import torch.distributed as dist
 
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def train_and_report(cfg) -> int:
+    """Run the engine on `cfg`; rank 0 writes train_summary.json into the run folder and prints it."""
+    import json
+    from pathlib import Path
+
+    from xray_pretrain.engine.trainer import train
+
+    summary = train(cfg)
+    if is_rank0():
+        (Path(cfg.log.out_dir) / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        print(json.dumps(summary))
+    return 0

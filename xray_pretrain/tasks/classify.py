@@ -102,8 +102,10 @@ class ClassifyTask:
         self.bind_labels(wanted, available)
 
     def bind_labels(self, label_names: list[str], loader_names: list[str]) -> None:
+        """Learn/score `label_names`, read by name from batches in `loader_names` order; a name the
+        loader lacks (an external test set without that label) reads as unknown."""
         self.label_names = list(label_names)
-        self.columns = torch.tensor([loader_names.index(n) for n in label_names])
+        self.columns = torch.tensor([loader_names.index(n) if n in loader_names else -1 for n in label_names])
         policy = [self.ccfg.uncertain_policy(n) for n in label_names]
         # value an uncertain (-1) label becomes, per class: NaN ignore, 1 ones, 0 zeros
         self.uncertain_value = torch.tensor(
@@ -112,7 +114,8 @@ class ClassifyTask:
 
     def targets(self, labels_BL: torch.Tensor) -> torch.Tensor:
         """Loader labels (B, L) in the loader's order -> (B, C) targets 1 / 0 / NaN (not counted)."""
-        y_BC = labels_BL[:, self.columns].float()
+        y_BC = labels_BL[:, self.columns.clamp_min(0)].float()
+        y_BC = torch.where(self.columns >= 0, y_BC, torch.full_like(y_BC, math.nan))
         return torch.where(y_BC == -1, self.uncertain_value.expand_as(y_BC), y_BC)
 
     # ---- model -----------------------------------------------------------------------------------
