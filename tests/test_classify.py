@@ -126,22 +126,23 @@ def test_drop_path_gradients_are_the_same_with_activation_checkpointing(one_cpu_
         "classify_phantom",
         ["model.image_size=[32,32]", "model.patch_size=8", "model.drop_path=0.5", "data.shards=[x]"],
     )
-    grads = []
-    for grad_ckpt in (False, True):
+    images = torch.randn(4, 1, 32, 32, generator=torch.Generator().manual_seed(3))
+    weights = torch.randn(4, 17, 96, generator=torch.Generator().manual_seed(4))  # (B, 1 + L, D)
+
+    def gradients(grad_ckpt: bool, seed: int) -> dict:
         torch.manual_seed(0)
         encoder = build_encoder(cfg.model)
         encoder.set_grad_checkpointing(grad_ckpt)
-        torch.manual_seed(1)
-        encoder(torch.randn(4, 1, 32, 32)).square().mean().backward()
-        grads.append({n: p.grad.clone() for n, p in encoder.named_parameters()})
-    for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
-    # ... and drop-path is really active (another draw gives other gradients).
-    torch.manual_seed(0)
-    encoder = build_encoder(cfg.model)
-    torch.manual_seed(2)
-    encoder(torch.randn(4, 1, 32, 32)).square().mean().backward()
-    assert not torch.equal(encoder.blocks[-1].mlp.fc2.weight.grad, grads[0]["blocks.3.mlp.fc2.weight"])
+        torch.manual_seed(seed)
+        (encoder(images) * weights).sum().backward()  # not invariant to the final LayerNorm's scale
+        return {n: p.grad.clone() for n, p in encoder.named_parameters()}
+
+    plain, recomputed = gradients(False, 1), gradients(True, 1)
+    for name in plain:
+        torch.testing.assert_close(recomputed[name], plain[name], rtol=1e-4, atol=1e-6, msg=name)
+    # ... and drop-path is really active: another draw gives other gradients.
+    other = gradients(False, 2)
+    assert max(float((other[n] - plain[n]).abs().max()) for n in plain) > 1e-3
 
 
 # ---- gathering --------------------------------------------------------------------------------------
