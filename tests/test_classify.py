@@ -173,3 +173,15 @@ def test_label_fraction_keeps_whole_patients_and_depends_on_the_seed(phantom_sha
         subsets[seed] = keys
     assert subsets[0] != subsets[1]
     assert label_fraction_subset(table, 0.3, 0).folder_sizes == [len(subsets[0])]  # same seed, same draw
+
+
+def test_random_init_is_the_pretraining_runs_step_zero_encoder():
+    """The random-init baseline of a comparison starts where pre-training started (same seed)."""
+    from xray_pretrain.models import build_mae
+
+    cfg = load_config("tiny_cpu", ["data.shards=[x]"])
+    torch.manual_seed(0)
+    mae_encoder = build_mae(cfg.model, cfg.mask).encoder.state_dict()
+    torch.manual_seed(0)
+    encoder = build_encoder(cfg.model).state_dict()
+    assert all(torch.equal(encoder[k], mae_encoder[k]) for k in mae_encoder)
