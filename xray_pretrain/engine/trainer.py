@@ -67,8 +67,6 @@ def train(cfg: RunConfig) -> dict:
 
 class Trainer:
     def __init__(self, cfg: RunConfig):
-        import deepspeed
-
         self.cfg = cfg
         self.ctx: DistContext = init_distributed()
         if cfg.train.precision == "fp16" and self.ctx.device.type != "cuda":
@@ -88,26 +86,9 @@ class Trainer:
         if cfg.train.epochs is not None:
             cfg.train.steps = max(1, math.ceil(cfg.train.epochs * self.train_loader.num_samples_per_epoch
                                                / cfg.train.global_batch))  # fmt: skip
-        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        model = self.task.build_model()
-        init_record = None
-        if init_source is not None and resume_point is None:  # a resume brings its own weights
-            init_record = init_weights.initialize(
-                model, init_source, self.task, self.out_dir if self.ctx.is_main else None
-            )
+        model, init_record = self._build_model(init_source, resume_point)
         del init_source
-        self.peak_lr = cfg.optim.lr(cfg.train.global_batch)
-        groups = self.task.param_groups(model, cfg.optim.weight_decay)
-        optimizer = build_optimizer(groups, self.peak_lr, tuple(cfg.optim.betas))
-        ds_config = build_ds_config(cfg, self.ctx.world_size)
-        if resume_point is not None and resume_point.world_size not in (None, self.ctx.world_size):
-            print(f"resuming a {resume_point.world_size}-rank checkpoint on {self.ctx.world_size} ranks: "
-                  "loading its universal form", flush=True)  # fmt: skip
-            resume_point = checkpoint.ensure_universal(resume_point, self.ctx.rank)
-            ds_config["checkpoint"] = {"load_universal": True}
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=ds_config
-        )
+        self.engine, self.optimizer, ds_config, resume_point = self._start_engine(model, resume_point)
         if cfg.train.compile:
             self.engine.compile()
         self.selection = Selection(*self.task.selection) if self.task.selection else None
@@ -127,6 +108,36 @@ class Trainer:
         self.flops_per_sample = self.task.flops_per_sample()
         self.peak_flops = cfg.log.peak_flops or _device_peak_flops(self.ctx.device, cfg.train.precision)
         self.matmul_ceiling = _matmul_ceiling(self.ctx.device, self.dtype)
+
+    def _build_model(self, init_source, resume_point) -> tuple[torch.nn.Module, dict | None]:
+        """The task's model, identical on every rank; `init.weights` loaded unless resuming (a resume
+        brings its own weights). Returns (model, the init record or None)."""
+        torch.manual_seed(self.cfg.train.seed)
+        model = self.task.build_model()
+        if init_source is None or resume_point is not None:
+            return model, None
+        record = init_weights.initialize(
+            model, init_source, self.task, self.out_dir if self.ctx.is_main else None
+        )
+        return model, record
+
+    def _start_engine(self, model, resume_point):
+        """DeepSpeed around the model and the task's parameter groups. A checkpoint of another world
+        size is resumed through its universal form. Returns (engine, optimizer, ds_config, point)."""
+        import deepspeed
+
+        cfg = self.cfg
+        self.peak_lr = cfg.optim.lr(cfg.train.global_batch)
+        groups = self.task.param_groups(model, cfg.optim.weight_decay)
+        optimizer = build_optimizer(groups, self.peak_lr, tuple(cfg.optim.betas))
+        ds_config = build_ds_config(cfg, self.ctx.world_size)
+        if resume_point is not None and resume_point.world_size not in (None, self.ctx.world_size):
+            print(f"resuming a {resume_point.world_size}-rank checkpoint on {self.ctx.world_size} ranks: "
+                  "loading its universal form", flush=True)  # fmt: skip
+            resume_point = checkpoint.ensure_universal(resume_point, self.ctx.rank)
+            ds_config["checkpoint"] = {"load_universal": True}
+        engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        return engine, optimizer, ds_config, resume_point
 
     def _build_loaders(self, resume_point: checkpoint.ResumePoint | None):
         from xray_pretrain.data.loader import build_train_loader, build_val_loader
