@@ -18,7 +18,6 @@ setup(
         "nvidia-dali-cuda130==2.4.0",
         "timm>=1.0",
         "safetensors>=0.4",
-        "scikit-learn>=1.3",  # downstream metrics (AUROC, average precision, F1)
         "webdataset>=0.2.100",
         "pydicom>=3.0",
         # pydicom pixel-data plugins: JPEG (baseline/extended/lossless), JPEG-LS, JPEG 2000, RLE.
@@ -32,9 +31,15 @@ setup(
         "pyyaml",
         "tensorboard",
         "tqdm",
+        # downstream metrics (AUROC, AP, F1) are computed with scikit-learn's implementations
+        "scikit-learn>=1.3",
+        # Report metrics: BLEU, METEOR (bundled jar; needs a Java runtime), ROUGE-L, CIDEr-D.
+        "pycocoevalcap==1.2",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "ruff>=0.6"],
+        "test": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "hypothesis>=6.100", "transformers>=5"],
+        # Report clinical efficacy with user-supplied CheXbert weights (report.chexbert).
+        "clinical": ["transformers>=5"],
     },
     entry_points={
         "console_scripts": [

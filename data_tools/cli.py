@@ -23,6 +23,9 @@ COMMANDS = {
     "stats": Command("data_tools.stats", "print the counts and intensity statistics of a shard folder"),
     "preview": Command("data_tools.preview", "contact sheet of samples with keys, labels and chest region"),
     "index": Command("data_tools.index", "write DALI .idx files for tars made elsewhere"),
+    "refresh-roi": Command(
+        "data_tools.refresh_roi", "re-estimate the chest region of existing shards in place"
+    ),
 }
 
 

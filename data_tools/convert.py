@@ -16,17 +16,21 @@ interruption writes only the missing shards. Library use: `convert(input_dir, ou
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import hashlib
 import json
 import multiprocessing
 import os
+import signal
+import threading
 import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -44,11 +48,16 @@ from data_tools.records import SPLITS, Record, Skip, split_for_patient
 from data_tools.sources import SOURCES, get_source
 from data_tools.version import TOOL_VERSION
 from data_tools.writer import ShardBuilder, ShardState, StateStore, plan_shards
-from xray_core.images import FRAME_POLICIES, INTENSITY_POLICIES, DecodeOptions
+from xray_core.images import DEFAULT_MAX_PIXELS, FRAME_POLICIES, INTENSITY_POLICIES, DecodeOptions
 from xray_core.shardio import sample_key
 
 DEFAULT_SHARD_SIZE = 1000
 SHARD_BYTES_SAMPLE = 16  # records encoded to estimate bytes per sample for --shard-bytes / --dry-run
+DEFAULT_DECODE_TIMEOUT_S = 300.0
+# A decoder stuck inside native code never sees the soft timeout (a Python exception): the worker then
+# exits this long after it, and the pool reports the file as the one that killed its worker.
+HARD_TIMEOUT_GRACE_S = 30.0
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 DATASET_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 
 
@@ -79,7 +88,9 @@ class ConvertOptions:
     allow_for_processing: bool = False
     views: str = "any"
     frames: str = "first"
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are skipped before decoding
     num_workers: int | None = None  # decode processes; None: all cores
+    decode_timeout: float = DEFAULT_DECODE_TIMEOUT_S  # seconds per file before it is skipped
     dry_run: bool = False
     progress: bool = True
     source_options: dict = field(default_factory=dict)
@@ -209,6 +220,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     filters.add_argument("--views", default="any", help="e.g. PA,AP (default any)")
     filters.add_argument("--frames", choices=FRAME_POLICIES, default="first", help="multi-frame files")
+    filters.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help=f"skip images larger than N pixels (rows x columns), before decoding (default {DEFAULT_MAX_PIXELS:,})",
+    )
     run = parser.add_argument_group("run")
     run.add_argument(
         "--num-workers",
@@ -217,6 +234,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="decode processes (default: all cores)",
+    )
+    run.add_argument(
+        "--decode-timeout",
+        type=float,
+        default=DEFAULT_DECODE_TIMEOUT_S,
+        help=f"skip a file whose conversion takes longer than S seconds (default {DEFAULT_DECODE_TIMEOUT_S:g})",
     )
     run.add_argument(
         "--dry-run", action="store_true", help="report counts and projected bytes; write nothing"
@@ -238,6 +261,10 @@ def _sample_options(args, label_names: list[str], salt: str) -> SampleOptions:
         raise ValueError(f"--quality {args.quality}: only for --format jpg, in 1..100")
     if args.num_workers is not None and args.num_workers < 1:
         raise ValueError(f"--num-workers must be >= 1, got {args.num_workers}")
+    if args.max_pixels < 1:
+        raise ValueError(f"--max-pixels must be >= 1, got {args.max_pixels}")
+    if not args.decode_timeout > 0:
+        raise ValueError(f"--decode-timeout must be > 0 seconds, got {args.decode_timeout}")
     decode = DecodeOptions(
         intensity=args.intensity,
         modalities=_csv_set(args.modalities, "--modalities"),
@@ -245,6 +272,7 @@ def _sample_options(args, label_names: list[str], salt: str) -> SampleOptions:
         views=_csv_set(args.views, "--views"),
         allow_for_processing=args.allow_for_processing,
         frames=args.frames,
+        max_pixels=args.max_pixels,
     )
     return SampleOptions(
         decode=decode,
@@ -265,6 +293,13 @@ def _check_paths(args, dataset: str) -> None:
     if not dataset or not set(dataset) <= DATASET_CHARS:
         raise ValueError(f"dataset name {dataset!r}: use letters, digits, '_', '.', '-' (--dataset)")
     out, inp = Path(args.out).resolve(), Path(args.input).resolve()
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--out {args.out}: {existing} is a file; give a folder")
+    if not args.dry_run and not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"--out {args.out}: {existing} is not writable (read-only file system or permissions)"
+        )
     if args.source == "folder" and (out == inp or inp in out.parents):
         raise ValueError(f"--out {args.out} is inside --input {args.input}: outputs would become inputs")
     if out.is_dir() and any(out.iterdir()) and not (out / ".xray-shard").is_dir():
@@ -315,9 +350,10 @@ class OrderedPool:
         self.__exit__()
         # forkserver: workers do not inherit the caller's threads (torch, tqdm), unlike fork.
         method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-        self._executor = ProcessPoolExecutor(
-            self.workers, multiprocessing.get_context(method), self.initializer, self.initargs
-        )
+        context = multiprocessing.get_context(method)
+        if method == "forkserver":  # applies when this process starts its forkserver
+            context.set_forkserver_preload(["__main__", "data_tools.forkserver_preload"])
+        self._executor = ProcessPoolExecutor(self.workers, context, self.initializer, self.initargs)
 
     def _isolate(self, tasks: list) -> list:
         self._restart()
@@ -407,12 +443,70 @@ def _assign(records: list[Record], skips: list[Skip]) -> dict[str, list[tuple[st
 # --- worker side -------------------------------------------------------------------------------
 
 _WORKER_OPTIONS: SampleOptions | None = None
+_WORKER_TIMEOUT_S: float = DEFAULT_DECODE_TIMEOUT_S
 
 
-def _init_worker(options: SampleOptions) -> None:
-    global _WORKER_OPTIONS
-    _WORKER_OPTIONS = options
+class DecodeTimeout(BaseException):
+    """Raised by the alarm inside a conversion; a BaseException so that decoders' `except Exception`
+    blocks do not swallow it."""
+
+
+def _init_worker(options: SampleOptions, timeout_s: float = DEFAULT_DECODE_TIMEOUT_S) -> None:
+    global _WORKER_OPTIONS, _WORKER_TIMEOUT_S
+    _WORKER_OPTIONS, _WORKER_TIMEOUT_S = options, timeout_s
     warnings.simplefilter("ignore")  # pydicom warns per odd element; problems are reported as skips
+    if multiprocessing.parent_process() is not None:  # a pool worker, not the main process
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to report
+        die_with_parent()
+
+
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when its parent dies (a worker: the forkserver; the
+    forkserver: the converter, see forkserver_preload), so that a SIGKILLed converter leaves no process
+    behind. Linux only; elsewhere this does nothing."""
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:
+        os._exit(1)  # the parent died before the request took effect
+
+
+@contextmanager
+def _time_limit(seconds: float):
+    """Raise DecodeTimeout in this (main) thread after `seconds`; in a pool worker also exit the
+    process HARD_TIMEOUT_GRACE_S later, for code that never returns to Python. An outer timer that is
+    due earlier (e.g. pytest-timeout's) is left alone; one due later is re-armed afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous_delay, previous_interval = signal.getitimer(signal.ITIMER_REAL)
+    if previous_delay and previous_delay <= seconds:
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise DecodeTimeout
+
+    hard = None
+    if multiprocessing.parent_process() is not None:
+        hard = threading.Timer(seconds + HARD_TIMEOUT_GRACE_S, os._exit, (70,))
+        hard.daemon = True
+        hard.start()
+    previous_handler = signal.signal(signal.SIGALRM, on_alarm)
+    started = time.monotonic()
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous_handler)
+        if hard is not None:
+            hard.cancel()
+        if previous_delay:
+            remaining = max(previous_delay - (time.monotonic() - started), 1e-3)
+            signal.setitimer(signal.ITIMER_REAL, remaining, previous_interval)
 
 
 def _task(task: tuple):
@@ -429,9 +523,14 @@ def _task(task: tuple):
             return None
     _, key, split, record = task
     try:
-        return build_sample(record, key, split, _WORKER_OPTIONS)
+        with _time_limit(_WORKER_TIMEOUT_S):
+            return build_sample(record, key, split, _WORKER_OPTIONS)
+    except DecodeTimeout:
+        return f"decode timeout: conversion took over {_WORKER_TIMEOUT_S:g} s (--decode-timeout)"
     except SkipInput as reason:
         return str(reason)
+    except MemoryError:
+        return "out of memory while converting this file (lower --max-pixels or --workers)"
     except Exception as error:  # any decoder bug on one file must not stop a million-file run
         return f"conversion error: {type(error).__name__}: {error}"[:1000]
 
@@ -439,7 +538,10 @@ def _task(task: tuple):
 def _crash_result(task: tuple) -> str | None:
     if task[0] == "identity":
         return None
-    return "worker process died while converting this file (a crash in a native decoder)"
+    return (
+        "worker process died while converting this file (a crash in a native decoder, or stuck in one "
+        "past --decode-timeout)"
+    )
 
 
 # --- main side ---------------------------------------------------------------------------------
@@ -609,8 +711,11 @@ def convert_folder(options: ConvertOptions) -> dict:
     label_names = list(source.label_names(Path(args.input), args))
     options = _sample_options(args, label_names, salt)
     records, skips = _list_inputs(source, args, dataset)
+    if not records and not skips:
+        raise ValueError(f"--input {args.input}: no input files found for --source {args.source}")
     workers = max(1, args.num_workers or os.cpu_count() or 1)
-    with OrderedPool(_task, workers, _init_worker, (options,), _crash_result) as pool:
+    initargs = (options, args.decode_timeout)
+    with OrderedPool(_task, workers, _init_worker, initargs, _crash_result) as pool:
         _fill_identities(records, pool, args.progress)
         num_inputs = len(records) + len(skips)
         by_split = _assign(records, skips)
@@ -634,6 +739,10 @@ def convert_folder(options: ConvertOptions) -> dict:
     )
     out_dir = Path(args.out)
     write_skipped(out_dir, skipped)
+    if not manifest["num_samples"]:  # a manifest of no pixels would hold intensity std 0
+        raise ValueError(
+            f"none of the {num_inputs} inputs became a sample; the reasons are in {out_dir / 'skipped.jsonl'}"
+        )
     write_id_map(out_dir, [tuple(row) for state in states for row in state.id_rows])
     write_manifest(out_dir, manifest)
     return manifest
@@ -685,6 +794,10 @@ def _summary(result: dict) -> str:
         f"{result['num_samples']} samples ({splits}), {result['num_skipped']} skipped of "
         f"{result['num_inputs']} inputs; {len(result['shards'])} shards, {num_bytes / 1e6:.1f} MB"
     )
+
+
+# xray_core.cli adds this to an interruption or a file-system error of `xray-shard convert`.
+FAILURE_HINT = "finished shards are kept: run the same command again to resume"
 
 
 def run(args: argparse.Namespace) -> int:

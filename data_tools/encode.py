@@ -22,7 +22,8 @@ Flags a sample's json may carry (problems found, never silently fixed):
   invalid_window            --intensity window, unusable window width/function: percentile used
   constant_image            all pixels equal (stored as 0)
   multi_frame_first_of_N    only the first of N frames was converted
-  roi_body / roi_fallback   no lung fields found: chest region = body / central box
+  roi_lateral / roi_not_chest / roi_unsure   chest region = the seed paper's fixed rectangle
+                            (lateral view; unlike a chest; atlas fit not confident): see xray_core.roi
 """
 
 from __future__ import annotations
@@ -47,12 +48,13 @@ from xray_core.images import (
     view_filter_reason,
 )
 from xray_core.load import load_image
-from xray_core.roi import estimate_chest_region_detail, small_copy
+from xray_core.roi import ChestRegion, estimate_chest_region_detail, small_copy
 
 IMAGE_FORMATS = ("png16", "jpg", "jp2")
 FORMAT_EXTENSION = {"png16": "png", "jpg": "jpg", "jp2": "jp2"}
 PNG_LEVEL = 1
 PNG_STRATEGY = zlib.Z_HUFFMAN_ONLY
+ROI_REASON_FLAGS = ("roi_lateral", "roi_not_chest", "roi_unsure")
 ROI_PNG_LEVEL = 6  # 128-px masks: compression costs nothing here
 DEFAULT_QUALITY = 95
 
@@ -146,6 +148,7 @@ class Sample:
     id_row: tuple[str, str, str, str, str]  # key, patient hash, study hash, source_id, source path
     pixel_hash: str | None = None
     cpu_seconds: dict[str, float] = field(default_factory=dict)
+    roi_path: str = ""  # which chest region the sample carries (see `roi_path`), counted per shard
 
     @property
     def num_bytes(self) -> int:
@@ -220,6 +223,26 @@ def _meta(
     return meta
 
 
+def region_meta(region: ChestRegion) -> dict:
+    """The json keys of a chest region: box, method ("fitted" | "rectangle"), confidence (0..1)."""
+    return {"roi_box": region.box, "roi_method": region.method, "roi_confidence": region.confidence}
+
+
+def region_flags(region: ChestRegion) -> list[str]:
+    """["roi_lateral" | "roi_not_chest" | "roi_unsure"] when the region is the fixed rectangle, else []."""
+    return [f"roi_{region.reason}"] if region.reason else []
+
+
+def roi_path(meta: dict) -> str:
+    """Which chest region a sample's json says it carries: "fitted", "rectangle (lateral|not_chest|
+    unsure)", or "old estimate" for shards converted before `roi_method` existed."""
+    method = meta.get("roi_method")
+    if method is None:
+        return "old estimate"
+    reasons = [flag[len("roi_") :] for flag in meta["flags"] if flag in ROI_REASON_FLAGS]
+    return f"{method} ({', '.join(reasons)})" if reasons else method
+
+
 def build_sample(record: Record, key: str, split: str, options: SampleOptions) -> Sample:
     """Decode, resize, estimate the chest region and encode one record. Raises SkipInput."""
     clock = time.process_time
@@ -231,12 +254,11 @@ def build_sample(record: Record, key: str, split: str, options: SampleOptions) -
     loaded.unit_hw = None  # release the full-size float image, the largest object of the worker
     t2 = clock()
     small = small_copy(stored)
-    region = estimate_chest_region_detail(stored, small)
     labels = {name: record.labels.get(name) for name in options.label_names}
     meta = _meta(record, key, split, loaded, size_hw, labels, options)
-    meta["roi_box"] = region.box
-    if region.method != "lungs":
-        meta["flags"].append(f"roi_{region.method}")
+    region = estimate_chest_region_detail(stored, small, view=meta["view"])
+    meta.update(region_meta(region))
+    meta["flags"] += region_flags(region)
     if polarity_suspect(small):
         meta["flags"].append("polarity_suspect")
     t3 = clock()
@@ -257,5 +279,6 @@ def build_sample(record: Record, key: str, split: str, options: SampleOptions) -
     id_row = (key, meta["patient"] or "", meta["study"] or "", record.source_id, str(record.source_path))
     seconds = {"decode": t1 - t0, "resize": t2 - t1, "roi": t3 - t2, "encode": t4 - t3}
     return Sample(
-        key, split, components, pixel_sum, pixel_sumsq, int(seen.size), labels, id_row, pixel_hash, seconds
-    )
+        key, split, components, pixel_sum, pixel_sumsq, int(seen.size), labels, id_row, pixel_hash, seconds,
+        roi_path(meta),
+    )  # fmt: skip

@@ -72,8 +72,12 @@ def intensity_stats(pixel_sum: int, pixel_sumsq: int, num_pixels: int, full_scal
 
 def write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".partial")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:  # disk full, interrupted: leave no half-written .partial behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def dump_json(obj) -> bytes:
@@ -148,6 +152,7 @@ def build_manifest(
             "num_samples": s.num_samples,
             "num_bytes": s.num_bytes,
             "sha256": s.sha256,
+            "roi_paths": s.roi_paths,  # samples per chest-region path (see data_tools.encode.roi_path)
         }
         for s in with_samples
     ]

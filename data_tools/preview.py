@@ -1,5 +1,6 @@
 """`xray-shard preview DIR --out grid.png`: a contact sheet of samples with key, view, positive labels
-and the chest-region box (red) drawn on each tile. Samples are taken in manifest order (first N of
+and the chest-region box drawn on each tile (red: fitted to the image; blue: the seed rectangle that
+stands in where the estimate is unsure), with the region's method and confidence. Samples are taken in manifest order (first N of
 the chosen split), so the same folder always gives the same sheet.
 """
 
@@ -18,6 +19,7 @@ from xray_core.images import FULL_SCALE
 from xray_core.shardio import idx_path_for, read_idx, read_sample
 
 BOX_COLOUR = (255, 40, 40)
+RECTANGLE_COLOUR = (40, 160, 255)  # the seed rectangle stands in for an unsure chest region
 TEXT_COLOUR = (255, 230, 0)
 
 
@@ -57,13 +59,15 @@ def _tile(components: dict[str, bytes], image_format: str, tile: int):
             x0 + bx1 * gray.width - 1,
             y0 + by1 * gray.height - 1,
         ],
-        outline=BOX_COLOUR,
+        outline=RECTANGLE_COLOUR if meta.get("roi_method") == "rectangle" else BOX_COLOUR,
         width=2,
     )
     positive = [name for name, value in meta["labels"].items() if value == 1]
     text = f"{meta['key']} {meta['split']} {meta['view'] or ''}\n" + (
         ", ".join(positive) or "no positive label"
     )
+    if "roi_method" in meta:
+        text += f"\nroi {meta['roi_method']} {meta['roi_confidence']:.2f}"
     draw.multiline_text((4, 4), text, fill=TEXT_COLOUR)
     return canvas
 

@@ -1,4 +1,5 @@
-"""`xray-shard stats DIR`: counts, per-split label tables, intensity, image sizes, flags, skip reasons.
+"""`xray-shard stats DIR`: counts, per-split label tables, intensity, image sizes, flags, chest-region
+paths (fitted box or the fixed rectangle, and why), skip reasons.
 
 Counts and intensity come from manifest.json; image sizes and flags from each sample's json member
 (read through the idx, no image decoding).
@@ -11,6 +12,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from data_tools.encode import roi_path
 from data_tools.manifest import read_manifest
 from xray_core.shardio import META_EXTENSION, SKIPPED_NAME, idx_path_for, read_idx
 
@@ -41,11 +43,12 @@ def folder_stats(folder: Path) -> dict:
     """The numbers `stats` prints, as a dict."""
     folder = Path(folder)
     manifest = read_manifest(folder)
-    sizes, flags, policies = Counter(), Counter(), Counter()
+    sizes, flags, policies, roi_paths = Counter(), Counter(), Counter(), Counter()
     for meta in _sample_metas(folder, manifest):
         sizes[tuple(meta["size"])] += 1
         flags.update(meta["flags"])
         policies[meta["intensity_policy"]] += 1
+        roi_paths[roi_path(meta)] += 1
     skipped_path = folder / SKIPPED_NAME
     reasons = (
         Counter(
@@ -62,6 +65,7 @@ def folder_stats(folder: Path) -> dict:
         "sizes": sizes,
         "flags": flags,
         "intensity_policies": policies,
+        "roi_paths": roi_paths,
         "skip_reasons": reasons,
     }
 
@@ -83,6 +87,11 @@ def _label_table(manifest: dict) -> list[str]:
     return lines
 
 
+def _shares(counts: Counter) -> str:
+    total = sum(counts.values())
+    return ", ".join(f"{k} {n} ({100 * n / total:.1f}%)" for k, n in counts.most_common()) or "none"
+
+
 def format_stats(stats: dict) -> str:
     m = stats["manifest"]
     splits = ", ".join(f"{k} {v}" for k, v in m["splits"].items())
@@ -97,6 +106,7 @@ def format_stats(stats: dict) -> str:
         + ", ".join(f"{h}x{w}: {n}" for (h, w), n in stats["sizes"].most_common(TOP)),
         "intensity policies: " + ", ".join(f"{k}: {n}" for k, n in stats["intensity_policies"].most_common()),
         "flags: " + (", ".join(f"{k}: {n}" for k, n in stats["flags"].most_common(TOP)) or "none"),
+        "chest region: " + _shares(stats["roi_paths"]),
         "skip reasons: "
         + (", ".join(f"{k}: {n}" for k, n in stats["skip_reasons"].most_common(TOP)) or "none"),
     ]

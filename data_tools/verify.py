@@ -39,6 +39,7 @@ JSON_KEYS = {
     "pixel_spacing", "photometric", "intensity_policy", "flags", "roi_box",
 }  # fmt: skip
 KEEP_PATHS_KEYS = {"source_id", "source_path", "patient_id", "study_id"}
+ROI_KEYS = {"roi_method", "roi_confidence"}  # since the atlas estimate; older shards lack them
 IMAGE_MODES = {"png16": {"I;16", "I;16B", "I;16L"}, "jp2": {"I;16", "I;16B", "I;16L"}, "jpg": {"L"}}
 MANIFEST_KEYS = {
     "format_version", "tool", "tool_version", "command", "dataset", "source", "image_format", "options",
@@ -138,7 +139,9 @@ def _check_meta(comps, key, manifest, split, where) -> tuple[list[str], dict]:
     except (KeyError, ValueError) as error:
         return [f"{where}: json missing or invalid ({error})"], {}
     problems = []
-    allowed = JSON_KEYS | (KEEP_PATHS_KEYS if manifest.get("options", {}).get("keep_paths") else set())
+    allowed = (
+        JSON_KEYS | ROI_KEYS | (KEEP_PATHS_KEYS if manifest.get("options", {}).get("keep_paths") else set())
+    )
     if not JSON_KEYS <= set(meta) <= allowed:
         problems.append(
             f"{where}: json keys missing {sorted(JSON_KEYS - set(meta))}, extra {sorted(set(meta) - allowed)}"
@@ -278,6 +281,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not Path(args.folder).is_dir():
+        raise ValueError(f"{args.folder}: no such shard folder")
     problems = verify(args.folder)
     for problem in problems:
         print(problem, file=sys.stderr)

@@ -70,6 +70,7 @@ class ShardState:
     id_rows: list[list[str]] = field(default_factory=list)
     pixel_hashes: list[list[str]] = field(default_factory=list)  # [hash, key] with --dedup
     cpu_seconds: dict[str, float] = field(default_factory=dict)
+    roi_paths: dict[str, int] = field(default_factory=dict)  # chest-region path -> samples
 
     @classmethod
     def from_json(cls, data: dict) -> ShardState:
@@ -107,6 +108,7 @@ class ShardBuilder:
         state.id_rows.append(list(sample.id_row))
         if sample.pixel_hash:
             state.pixel_hashes.append([sample.pixel_hash, sample.key])
+        state.roi_paths[sample.roi_path] = state.roi_paths.get(sample.roi_path, 0) + 1
         for stage, seconds in sample.cpu_seconds.items():
             state.cpu_seconds[stage] = state.cpu_seconds.get(stage, 0.0) + seconds
 

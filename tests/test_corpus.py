@@ -179,3 +179,20 @@ def test_corpus_privacy(corpus_shards):
     data = b"".join(p.read_bytes() for p in corpus_shards.glob("*.tar"))
     for needle in (str(ds.PatientID), str(ds.StudyInstanceUID), "RG1_J2KI", "corpus-test", str(CORPUS)):
         assert needle.encode() not in data, needle
+
+
+@pytest.mark.corpus
+def test_corpus_chest_region_paths_are_recorded_and_counted(corpus_shards):
+    from data_tools.stats import folder_stats, format_stats
+
+    outputs = _outputs(corpus_shards)
+    for source_id in MONOCHROME1_CHESTS:
+        meta = outputs[source_id][0]
+        assert meta["roi_method"] == "fitted" and meta["roi_confidence"] >= 0.6, (source_id, meta)
+    inverted = outputs["torchxrayvision/tests/Fake_MONOHR1.dcm"][0]  # shown inverted: unlike a chest
+    assert inverted["roi_method"] == "rectangle" and inverted["roi_box"] == [0.3, 0.15, 0.8, 0.8]
+    assert {"roi_not_chest", "roi_unsure"} & set(inverted["flags"])
+    stats = folder_stats(corpus_shards)
+    assert sum(stats["roi_paths"].values()) == len(outputs)
+    assert stats["roi_paths"]["fitted"] >= len(MONOCHROME1_CHESTS)
+    assert "chest region: fitted " in format_stats(stats)

@@ -292,3 +292,20 @@ def test_config_validation_messages(overrides, match):
     cfg = DataConfig(**{"shards": ["a", "b"], **overrides})
     with pytest.raises(ValueError, match=match):
         cfg.validate()
+
+
+def test_train_log_gives_the_share_on_each_chest_region_path(phantom_shards, tmp_path, caplog):
+    cfg = DataConfig(shards=[str(phantom_shards)], backend="wds", num_workers=0)
+    with caplog.at_level("INFO", logger="xray_pretrain.data.loader"):
+        build_train_loader(
+            cfg, image_size=(64, 64), micro_batch=2, accum_steps=1, rank=0, world_size=1, seed=0
+        )
+    line = next(r.getMessage() for r in caplog.records if "train chest region" in r.getMessage())
+    assert "fitted " in line and line.endswith("%")
+    write_shard_folder(tmp_path / "old", splits={"train": 3})  # a manifest without per-shard counts
+    with caplog.at_level("INFO", logger="xray_pretrain.data.loader"):
+        cfg = DataConfig(shards=[str(tmp_path / "old")], backend="wds", num_workers=0)
+        build_train_loader(
+            cfg, image_size=(16, 16), micro_batch=1, accum_steps=1, rank=0, world_size=1, seed=0
+        )
+    assert "not recorded (old shards) 100.0%" in caplog.records[-1].getMessage()

@@ -40,9 +40,9 @@ def test_zero2_two_ranks_trains_and_leaves_a_complete_run_folder(zero2_run):
 def test_zero3_two_ranks_trains_and_exports(zero3_run, tmp_path):
     out, summary = zero3_run
     assert summary["last_loss"] < summary["first_loss"]
-    config = export_encoder(out / "checkpoints", tmp_path / "export")
-    assert (tmp_path / "export" / "encoder.safetensors").stat().st_size > 0
-    assert config["checkpoint_tag"] == "step00000016"
+    summary = export_encoder(out / "checkpoints", tmp_path / "export")
+    assert (tmp_path / "export" / "model.safetensors").stat().st_size > 0
+    assert summary["checkpoint_tag"] == "step00000016" and summary["format"] == "timm"
 
 
 def test_resume_gives_the_same_parameters_as_a_straight_run(zero2_run, tmp_path, phantom_shards):
@@ -64,25 +64,26 @@ def test_resume_gives_the_same_parameters_as_a_straight_run(zero2_run, tmp_path,
     assert any(not torch.equal(a[n], c[n]) for n in a)
 
 
-def test_export_loads_back_into_the_model_and_into_timm(zero2_run, tmp_path):
-    from safetensors.torch import load_file
-    from timm.models.vision_transformer import VisionTransformer
+def test_export_of_a_run_loads_in_timm_with_the_run_encoders_features(zero2_run, tmp_path, phantom_shards):
+    import timm
 
-    out, _ = zero2_run
-    config = export_encoder(out / "checkpoints", tmp_path)
+    out, train_summary = zero2_run
+    summary = export_encoder(out / "checkpoints", tmp_path)
     model, _, _ = load_mae_from_checkpoint(out / "checkpoints")
     encoder = model.encoder.eval()
-    tensors = load_file(str(tmp_path / "encoder.safetensors"))
-    timm_vit = VisionTransformer(**config["timm_kwargs"]).eval()
-    timm_vit.load_state_dict(tensors, strict=True)
-    images = torch.randn(2, 1, *config["timm_kwargs"]["img_size"])
-    reloaded, _ = load_exported_encoder(tmp_path)
+    vit = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+    images = torch.rand(2, 1, *encoder.image_size)
+    reloaded, config = load_exported_encoder(tmp_path)
     with torch.no_grad():
         ours = encoder(images)
-        theirs = timm_vit.forward_features(images)
-        again = reloaded.eval()(images)
-    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(ours, again, rtol=0, atol=0)
+        assert float((vit.forward_features(images) - ours).abs().max()) <= 1e-5
+        assert torch.equal(reloaded.eval()(images), ours)
+    assert summary["num_params"] == sum(p.numel() for p in vit.parameters())
+    assert config["xray_pretrain"]["checkpoint_tag"] == "step00000016"
+    manifest = json.loads((phantom_shards / "manifest.json").read_text())
+    assert list(vit.pretrained_cfg["mean"]) == [manifest["intensity"]["mean"]]
+    card = (tmp_path / "README.md").read_text()
+    assert f"| val_loss | {train_summary['val_loss']:.6g} |" in card and "- model: size=tiny" in card
 
 
 def test_resume_on_fewer_ranks_continues_the_same_run(zero2_run, tmp_path, phantom_shards):

@@ -9,6 +9,9 @@ user-facing failure into one line on stderr and an exit code:
 - 2: bad usage or bad input (`ValueError`, a missing or unwritable path, a full disk, argparse);
 - 130: interrupted (Ctrl-C), without a traceback.
 
+A command module may define `FAILURE_HINT`, added to an interruption or a file-system error (what
+survives and how to continue).
+
 Anything else is a bug and keeps its traceback.
 """
 
@@ -55,13 +58,17 @@ def main(
         argv = prepare(argv)
     args = build_parser(prog, description, commands, argv).parse_args(argv)
     where = f"{prog} {args.command}"
+    module = importlib.import_module(commands[args.command].module)
+    # A command may say what survives a failure half-way (e.g. convert: finished shards are kept).
+    hint = getattr(module, "FAILURE_HINT", None)
     try:
-        return int(importlib.import_module(commands[args.command].module).run(args) or 0)
+        return int(module.run(args) or 0)
     except KeyboardInterrupt:
-        print(f"\n{where}: interrupted; rerun the same command to continue where it can", file=sys.stderr)
+        print(f"{where}: interrupted; {hint or 'rerun the same command'}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (ValueError, OSError) as error:
-        print(f"{where}: error: {describe_error(error)}", file=sys.stderr)
+        tail = f"; {hint}" if hint and isinstance(error, OSError) else ""
+        print(f"{where}: error: {describe_error(error)}{tail}", file=sys.stderr)
         return EXIT_USAGE
 
 
@@ -71,7 +78,9 @@ def describe_error(error: BaseException) -> str:
         name = getattr(error, "filename", None)
         where = f"{name}: " if name else ""
         hints = {
-            errno.ENOSPC: "no space left on the device; free space or choose another output folder, then rerun",
+            errno.ENOSPC: "no space left on the device; free space or choose another output folder",
+            errno.EDQUOT: "disk quota exceeded; free space within the quota",
+            errno.EFBIG: "file larger than the file-size limit allows; raise it (ulimit -f)",
             errno.EACCES: "permission denied; choose a folder you can write to",
             errno.EROFS: "read-only file system; choose a writable output folder",
             errno.ENOENT: "no such file or folder",

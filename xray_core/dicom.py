@@ -27,6 +27,7 @@ from xray_core.images import (
     SkipInput,
     affine_for_range,
     apply_affine,
+    check_pixel_count,
     luma,
     percentile_range,
     sniff_kind,
@@ -45,6 +46,7 @@ PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 MIN_KNOWN_TAGS = 3
 # Below this many bits a 0..255 image is plausible; above, it means the high byte was lost.
 LOW_BYTE_MIN_BITS_STORED = 10
+UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
 def read_dataset(path: Path, has_preamble: bool, stop_before_pixels: bool = False):
@@ -146,6 +148,31 @@ def filter_reason(ds, options: DecodeOptions) -> str | None:
     if num_frames > 1 and options.frames == "skip":
         return f"filtered: multi-frame ({num_frames} frames) and --frames skip"
     return None
+
+
+def _header_int(ds, keyword: str) -> int:
+    """An integer header field (US / IS); SkipInput when absent or not a number."""
+    value = ds.get(keyword)
+    try:
+        return int(value)
+    except (TypeError, ValueError) as error:
+        raise SkipInput(f"invalid or missing {keyword} {value!r}") from error
+
+
+def _looks_truncated(ds, path: Path) -> bool:
+    """A dataset without a pixel element that was cut short: it has the image pixel module's Rows and
+    Columns, or the parse stopped before the end of the file (pydicom silently drops the element a
+    file ends inside), or the file holds the PixelData tag all the same. Objects that never had
+    pixels (reports, DICOMDIRs) end with a whole element and have none of these."""
+    if "Rows" in ds and "Columns" in ds:
+        return True
+    last = next(reversed(ds._dict.values()), None)  # raw elements in file order, not yet converted
+    tell, length = getattr(last, "value_tell", None), getattr(last, "length", None)
+    defined = tell is not None and length is not None and length != UNDEFINED_LENGTH
+    if defined and tell + length < Path(path).stat().st_size:
+        return True
+    data = Path(path).read_bytes()
+    return b"\xe0\x7f\x10\x00" in data or b"\x7f\xe0\x00\x10" in data
 
 
 def number_of_frames(ds) -> int:
@@ -339,9 +366,12 @@ def _color_values(ds, arr: np.ndarray, bits_stored: int) -> tuple[np.ndarray, tu
 def load_dicom(path: Path, options: DecodeOptions, has_preamble: bool) -> LoadedImage:
     """Read, filter and decode one DICOM file into a LoadedImage. Raises SkipInput with the reason."""
     ds = read_dataset(path, has_preamble)
+    if not any(k in ds for k in PIXEL_KEYWORDS) and _looks_truncated(ds, path):
+        raise SkipInput("truncated file: the file ends before its pixel data is complete")
     reason = filter_reason(ds, options)
     if reason:
         raise SkipInput(reason)
+    check_pixel_count(_header_int(ds, "Rows"), _header_int(ds, "Columns"), options.max_pixels)
     arr, num_frames = decode_first_frame(ds)
     bits_stored = int(ds.get("BitsStored") or ds.get("BitsAllocated") or arr.dtype.itemsize * 8)
     arr, exceeded = mask_bits_stored(arr, bits_stored)
@@ -369,6 +399,8 @@ def load_dicom(path: Path, options: DecodeOptions, has_preamble: bool) -> Loaded
         gray, nominal, described = _color_values(ds, arr, bits_stored)
         policy = "raw" if options.intensity == "window" else options.intensity
         unit, applied, policy_flags = unit_from_values(gray, nominal, policy)
+        # A colour radiograph is a screenshot or secondary capture: often burnt-in text or overlays.
+        flags.append("color_to_gray")
     flags += policy_flags
     if num_frames > 1:
         flags.append(f"multi_frame_first_of_{num_frames}")

@@ -54,6 +54,22 @@ class SkipInput(Exception):
     """This input becomes a skipped.jsonl line with this message as its reason (never a crash)."""
 
 
+# Largest image (rows x columns of one frame) decoded: a 4300 x 4300 detector is 18.5 M pixels. A
+# header claiming more is refused before any decoding, so a bogus size cannot exhaust a worker's memory
+# (the float pass alone takes 4 bytes a pixel).
+DEFAULT_MAX_PIXELS = 50_000_000
+
+
+def check_pixel_count(rows: int, columns: int, max_pixels: int) -> None:
+    """SkipInput for an empty image or one larger than `max_pixels` (``--max-pixels``)."""
+    if rows < 1 or columns < 1:
+        raise SkipInput(f"image of {rows} x {columns} pixels: no pixels")
+    if rows * columns > max_pixels:
+        raise SkipInput(
+            f"image of {rows} x {columns} = {rows * columns:,} pixels exceeds --max-pixels {max_pixels:,}"
+        )
+
+
 @dataclass(frozen=True)
 class DecodeOptions:
     """What the decoders accept and how they map intensities (see the module docstring).
@@ -68,6 +84,7 @@ class DecodeOptions:
     views: frozenset[str] | None = None
     allow_for_processing: bool = False
     frames: str = "first"
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
 
 @dataclass
@@ -205,6 +222,7 @@ def load_pillow_image(path: Path, options: DecodeOptions) -> LoadedImage:
 
     try:
         with Image.open(path) as image:
+            check_pixel_count(image.height, image.width, options.max_pixels)
             num_frames = getattr(image, "n_frames", 1)
             if num_frames > 1 and options.frames == "skip":
                 raise SkipInput(f"multi-frame image ({num_frames} frames) and --frames skip")

@@ -146,9 +146,14 @@ class ShardTarWriter:
         os.replace(self._tmp_path, self.tar_path)
 
     def abort(self) -> None:
-        self._tar.close()
-        self._file.close()
-        self._tmp_path.unlink(missing_ok=True)
+        """Drop the partial tar. Its end blocks are not written: on a full disk they would fail too,
+        and the .partial must go all the same."""
+        try:
+            self._file.close()
+        except OSError:
+            pass
+        finally:
+            self._tmp_path.unlink(missing_ok=True)
 
 
 def write_idx(samples: list[IndexedSample], idx_path: str | Path) -> None:
@@ -160,8 +165,12 @@ def write_idx(samples: list[IndexedSample], idx_path: str | Path) -> None:
         ]
         lines.append(" ".join(parts))
     tmp = idx_path.with_name(idx_path.name + ".partial")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, idx_path)
+    try:
+        tmp.write_text("\n".join(lines) + "\n")
+        os.replace(tmp, idx_path)
+    except BaseException:  # disk full, interrupted: no half-written .partial left behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_idx(idx_path: str | Path) -> list[IndexedSample]:

@@ -52,3 +52,13 @@ def gather_samples(columns: dict[str, list], weights: list[float], order_by: str
             merged[name].extend(part[name])
     order = sorted(range(len(merged[order_by])), key=merged[order_by].__getitem__)
     return {name: [values[i] for i in order] for name, values in merged.items()}
+
+
+def all_ranks_true(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is True on every rank (one MIN all-reduce). Report generation
+    calls it after each decoder step so that all ranks run the same number of steps (ZeRO-3 gathers
+    parameters at every step: a rank that stopped early would leave the others waiting)."""
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return bool(t.item())

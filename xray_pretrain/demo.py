@@ -1,7 +1,8 @@
 """`xray-pretrain demo`: the whole system on the CPU in minutes.
 
 phantom DICOMs (`xray-shard synth`) -> shards (`xray-shard convert`) -> 2-rank ZeRO-2 MAE pre-training
-under the `deepspeed` launcher (CPU ranks on gloo) -> encoder export -> `summary.json`.
+under the `deepspeed` launcher (CPU ranks on gloo) -> export as a timm model folder (loaded back with
+timm alone) -> `summary.json`.
 """
 
 from __future__ import annotations
@@ -109,12 +110,23 @@ def run(args) -> int:
 
     t = _step(f"4/4 export the encoder -> {export_dir}")
     export_config = export_encoder(run_dir / "checkpoints", export_dir)
+    export_config["load"] = _timm_load(export_dir)
     times["export_s"] = time.perf_counter() - t
 
     summary = _summary(train_summary, manifest, export_config, shards, export_dir, times)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     _print_where(summary, out)
     return 0
+
+
+def _timm_load(export_dir: Path) -> str:
+    """The one line that loads the export with timm alone; run here once so the demo proves it."""
+    import timm
+
+    line = f'timm.create_model("local-dir:{export_dir}", pretrained=True)'
+    model = timm.create_model(f"local-dir:{export_dir}", pretrained=True)
+    print(f"  {line} -> {type(model).__name__}, {model.num_features} features per image", flush=True)
+    return line
 
 
 def _fresh_folder(out: Path) -> Path:
@@ -142,6 +154,7 @@ def _summary(
         "checkpoint_dir": train["checkpoint_dir"],
         "export_dir": str(export_dir),
         "encoder_params": export_config["num_params"],
+        "export_load": export_config["load"],
         "tensorboard_dir": train["tensorboard_dir"],
         "reconstruction_image": train["reconstruction_image"],
         "seconds": {k: round(v, 1) for k, v in times.items()},
@@ -156,6 +169,7 @@ def _print_where(summary: dict, out: Path) -> None:
         "val_ratio",
         "checkpoint_dir",
         "export_dir",
+        "export_load",
         "tensorboard_dir",
         "reconstruction_image",
     )

@@ -76,11 +76,18 @@ def relative_id(path: Path, root: Path) -> str:
 def walk_files(root: Path, suffixes: Iterable[str]) -> list[Path]:
     """Every file under `root` whose lower-case suffix is in `suffixes`, sorted by relative path.
 
-    Hidden files and folders are skipped; symlinked folders are followed (datasets are often linked in).
+    Hidden files and folders are skipped; symlinked folders are followed (datasets are often linked in),
+    each real folder once: a symlink loop, or a second link to the same folder, adds no inputs.
     """
     suffixes = tuple(suffixes)
     found = []
+    seen: set[tuple[int, int]] = set()  # (device, inode) of every folder walked
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        status = os.stat(dirpath)
+        if (status.st_dev, status.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((status.st_dev, status.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in filenames:
             if not name.startswith(".") and os.path.splitext(name)[1].lower() in suffixes:

@@ -22,11 +22,15 @@ def label_names(input_dir: Path, args) -> list[str]:
 
 def list_files(input_dir: Path) -> list[Path]:
     """Every regular file (symlinks to files included; symlinked folders not followed, so no
-    cycles) under `input_dir`, sorted by path relative to it."""
+    cycles) under `input_dir`, sorted by path relative to it. A broken symlink is listed too: it is an
+    input, and the decoder reports it as a skip."""
     found = []
     for dirpath, dirnames, filenames in os.walk(input_dir):
         dirnames.sort()
-        found += [Path(dirpath) / name for name in filenames if (Path(dirpath) / name).is_file()]
+        for name in filenames:
+            path = Path(dirpath) / name
+            if path.is_file() or (path.is_symlink() and not path.exists()):
+                found.append(path)
     return sorted(found, key=lambda p: p.relative_to(input_dir).as_posix())
 
 

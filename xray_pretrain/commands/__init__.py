@@ -31,6 +31,10 @@ def train_and_report(cfg) -> int:
     import json
     from pathlib import Path
 
+    from xray_pretrain.engine.preflight import check_run
+
+    check_run(cfg)  # bad inputs fail here, before DeepSpeed, a process group or the run folder
+
     from xray_pretrain.engine.trainer import train
 
     summary = train(cfg)

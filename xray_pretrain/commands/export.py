@@ -1,4 +1,6 @@
-"""`xray-pretrain export --checkpoint DIR --out DIR`: a checkpoint's encoder, consolidated (any ZeRO stage)."""
+"""`xray-pretrain export --checkpoint DIR --out DIR`: a checkpoint's encoder, consolidated (any ZeRO stage),
+as a timm model folder with a model card (the hierarchical stem, which timm cannot express, keeps the
+project's own format)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,11 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from xray_pretrain.engine.export import export_encoder
 
-    config = export_encoder(args.checkpoint, args.out, args.dtype)
-    print(f"exported {config['num_params']:,} encoder parameters ({config['checkpoint_tag']}) to {args.out}")
+    summary = export_encoder(args.checkpoint, args.out, args.dtype)
+    print(
+        f"exported {summary['num_params']:,} encoder parameters ({summary['checkpoint_tag']}) to {args.out} "
+        f"({summary['format']} format, model card README.md)"
+    )
+    if summary["format"] == "timm":
+        print(f'load it: timm.create_model("local-dir:{args.out.resolve()}", pretrained=True)')
     return 0

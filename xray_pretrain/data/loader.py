@@ -9,6 +9,7 @@ are logged.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -91,6 +92,18 @@ class ValLoader:
         return self.num_batches
 
 
+def chest_region_shares(folders: list[ShardFolder], split: str) -> str:
+    """Share of `split`'s samples on each chest-region path ("fitted", "rectangle (unsure)", ...), from
+    the per-shard counts `xray-shard convert` / `refresh-roi` write into each manifest."""
+    counts = Counter()
+    for folder in folders:
+        for entry in folder.manifest["shards"]:
+            if entry["split"] == split:
+                counts.update(entry.get("roi_paths") or {"not recorded (old shards)": entry["num_samples"]})
+    total = sum(counts.values())
+    return ", ".join(f"{path} {100 * n / total:.1f}%" for path, n in counts.most_common()) or "no samples"
+
+
 def build_train_loader(
     cfg: DataConfig,
     *,
@@ -144,6 +157,10 @@ def build_train_loader(
         "train data: backend %s, decode on %s, %d folder(s), %d samples per epoch, global batch %d, start %d",
         backend, decode_device, len(table.folders), order.num_samples_per_epoch, sampler.global_batch, start_position,
     )  # fmt: skip
+    log.info(
+        "train chest region (mask.strategy=context masks it): %s",
+        chest_region_shares(table.folders, cfg.train_split),
+    )
     return TrainLoader(
         batches=batches,
         label_names=table.label_names,

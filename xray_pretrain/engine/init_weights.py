@@ -62,18 +62,22 @@ def open_source(path: str | Path) -> InitSource:
             f"init.weights={path} is not a folder (an export, a run, checkpoints or step folder)"
         )
     if (path / "config.json").is_file():
-        from xray_pretrain.engine.export import load_exported_encoder
+        from xray_pretrain.engine.export import read_export
 
-        encoder, _config = load_exported_encoder(path)
-        dims = {"embed_dim": encoder.embed_dim, "depth": len(encoder.blocks), "num_heads": encoder.num_heads}
+        exported = read_export(path)
+        encoder = exported.encoder
         architecture = {
             "patch_size": encoder.patch_size,
             "stem": encoder.stem,
             "in_chans": encoder.in_chans,
             "mlp_ratio": encoder.mlp_ratio,
-            **dims,
+            "embed_dim": encoder.embed_dim,
+            "depth": len(encoder.blocks),
+            "num_heads": encoder.num_heads,
         }
-        state = {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
+        state = {f"encoder.{k}": v for k, v in exported.state_dict.items()}
+        if exported.head is not None:  # a classifier export: its head, in ClassificationModel's names
+            state.update({"head.1.weight": exported.head.weight_CD, "head.1.bias": exported.head.bias_C})
         return InitSource(path, "export", None, architecture, state)
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import platform
 import socket
 import subprocess
@@ -11,7 +12,18 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("xray_pretrain")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def git_revision() -> dict:
+    """The checkout's revision; an installed wheel has none (and must not report an enclosing repo's)."""
+    if not (REPO_ROOT / "setup.py").is_file():
+        return {"commit": "installed package", "dirty": False}
+
     def git(*args: str) -> str:
         try:
             out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
@@ -40,6 +52,7 @@ def run_info(cfg, world_size: int, accum_steps: int, ds_config: dict, device=Non
         ds_version = None
     return {
         "git": git_revision(),
+        "xray_pretrain": package_version(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "host": socket.gethostname(),
         "python": platform.python_version(),

@@ -227,6 +227,20 @@ class ViTEncoder(nn.Module):
         x_BND = run_blocks(self.blocks, x_BND, self.grad_ckpt_every if self.training else 0)
         return self.norm(x_BND)
 
+    def init_kwargs(self) -> dict:
+        """The constructor arguments that rebuild this architecture (``ViTEncoder(**init_kwargs())``);
+        run-time choices (attention backend, activation checkpointing) are left at their defaults."""
+        return {
+            "image_size": list(self.image_size),
+            "patch_size": self.patch_size,
+            "in_chans": self.in_chans,
+            "embed_dim": self.embed_dim,
+            "depth": len(self.blocks),
+            "num_heads": self.num_heads,
+            "mlp_ratio": self.mlp_ratio,
+            "stem": self.stem,
+        }
+
     def timm_kwargs(self) -> dict | None:
         """kwargs for ``timm.models.vision_transformer.VisionTransformer`` giving this architecture
         (features only: ``num_classes=0``), or ``None`` for the hierarchical stem (no timm equivalent)."""

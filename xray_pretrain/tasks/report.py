@@ -1,0 +1,214 @@
+"""Radiology report generation: ViT encoder -> Transformer decoder, scored with pycocoevalcap.
+
+Written against the Task protocol on main (build_model, training_loss, evaluate, preview_image,
+flops_per_sample) plus the attributes of the generalized protocol (selection, val_whole_split,
+init prefixes, fitted/inference state); docs/report_generation.md says how it is wired.
+
+Batch contract it reads (the loaders' report mode): ``image`` (B, 1, H, W) for ``report.views=1`` or
+(B, 2, 1, H, W) frontal then lateral for ``views=2``; ``report`` list of B strings, the raw text of
+``report.section`` (:func:`xray_pretrain.report.studies.report_text`); ``key``, ``position``,
+``weight`` (0 for padding rows) as for every task. Tokenization happens here, not in the loaders:
+the tokenizer belongs to the run (built from the training reports, saved with every checkpoint).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import torch
+
+from xray_pretrain.collectives import all_ranks_true
+from xray_pretrain.models.report import GenerationOptions, ReportDecoderConfig, ReportGenerator
+from xray_pretrain.models.vit import ViTEncoder
+from xray_pretrain.report.clinical import ChexbertLabeler
+from xray_pretrain.report.metrics import TRUNCATED_SUFFIX, r2gen_truncated_references, score_reports
+from xray_pretrain.report.tokenizer import BOS_ID, EOS_ID, PAD_ID, ReportTokenizer
+
+log = logging.getLogger(__name__)
+
+
+def build_encoder(model_cfg) -> ViTEncoder:
+    """The `model` section's encoder (MAEConfig), as the MAE builds its own."""
+    embed_dim, depth, num_heads = model_cfg.encoder_dims()
+    return ViTEncoder(
+        image_size=model_cfg.image_hw(), patch_size=model_cfg.patch_size, in_chans=model_cfg.in_chans,
+        embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=model_cfg.mlp_ratio,
+        stem=model_cfg.stem, attn=model_cfg.attn,
+        grad_ckpt_every=model_cfg.grad_ckpt_every if model_cfg.grad_ckpt else 0,
+    )  # fmt: skip
+
+
+def _gather(rows: dict[str, list]) -> dict[str, list]:
+    """Every rank's rows, concatenated in rank order (the rows themselves without a process group)."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return rows
+    parts: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, rows)
+    return {name: [v for part in parts for v in part[name]] for name in rows}
+
+
+def _on_rank0(compute):
+    """``compute()`` on rank 0, its result (or its error) broadcast to every rank, so that a failure
+    stops all ranks instead of leaving them waiting; just ``compute()`` without a process group."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return compute()
+    outcome: list = [None]
+    if torch.distributed.get_rank() == 0:
+        try:
+            outcome = [(True, compute())]
+        except Exception as error:  # re-raised on every rank below
+            outcome = [(False, f"{type(error).__name__}: {error}")]
+    torch.distributed.broadcast_object_list(outcome, src=0)
+    ok, value = outcome[0]
+    if not ok:
+        raise RuntimeError(f"report scoring failed on rank 0: {value}")
+    return value
+
+
+class ReportTask:
+    preview_name = None
+    val_whole_split = True  # generation is scored over the whole split, gathered from every rank
+    init_new_prefixes = ("memory.", "embed.", "blocks.", "norm.", "head.")  # the decoder is new
+    init_unused_prefixes = ("decoder_", "mask_fill.")  # the MAE's pixel decoder and mask token
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.rcfg = cfg.report
+        self.rcfg.validate()
+        self.selection = (f"val_{self.rcfg.select_metric}", "max")
+        self.tokenizer: ReportTokenizer | None = None
+        self._labeler: ChexbertLabeler | None = None  # built at the first evaluation that needs it
+
+    # ---- data ------------------------------------------------------------------------------------
+    def bind_reports(self, train_reports: Iterable[str]) -> ReportTokenizer:
+        """Build the tokenizer from the training split's report texts (one per report item)."""
+        self.tokenizer = ReportTokenizer.build(
+            train_reports, self.rcfg.cleaning, self.rcfg.min_count, self.rcfg.max_length
+        )
+        log.info(
+            "report tokenizer: %d words (+%d special) seen >= %d times in training, max %d ids",
+            len(self.tokenizer.words), self.tokenizer.vocab_size - len(self.tokenizer.words),
+            self.tokenizer.min_count, self.tokenizer.max_length,
+        )  # fmt: skip
+        return self.tokenizer
+
+    def bind_tokenizer(self, tokenizer: ReportTokenizer) -> None:
+        """The tokenizer saved with a checkpoint or export (resume, evaluate, predict)."""
+        self.tokenizer = tokenizer
+
+    def _tokenizer(self) -> ReportTokenizer:
+        if self.tokenizer is None:
+            raise ValueError(
+                "the report task has no tokenizer: bind_reports (training) or bind_tokenizer first"
+            )
+        return self.tokenizer
+
+    def encode_reports(self, reports: list[str], device) -> torch.Tensor:
+        """(B, T) ids ``<bos> words <eos>``, right-padded with ``<pad>`` to the longest in the batch."""
+        tok = self._tokenizer()
+        encoded = [tok.encode(r) for r in reports]
+        ids_BT = torch.full((len(encoded), max(map(len, encoded))), PAD_ID, dtype=torch.long)
+        for i, ids in enumerate(encoded):
+            ids_BT[i, : len(ids)] = torch.tensor(ids)
+        return ids_BT.to(device, non_blocking=True)
+
+    # ---- model -----------------------------------------------------------------------------------
+    def build_model(self) -> ReportGenerator:
+        tok = self._tokenizer()
+        rc = self.rcfg
+        decoder = ReportDecoderConfig(
+            vocab_size=tok.vocab_size, max_length=tok.max_length, dim=rc.decoder_dim, depth=rc.decoder_depth,
+            num_heads=rc.decoder_heads, num_views=rc.views, label_smoothing=rc.label_smoothing,
+            feature_grid=tuple(rc.feature_grid) if rc.feature_grid else None, attn=self.cfg.model.attn,
+            pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+        )  # fmt: skip
+        model = ReportGenerator(build_encoder(self.cfg.model), decoder)
+        model.freeze_encoder(rc.freeze_blocks)
+        return model
+
+    # ---- training and evaluation -----------------------------------------------------------------
+    def training_loss(self, model, batch, device, dtype):
+        images = batch["image"].to(device, non_blocking=True).to(dtype)
+        out = model(images, self.encode_reports(batch["report"], device))
+        return out.loss, {}
+
+    @torch.no_grad()
+    def generate(self, model, images: torch.Tensor) -> list[str]:
+        """Cleaned report text per sample. Every rank steps until all ranks are done (ZeRO-3)."""
+        rc = self.rcfg
+        options = GenerationOptions(
+            beam_size=rc.beam_size, length_penalty=rc.length_penalty, block_trigrams=rc.block_trigrams,
+            all_finished=lambda done: all_ranks_true(done, images.device),
+        )  # fmt: skip
+        ids_BT = model(images, generation=options)  # through the engine's forward: ZeRO-3 gathers there
+        return [self._tokenizer().decode(ids) for ids in ids_BT.tolist()]
+
+    @torch.no_grad()
+    def predict_rows(self, model, loader, device, dtype) -> dict[str, list]:
+        """Every real sample of ``loader`` over all ranks, in position order: ``key``, ``position``,
+        ``reference`` (the full report, cleaned), ``generated``."""
+        module = getattr(model, "module", model)
+        was_training = module.training
+        module.eval()
+        rows: dict[str, list] = {"key": [], "position": [], "reference": [], "generated": []}
+        for batch in loader:
+            generated = self.generate(model, batch["image"].to(device, non_blocking=True).to(dtype))
+            for i, weight in enumerate(batch["weight"].tolist()):
+                if weight == 0:
+                    continue  # padding row: generated with the rest, scored nowhere
+                rows["key"].append(batch["key"][i])
+                rows["position"].append(int(batch["position"][i]))
+                rows["reference"].append(batch["report"][i])
+                rows["generated"].append(generated[i])
+        module.train(was_training)
+        rows = _gather(rows)
+        order = sorted(range(len(rows["position"])), key=rows["position"].__getitem__)
+        return {name: [values[i] for i in order] for name, values in rows.items()}
+
+    def evaluate(self, model, loader, device, dtype, fitted: dict | None = None) -> dict:
+        rows = self.predict_rows(model, loader, device, dtype)
+        # Every rank holds every row; one rank scores (one METEOR JVM, one CheXbert), all get the result.
+        return _on_rank0(lambda: self.metrics(rows["reference"], rows["generated"]))
+
+    def metrics(self, raw_references: list[str], generated: list[str]) -> dict:
+        """``val_``-prefixed scores against the full cleaned references (+ R2Gen's truncated variant,
+        suffixed, when ``report.r2gen_truncated_refs``; + clinical efficacy with ``report.chexbert``)."""
+        tok = self._tokenizer()
+        rc = self.rcfg
+        references = [tok.clean(r) for r in raw_references]
+        scores = score_reports(references, generated, meteor=rc.meteor, meteor_timeout_s=rc.meteor_timeout_s)
+        out = {f"val_{k}": v for k, v in scores.items()}
+        if rc.r2gen_truncated_refs:
+            truncated = score_reports(
+                r2gen_truncated_references(tok, raw_references), generated, meteor=False
+            )
+            out.update({f"val_{k}{TRUNCATED_SUFFIX}": v for k, v in truncated.items() if k != "meteor"})
+        if rc.chexbert is None:
+            log.info("clinical efficacy skipped: no report.chexbert / report.chexbert_vocab given")
+        else:
+            if self._labeler is None:
+                self._labeler = ChexbertLabeler(rc.chexbert, rc.chexbert_vocab)
+            out.update({f"val_{k}": v for k, v in self._labeler.scores(references, generated).items()})
+        out["val_num_reports"] = len(generated)
+        return out
+
+    def fitted_state(self) -> dict:
+        return {}  # nothing is fitted on validation: decoding options come from the config
+
+    def inference_state(self, fitted: dict) -> dict:
+        rc = self.rcfg
+        return {
+            "tokenizer": self._tokenizer().to_json(),
+            "views": rc.views,
+            "section": rc.section,
+            "beam_size": rc.beam_size,
+            "length_penalty": rc.length_penalty,
+            "block_trigrams": rc.block_trigrams,
+        }
+
+    def preview_image(self, model, loader, device, dtype, num_images: int = 4):
+        return None
+
+    def flops_per_sample(self) -> float | None:
+        return None  # MFU is reported for pre-training
