@@ -211,6 +211,13 @@ def test_embed_writes_one_feature_vector_per_sample(finetune_run, phantom_shards
     assert len(set(data["key"].tolist())) == 31 and set(data["split"].tolist()) == {"val", "test"}
 
 
+def test_embed_a_pretraining_run(zero2_run, phantom_shards, tmp_path):
+    out, _ = zero2_run
+    assert cli_main(["embed", "--checkpoint", str(out), "--shards", str(phantom_shards), "--out",
+                     str(tmp_path / "f.npz"), "--split", "val"]) == 0  # fmt: skip
+    assert np.load(tmp_path / "f.npz")["features"].shape == (14, 96)
+
+
 def test_predict_refuses_a_pretraining_checkpoint(zero2_run, capsys):
     out, _ = zero2_run
     assert cli_main(["predict", "--checkpoint", str(out / "checkpoints"), "x.png"]) == 2

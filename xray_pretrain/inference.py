@@ -40,17 +40,16 @@ class Classifier:
 
 
 def resolve_inference_checkpoint(path: Path) -> tuple[Path, str]:
-    """(checkpoints root, tag): a run folder means its `best`, a checkpoints folder its latest, a step
-    folder (or `best`) itself."""
+    """(checkpoints root, tag): a run folder means its `best` (its latest for a run that selects
+    nothing, i.e. pre-training), a checkpoints folder its latest, a step folder (or `best`) itself."""
     path = Path(path)
     if (path / "checkpoints").is_dir():
         best = path / "checkpoints" / checkpoint.BEST_TAG
-        if not checkpoint.is_complete(best):
-            raise ValueError(
-                f"{path} has no complete checkpoints/best (runs that select on validation write it): "
-                "pass its checkpoints folder or one step folder"
-            )
-        return best.parent, best.name
+        return (
+            (best.parent, best.name)
+            if checkpoint.is_complete(best)
+            else checkpoint.resolve_checkpoint(best.parent)
+        )
     if not path.is_dir():
         raise ValueError(f"--checkpoint {path} is not a folder (a run, its checkpoints or one step folder)")
     return checkpoint.resolve_checkpoint(path)
@@ -89,6 +88,8 @@ def evaluate(
     """Metrics of the whole `split` (of the run's validation folders, or of `shards`) into `out`
     (JSON) and one row per sample into `out` with .csv (key, label, probability per class).
     Thresholds: the ones validation chose for this checkpoint."""
+    import yaml
+
     from xray_pretrain.config import set_value
     from xray_pretrain.data.loader import build_val_loader
 
@@ -97,8 +98,6 @@ def evaluate(
         key, sep, raw = item.partition("=")
         if not sep:
             raise ValueError(f"override {item!r} is not of the form section.key=value")
-        import yaml
-
         set_value(cfg, key.strip(), yaml.safe_load(raw) if raw.strip() else None, where="command line")
     if shards:
         cfg.data.shards, cfg.data.val_shards = list(shards), None
@@ -197,24 +196,56 @@ def predict_file(classifier: Classifier, path: Path) -> dict:
 
 
 # ---- embed -----------------------------------------------------------------------------------------
+@dataclass
+class FeatureModel:
+    """What `embed` runs: images (B, 1, H, W) -> pooled features (B, D)."""
+
+    features: object  # callable
+    image_size: tuple[int, int]
+    data: object  # the run's DataConfig (backend, workers, micro-batch come from it)
+    micro_batch: int
+    device: torch.device
+
+
+def load_feature_model(path: Path, device: str | None = None) -> FeatureModel:
+    """A classifier checkpoint (its pooling), or a pre-training checkpoint (its encoder's cls token)."""
+    from xray_pretrain.models.heads import pool_tokens
+
+    root, tag = resolve_inference_checkpoint(path)
+    saved = json.loads((root / tag / checkpoint.CONFIG_NAME).read_text())
+    if saved.get("task") == "classify":
+        c = load_classifier(root / tag, device)
+        return FeatureModel(
+            c.model.features, tuple(c.info["image_size"]), c.cfg.data, c.cfg.train.micro_batch, c.device
+        )
+    from xray_pretrain.engine.export import load_mae_from_checkpoint
+
+    with contextlib.redirect_stdout(sys.stderr):
+        mae, cfg, _tag = load_mae_from_checkpoint(root / tag)
+    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    encoder = mae.encoder.to(target).eval()
+    return FeatureModel(
+        lambda images: pool_tokens(encoder(images), "cls"), cfg.model.image_hw(), cfg.data,
+        cfg.train.micro_batch, target,
+    )  # fmt: skip
+
+
 @torch.no_grad()
-def embed(classifier: Classifier, shards: list[str], splits: list[str], out: Path) -> dict:
+def embed(model: FeatureModel, shards: list[str], splits: list[str], out: Path) -> dict:
     """One pooled encoder feature vector per sample of `splits` of `shards` into `out` (.npz:
     `key` (N,) str, `split` (N,) str, `features` (N, D) float32)."""
     from xray_pretrain.data.config import DataConfig
     from xray_pretrain.data.loader import build_val_loader
 
-    data = DataConfig(
-        shards=list(shards), backend=classifier.cfg.data.backend, num_workers=classifier.cfg.data.num_workers
-    )
+    data = DataConfig(shards=list(shards), backend=model.data.backend, num_workers=model.data.num_workers)
     keys, names, features = [], [], []
     for split in splits:
         loader = build_val_loader(
-            data, image_size=tuple(classifier.info["image_size"]), micro_batch=classifier.cfg.train.micro_batch,
-            rank=0, world_size=1, device=classifier.device.type, whole_split=True, split=split,
+            data, image_size=model.image_size, micro_batch=model.micro_batch, rank=0, world_size=1,
+            device=model.device.type, whole_split=True, split=split,
         )  # fmt: skip
         for batch in loader:
-            feats = classifier.model.features(batch["image"].to(classifier.device)).float().cpu().numpy()
+            feats = model.features(batch["image"].to(model.device)).float().cpu().numpy()
             keep = batch["weight"].numpy() > 0
             keys.extend(k for k, kept in zip(batch["key"], keep) if kept)
             names.extend([split] * int(keep.sum()))

@@ -1,5 +1,8 @@
 """`xray-pretrain embed --checkpoint DIR --shards DIR [DIR ...] --out FILE.npz [--split NAME ...]`:
-one pooled encoder feature vector per sample (`key`, `split`, `features` (N, D) in an .npz file)."""
+one pooled encoder feature vector per sample (`key`, `split`, `features` (N, D) in an .npz file).
+
+DIR: a classifier (its pooling: cls or mean) or a pre-training run (its encoder's cls token): a run
+folder (best, else latest), its checkpoints folder (latest) or one step folder."""
 
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from xray_pretrain.inference import embed, load_classifier
+    from xray_pretrain.inference import embed, load_feature_model
 
-    print(json.dumps(embed(load_classifier(args.checkpoint), args.shards, args.split, args.out)))
+    print(json.dumps(embed(load_feature_model(args.checkpoint), args.shards, args.split, args.out)))
     return 0

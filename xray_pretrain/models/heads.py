@@ -19,6 +19,11 @@ from .vit import ViTEncoder
 POOLS = ("cls", "mean")
 
 
+def pool_tokens(tokens_BND: torch.Tensor, pool: str) -> torch.Tensor:
+    """(B, 1 + L, D) encoder tokens (cls first) -> (B, D): the cls token, or the patch tokens' mean."""
+    return tokens_BND[:, 0] if pool == "cls" else tokens_BND[:, 1:].mean(dim=1)
+
+
 class ClassificationModel(nn.Module):
     """``forward(images (B, C, H, W)) -> logits (B, num_classes)``.
 
@@ -73,7 +78,7 @@ class ClassificationModel(nn.Module):
                 tokens_BND = self.encoder(images_BCHW)
         else:
             tokens_BND = self.encoder(images_BCHW)
-        return tokens_BND[:, 0] if self.pool == "cls" else tokens_BND[:, 1:].mean(dim=1)
+        return pool_tokens(tokens_BND, self.pool)
 
     def forward(self, images_BCHW: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images_BCHW))
