@@ -49,6 +49,7 @@ from data_tools.sources import SOURCES, get_source
 from data_tools.version import TOOL_VERSION
 from data_tools.writer import ShardBuilder, ShardState, StateStore, plan_shards
 from xray_core.images import DEFAULT_MAX_PIXELS, FRAME_POLICIES, INTENSITY_POLICIES, DecodeOptions
+from xray_core.shardindex import index_folder
 from xray_core.shardio import sample_key
 
 DEFAULT_SHARD_SIZE = 1000
@@ -745,6 +746,7 @@ def convert_folder(options: ConvertOptions) -> dict:
         )
     write_id_map(out_dir, [tuple(row) for state in states for row in state.id_rows])
     write_manifest(out_dir, manifest)
+    index_folder(out_dir, workers)  # the loaders' compact index (a cache: rebuilt if idx files change)
     return manifest
 
 

@@ -1,7 +1,10 @@
-"""`xray-shard index DIR|TAR...`: DALI .idx files (wds2idx v1.2) for tars made elsewhere.
+"""`xray-shard index DIR|TAR...`: DALI .idx files (wds2idx v1.2) for tars made elsewhere, and the
+compact index of every shard folder given.
 
 Each tar is scanned with shardio.index_tar (consecutive members with one key form a sample) and its
-idx written beside it with shardio.write_idx. Existing idx files are kept unless --overwrite.
+idx written beside it with shardio.write_idx. Existing idx files are kept unless --overwrite. A
+folder with a manifest.json then gets its compact index (`xray_core.shardindex`, the file every
+loader process memory-maps) rebuilt from its idx files, `--workers` shards in parallel.
 """
 
 from __future__ import annotations
@@ -9,7 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from xray_core.shardio import idx_path_for, index_tar, write_idx
+from xray_core.shardindex import INDEX_NAME, index_folder
+from xray_core.shardio import MANIFEST_NAME, idx_path_for, index_tar, write_idx
 
 
 def tar_paths(paths: list[Path]) -> list[Path]:
@@ -40,11 +44,18 @@ def index_tars(paths: list[Path], overwrite: bool = False) -> dict[Path, int]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("paths", type=Path, nargs="+", help="shard folders and/or tar files")
     parser.add_argument("--overwrite", action="store_true", help="rewrite idx files that already exist")
+    parser.add_argument(
+        "--workers", type=int, default=1, help=f"processes parsing idx files into {INDEX_NAME} (default 1)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
     written = index_tars(args.paths, args.overwrite)
     for tar, num in written.items():
         print(f"{idx_path_for(tar)}: {num} samples")
     print(f"xray-shard index: {len(written)} idx file(s) written")
+    for folder in [p for p in args.paths if (p / MANIFEST_NAME).is_file()]:
+        print(f"{index_folder(folder, args.workers)}: written")
     return 0

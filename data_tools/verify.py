@@ -7,7 +7,13 @@ contract's size; labels.npy float32 of len(label_names) with values 1/0/-1/NaN m
 json keys, key, dataset and split. Over the folder: no stray or missing tars, no duplicate keys,
 counts per shard/split/label and intensity mean/std recomputed from the decoded pixels equal the
 manifest, skipped.jsonl has num_skipped lines, and samples + skipped = inputs.
-Library use: `verify(folder) -> list[str]` (the problems; empty means the folder is consistent).
+`--quick` decodes nothing: manifest keys, stray/missing tars, each tar's size and sha256, each idx
+parses with offsets inside its tar, per-sample components present (image of the manifest's format,
+roi.png, labels.npy, json), counts per shard/split/folder, no duplicate keys, skipped.jsonl; label
+counts, intensity statistics, json contents and the idx-vs-tar-members scan need the full check.
+`--workers N` checks N shards at once (either mode); problems come in manifest shard order all the
+same, duplicate keys after their shard's other problems.
+Library use: `verify(folder, quick, num_workers) -> list[str]` (the problems; empty = consistent).
 """
 
 from __future__ import annotations
@@ -15,16 +21,25 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import multiprocessing
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from data_tools.encode import FORMAT_EXTENSION, pixel_sums
-from data_tools.manifest import count_label, empty_label_counts, intensity_stats, read_manifest
+from data_tools.manifest import (
+    add_label_counts,
+    count_label,
+    empty_label_counts,
+    intensity_stats,
+    read_manifest,
+)
 from data_tools.writer import sha256_file
 from xray_core.images import FULL_SCALE
 from xray_core.roi import roi_size
+from xray_core.shardindex import IMAGE_SLOT, MISSING, SLOTS, shard_records
 from xray_core.shardio import (
     IMAGE_EXTENSIONS,
     SKIPPED_NAME,
@@ -57,7 +72,6 @@ class _Totals:
         self.splits: dict[str, int] = {}
         self.label_counts: dict[str, dict] = {}
         self.label_names = label_names
-        self.keys: set[str] = set()
         self.sums = {}  # split -> [sum, sumsq, num_pixels]
 
     def add(self, split: str, labels: np.ndarray, pixels: np.ndarray) -> None:
@@ -72,6 +86,19 @@ class _Totals:
         acc[0] += pixel_sum
         acc[1] += pixel_sumsq
         acc[2] += pixels.size
+
+    def merge(self, part: _Totals) -> None:
+        """Add one shard's totals (shards are checked apart, possibly in other processes)."""
+        for split, num in part.splits.items():
+            self.splits[split] = self.splits.get(split, 0) + num
+        for split, counts in part.label_counts.items():
+            add_label_counts(
+                self.label_counts.setdefault(split, empty_label_counts(self.label_names)), counts
+            )
+        for split, acc in part.sums.items():
+            total = self.sums.setdefault(split, [0, 0, 0])
+            for i in range(3):
+                total[i] += acc[i]
 
 
 def _decode(data: bytes) -> tuple[np.ndarray, str]:
@@ -188,10 +215,9 @@ def _check_index(tar_path: Path) -> tuple[list[str], list]:
     return [], indexed
 
 
-def _check_shard(folder: Path, entry: dict, manifest: dict, totals: _Totals) -> list[str]:
+def _check_tar_file(folder: Path, entry: dict) -> list[str]:
+    """Size and sha256 of a listed tar against the manifest."""
     tar_path = folder / entry["name"]
-    if not tar_path.is_file():
-        return [f"{entry['name']}: listed in the manifest but missing"]
     problems = []
     if tar_path.stat().st_size != entry.get("num_bytes"):
         problems.append(
@@ -199,16 +225,21 @@ def _check_shard(folder: Path, entry: dict, manifest: dict, totals: _Totals) -> 
         )
     if sha256_file(tar_path) != entry.get("sha256"):
         problems.append(f"{entry['name']}: sha256 differs from the manifest")
+    return problems
+
+
+def _check_shard(folder: Path, entry: dict, manifest: dict, totals: _Totals) -> tuple[list[str], np.ndarray]:
+    """(problems, keys as bytes in order) of one shard, every sample decoded; counts go into `totals`."""
+    tar_path = folder / entry["name"]
+    problems = _check_tar_file(folder, entry)
     index_problems, indexed = _check_index(tar_path)
     problems += index_problems
     if len(indexed) != entry.get("num_samples"):
         problems.append(f"{entry['name']}: {len(indexed)} samples, manifest says {entry.get('num_samples')}")
+    keys = np.array([sample.key.encode() for sample in indexed], dtype=bytes)
     with open(tar_path, "rb") as f:
         for sample in indexed:
             where = f"{entry['name']}:{sample.key}"
-            if sample.key in totals.keys:
-                problems.append(f"{where}: duplicate key")
-            totals.keys.add(sample.key)
             try:
                 problems += _check_sample(
                     read_sample(f, sample), sample.key, manifest, entry["split"], totals, where
@@ -216,21 +247,114 @@ def _check_shard(folder: Path, entry: dict, manifest: dict, totals: _Totals) -> 
             except Exception as error:  # a corrupt member must be reported, not crash verify
                 problems.append(f"{where}: undecodable ({type(error).__name__}: {error})")
             if len(problems) > MAX_PROBLEMS_PER_SHARD:
-                return [*problems, f"{entry['name']}: more problems not listed"]
-    return problems
+                return [*problems, f"{entry['name']}: more problems not listed"], keys
+    return problems, keys
 
 
-def _check_totals(manifest: dict, totals: _Totals, folder: Path) -> list[str]:
+def _check_shard_quick(
+    folder: Path, entry: dict, manifest: dict, totals: _Totals
+) -> tuple[list[str], np.ndarray]:
+    """(problems, keys as bytes in order) of one shard without decoding: tar size and sha256, the idx parses
+    with offsets inside the tar, the sample count, and each sample's components are present."""
+    tar_path = folder / entry["name"]
+    problems = _check_tar_file(folder, entry)
+    try:
+        records = shard_records(idx_path_for(tar_path), 0, tar_path.stat().st_size, folder)
+    except (OSError, ValueError) as error:
+        return [*problems, f"{idx_path_for(tar_path).name}: {error}"], np.zeros(0, "S1")
+    if len(records) != entry.get("num_samples"):
+        problems.append(f"{entry['name']}: {len(records)} samples, manifest says {entry.get('num_samples')}")
+    keys = records["key"]
+    totals.splits[entry["split"]] = totals.splits.get(entry["split"], 0) + len(records)
+    image_ext = FORMAT_EXTENSION.get(manifest.get("image_format"))
+    present = records["rel"] != MISSING  # (N, slots)
+    image_ok = present[:, IMAGE_SLOT] & (records["image"] == IMAGE_EXTENSIONS.index(image_ext))
+    for row in np.flatnonzero(~image_ok | ~present.all(axis=1)):
+        where = f"{entry['name']}:{keys[row].decode()}"
+        if not image_ok[row]:
+            problems.append(f"{where}: no {image_ext} image (manifest format {manifest.get('image_format')})")
+        problems += [f"{where}: no {SLOTS[slot]}" for slot in range(1, len(SLOTS)) if not present[row, slot]]
+        if len(problems) > MAX_PROBLEMS_PER_SHARD:
+            return [*problems, f"{entry['name']}: more problems not listed"], keys
+    return problems, keys
+
+
+def _shard_task(task: tuple[Path, dict, dict, bool]) -> tuple[list[str], np.ndarray, _Totals]:
+    """One shard's check (in a worker process when --workers > 1)."""
+    folder, entry, manifest, quick = task
+    totals = _Totals(list(manifest.get("label_names", [])))
+    if not (folder / entry["name"]).is_file():
+        return [f"{entry['name']}: listed in the manifest but missing"], np.zeros(0, "S1"), totals
+    check = _check_shard_quick if quick else _check_shard
+    problems, keys = check(folder, entry, manifest, totals)
+    return problems, keys, totals
+
+
+def _check_shards(folder: Path, manifest: dict, quick: bool, num_workers: int) -> tuple[list[str], _Totals]:
+    """Every listed shard, in manifest order whatever the workers; then duplicate keys over the folder
+    (found with one sort of all keys, no per-key Python object), each listed after its shard's other
+    problems, within the same per-shard limit."""
+    from tqdm import tqdm
+
+    entries = manifest.get("shards", [])
+    tasks = [(folder, entry, manifest, quick) for entry in entries]
+    totals = _Totals(list(manifest.get("label_names", [])))
+    shard_problems, shard_keys = [], []
+    pool = None
+    if num_workers > 1 and len(tasks) > 1:
+        pool = ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("forkserver"))
+    try:
+        results = pool.map(_shard_task, tasks, chunksize=4) if pool else map(_shard_task, tasks)
+        for problems, keys, part in tqdm(
+            results, total=len(tasks), desc="verify", unit="shard", disable=len(tasks) < 2
+        ):
+            shard_problems.append(problems)
+            shard_keys.append(keys)
+            totals.merge(part)
+    finally:
+        if pool:
+            pool.shutdown()
+    duplicate = _repeated(np.concatenate(shard_keys) if shard_keys else np.zeros(0, "S1"))
+    problems, start = [], 0
+    for entry, found, keys in zip(entries, shard_problems, shard_keys):
+        for key in keys[duplicate[start : start + len(keys)]]:
+            if len(found) > MAX_PROBLEMS_PER_SHARD:
+                if not found[-1].endswith("more problems not listed"):
+                    found.append(f"{entry['name']}: more problems not listed")
+                break
+            found.append(f"{entry['name']}:{key.decode()}: duplicate key")
+        problems += found
+        start += len(keys)
+    return problems, totals
+
+
+def _repeated(keys: np.ndarray) -> np.ndarray:
+    """bool per key: True where the same key occurred earlier in `keys`."""
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    repeated = np.zeros(len(keys), dtype=bool)
+    repeated[order[1:]] = sorted_keys[1:] == sorted_keys[:-1]
+    return repeated
+
+
+def _check_totals(manifest: dict, totals: _Totals, folder: Path, quick: bool) -> list[str]:
     problems = []
     splits = {s: totals.splits.get(s, 0) for s in manifest.get("splits", {})}
     if splits != manifest.get("splits"):
         problems.append(f"split counts {splits} != manifest {manifest.get('splits')}")
-    label_counts = {s: totals.label_counts.get(s, empty_label_counts(totals.label_names)) for s in splits}
+    problems += _check_files_and_counts(manifest, totals, folder)
+    return problems if quick else problems + _check_decoded_totals(manifest, totals)
+
+
+def _check_decoded_totals(manifest: dict, totals: _Totals) -> list[str]:
+    """Label counts and intensity statistics recomputed from the decoded samples."""
+    problems = []
+    label_counts = {
+        s: totals.label_counts.get(s, empty_label_counts(totals.label_names))
+        for s in manifest.get("splits", {})
+    }
     if label_counts != manifest.get("label_counts"):
         problems.append("label counts recomputed from labels.npy differ from the manifest's label_counts")
-    num_samples = sum(totals.splits.values())
-    if num_samples != manifest.get("num_samples"):
-        problems.append(f"{num_samples} samples in the tars, manifest says {manifest.get('num_samples')}")
     stats_split = ["train"] if totals.sums.get("train") else list(totals.sums)
     acc = [sum(totals.sums[s][i] for s in stats_split) for i in range(3)]
     expected = intensity_stats(*acc, FULL_SCALE.get(manifest.get("image_format"), 65535))
@@ -242,6 +366,15 @@ def _check_totals(manifest: dict, totals: _Totals, folder: Path) -> list[str]:
             problems.append(
                 f"intensity {name} {found.get(name)} != {expected[name]} recomputed from the pixels"
             )
+    return problems
+
+
+def _check_files_and_counts(manifest: dict, totals: _Totals, folder: Path) -> list[str]:
+    """Sample total, skipped.jsonl and samples + skipped = inputs."""
+    problems = []
+    num_samples = sum(totals.splits.values())
+    if num_samples != manifest.get("num_samples"):
+        problems.append(f"{num_samples} samples in the tars, manifest says {manifest.get('num_samples')}")
     skipped_path = folder / SKIPPED_NAME
     lines = skipped_path.read_text().splitlines() if skipped_path.is_file() else None
     if lines is None:
@@ -253,8 +386,10 @@ def _check_totals(manifest: dict, totals: _Totals, folder: Path) -> list[str]:
     return problems
 
 
-def verify(folder: Path) -> list[str]:
-    """Every problem found in a shard folder (see the module docstring); [] when all is consistent."""
+def verify(folder: Path, quick: bool = False, num_workers: int = 1) -> list[str]:
+    """Every problem found in a shard folder (see the module docstring); [] when all is consistent.
+
+    quick: no decode (see the module docstring); num_workers: shards checked in parallel processes."""
     folder = Path(folder)
     try:
         manifest = read_manifest(folder)
@@ -270,20 +405,25 @@ def verify(folder: Path) -> list[str]:
     listed = {entry["name"] for entry in manifest.get("shards", [])}
     on_disk = {p.name for p in folder.glob("*.tar")}
     problems += [f"{name}: tar on disk but not in the manifest" for name in sorted(on_disk - listed)]
-    totals = _Totals(list(manifest.get("label_names", [])))
-    for entry in manifest.get("shards", []):
-        problems += _check_shard(folder, entry, manifest, totals)
-    return problems + _check_totals(manifest, totals, folder)
+    shard_problems, totals = _check_shards(folder, manifest, quick, num_workers)
+    return problems + shard_problems + _check_totals(manifest, totals, folder, quick)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("folder", type=Path, help="a folder written by `xray-shard convert`")
+    parser.add_argument(
+        "--quick", action="store_true",
+        help="no decode: manifest, tar sizes and sha256, idx offsets, components present, counts, keys",
+    )  # fmt: skip
+    parser.add_argument("--workers", type=int, default=1, help="processes checking shards in parallel")
 
 
 def run(args: argparse.Namespace) -> int:
     if not Path(args.folder).is_dir():
         raise ValueError(f"{args.folder}: no such shard folder")
-    problems = verify(args.folder)
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    problems = verify(args.folder, quick=args.quick, num_workers=args.workers)
     for problem in problems:
         print(problem, file=sys.stderr)
     if problems:

@@ -11,6 +11,8 @@ import hashlib
 import io
 import itertools
 import json
+import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -264,3 +266,31 @@ def edge_band(mask: np.ndarray) -> np.ndarray:
     for dy, dx in itertools.product((-1, 0, 1), repeat=2):
         band |= padded[1 + dy : 1 + dy + mask.shape[0], 1 + dx : 1 + dx + mask.shape[1]] != mask
     return band
+
+
+def link_scaled_folder(real: Path, out: Path, num_links: dict[str, int]) -> dict:
+    """A large shard folder from a small real one, for scale tests and benchmarks/data_scale.py.
+
+    Split s gets num_links[s] shards, each a hard link to one of `real`'s shards of that split (in
+    turn) with a copy of its idx beside it: real tars, real idx files, and a manifest consistent with
+    them (names, splits, counts, sizes, sha256). Keys repeat from one link of a tar to the next.
+    Returns the manifest written.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = json.loads((real / MANIFEST_NAME).read_text())
+    entries = []
+    for split, num in num_links.items():
+        sources = [e for e in manifest["shards"] if e["split"] == split]
+        for i in range(num):
+            source = sources[i % len(sources)]
+            name = shard_name(f"{manifest['dataset']}x", split, i)
+            os.link(real / source["name"], out / name)
+            shutil.copyfile(idx_path_for(real / source["name"]), idx_path_for(out / name))
+            entries.append({**source, "name": name})
+    splits = {split: sum(e["num_samples"] for e in entries if e["split"] == split) for split in num_links}
+    num_samples = sum(splits.values())
+    manifest = {**manifest, "shards": entries, "splits": splits, "num_samples": num_samples,
+                "num_inputs": num_samples, "num_skipped": 0}  # fmt: skip
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+    (out / SKIPPED_NAME).write_text("")
+    return manifest

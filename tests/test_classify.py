@@ -162,11 +162,11 @@ def test_label_fraction_keeps_whole_patients_and_depends_on_the_seed(phantom_sha
     patient_of = [table.metadata(reader, 0, i)["patient"] for i in range(table.folder_sizes[0])]
     images_of = defaultdict(set)
     for i, p in enumerate(patient_of):
-        images_of[p].add(table.ref(0, i).key)
+        images_of[p].add(table.key(0, i))
     subsets = {}
     for seed in (0, 1):
         subset = label_fraction_subset(table, 0.3, seed)
-        keys = {subset.ref(0, i).key for i in range(subset.folder_sizes[0])}
+        keys = {subset.key(0, i) for i in range(subset.folder_sizes[0])}
         chosen = {p for p, images in images_of.items() if images & keys}
         assert set().union(*(images_of[p] for p in chosen)) == keys  # a chosen patient comes whole
         assert len(chosen) == math.ceil(0.3 * len(images_of))

@@ -20,6 +20,7 @@ from test_dicom import stored_chest, write_dicom
 
 from data_tools.convert import convert
 from data_tools.verify import verify
+from xray_core.shardindex import INDEX_NAME
 from xray_core.shardio import index_tar, read_idx, read_sample, sample_key
 
 LABELS = ["cardiomegaly", "effusion"]
@@ -81,7 +82,10 @@ def _samples(folder: Path) -> dict[str, dict[str, bytes]]:
 
 
 def _folder_bytes(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+    """Every file's bytes, but the loaders' index: a cache that records file stats (inode, mtime)
+    so that it knows when to rebuild; it must exist, its content is not the conversion's output."""
+    assert (folder / INDEX_NAME).is_file()
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and p.name != INDEX_NAME}
 
 
 def test_csv_conversion_end_to_end(archive, shards):

@@ -132,3 +132,38 @@ def test_stats_and_preview(clean, tmp_path, capsys):
     assert main(["preview", str(clean), "--out", str(tmp_path / "none.png"), "--tile", "16"]) == 2
     assert "error: --num and --columns must be >= 1, --tile >= 32" in capsys.readouterr().err
     assert not (tmp_path / "none.png").exists()
+
+
+def test_quick_and_parallel_verify_report_per_sample(damaged):
+    assert verify(damaged, quick=True) == [] and verify(damaged, num_workers=2) == []
+    tar = _first_tar(damaged)
+    with open(tar, "rb") as f:
+        samples = [(s.key, read_sample(f, s)) for s in read_idx(tar.with_suffix(".idx"))]
+    writer = ShardTarWriter(tar)  # the same samples, the first one without its roi.png
+    for i, (key, comps) in enumerate(samples):
+        writer.write_sample(key, {k: v for k, v in comps.items() if i or k != "roi.png"})
+    writer.close()
+    quick = verify(damaged, quick=True, num_workers=2)
+    assert f"{tar.name}:{samples[0][0]}: no roi.png" in quick
+    assert f"{tar.name}: sha256 differs from the manifest" in quick
+    assert not any("label counts" in p or "intensity" in p for p in quick)  # nothing decoded
+    full = verify(damaged)
+    assert f"{tar.name}:{samples[0][0]}: no roi.png" in full
+    assert verify(damaged, num_workers=3) == full  # same problems, same order, whatever the workers
+    assert main(["verify", "--quick", "--workers", "2", str(damaged)]) == 1
+
+
+def test_quick_verify_checks_idx_offsets_and_keys(damaged):
+    tars = sorted(damaged.glob("*.tar"))
+    idx = tars[0].with_suffix(".idx")
+    lines = idx.read_text().splitlines()
+    fields = lines[1].split()
+    fields[1] = str(tars[0].stat().st_size)  # past the end of the tar
+    idx.write_text("\n".join([lines[0], " ".join(fields), *lines[2:]]) + "\n")
+    second = tars[1].with_suffix(".idx")  # a key of the third shard copied into the second
+    key = read_idx(tars[2].with_suffix(".idx"))[0].key
+    own = read_idx(second)[0].key
+    second.write_text(second.read_text().replace(own, key))
+    problems = verify(damaged, quick=True)
+    assert any(p.startswith(f"{idx.name}: ") and "impossible in a" in p for p in problems), problems
+    assert f"{tars[2].name}:{key}: duplicate key" in problems

@@ -173,8 +173,10 @@ def write_idx(samples: list[IndexedSample], idx_path: str | Path) -> None:
         raise
 
 
-def read_idx(idx_path: str | Path) -> list[IndexedSample]:
-    """Parse a wds2idx v1.2 file. Raises ValueError naming the file and line on any malformation."""
+def idx_sample_lines(idx_path: str | Path) -> list[str]:
+    """The sample lines of a wds2idx v1.2 file, header checked (format and sample count).
+
+    Raises ValueError naming the file on a bad header or a count that disagrees with it."""
     idx_path = Path(idx_path)
     lines = idx_path.read_text().splitlines()
     if not lines:
@@ -182,11 +184,22 @@ def read_idx(idx_path: str | Path) -> list[IndexedSample]:
     header = lines[0].split()
     if len(header) != 2 or header[0] != IDX_VERSION or not header[1].isdigit():
         raise ValueError(f"{idx_path}: header {lines[0]!r} is not '{IDX_VERSION} <num_samples>'")
+    if len(lines) - 1 != int(header[1]):
+        raise ValueError(f"{idx_path}: header says {header[1]} samples, found {len(lines) - 1}")
+    return lines[1:]
+
+
+def idx_line_error(idx_path: str | Path, line_no: int) -> ValueError:
+    return ValueError(f"{idx_path}:{line_no}: expected groups of '<ext> <offset> <size> <name>'")
+
+
+def read_idx(idx_path: str | Path) -> list[IndexedSample]:
+    """Parse a wds2idx v1.2 file. Raises ValueError naming the file and line on any malformation."""
     samples = []
-    for line_no, line in enumerate(lines[1:], start=2):
+    for line_no, line in enumerate(idx_sample_lines(idx_path), start=2):
         fields = line.split()
         if not fields or len(fields) % 4:
-            raise ValueError(f"{idx_path}:{line_no}: expected groups of '<ext> <offset> <size> <name>'")
+            raise idx_line_error(idx_path, line_no)
         sample = None
         for i in range(0, len(fields), 4):
             ext, offset, size, name = fields[i : i + 4]
@@ -194,8 +207,6 @@ def read_idx(idx_path: str | Path) -> list[IndexedSample]:
             sample = sample or IndexedSample(key)
             sample.components[ext] = (int(offset), int(size))
         samples.append(sample)
-    if len(samples) != int(header[1]):
-        raise ValueError(f"{idx_path}: header says {header[1]} samples, found {len(samples)}")
     return samples
 
 

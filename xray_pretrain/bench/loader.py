@@ -17,6 +17,8 @@ import itertools
 import json
 import time
 
+import numpy as np
+
 from xray_pretrain.data.config import BACKENDS
 
 
@@ -47,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
 
     from xray_pretrain.data.config import DataConfig
     from xray_pretrain.data.loader import build_train_loader
-    from xray_pretrain.data.shards import open_folders
+    from xray_pretrain.data.shards import IMAGE_SLOT, open_folders
 
     if args.num_batches < 1 or args.batch_size < 1 or args.warmup < 0 or args.image_size < 1:
         raise SystemExit(
@@ -57,11 +59,12 @@ def run(args: argparse.Namespace) -> int:
         shards=list(args.shards), train_split=args.split, backend=args.backend, num_workers=args.num_workers
     )
     cfg.validate()
-    image_bytes = {
-        ref.key: ref.sample.components[ref.sample.image_extension][1]
-        for folder in open_folders(cfg.shards)
-        for ref in folder.split_samples(args.split)
-    }
+    image_bytes = {}  # key -> encoded image bytes, from the compact index
+    for folder in open_folders(cfg.shards):
+        records = folder.split_samples(args.split)
+        image_bytes.update(
+            zip(np.char.decode(records["key"]).tolist(), records["size"][:, IMAGE_SLOT].tolist())
+        )
     loader = build_train_loader(
         cfg, image_size=(args.image_size, args.image_size), micro_batch=args.batch_size, accum_steps=1,
         rank=0, world_size=1, seed=args.seed, device=args.device,

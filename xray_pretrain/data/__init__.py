@@ -3,6 +3,7 @@
 - config.py   `DataConfig`, the run config's `data` section
 - shards.py   shard folders (manifest, idx), label alignment, random-access reads
 - order.py    the seeded global sample order and which rank reads which position
+- heap.py     returning large freed temporaries to the OS
 - augment.py  augmentation parameters per position and the host-side transform
 - decode.py   host-side decoding (Pillow)
 - wds.py      CPU backend: torch DataLoader

@@ -3,8 +3,8 @@
 Why `fn.external_source` and not `fn.readers.webdataset`: the reader shuffles with its own buffer and
 splits by shard (`shard_id` / `num_shards`), so its order is not our global order (`order.py`), it
 cannot mix folders with exact per-epoch counts, and its position cannot be resumed at another world
-size. Here the host reads each position's sample through the same idx files (`shards.ShardReader`,
-a seek and a read; no decode) and computes the same augmentation parameters and integer crop box as
+size. Here the host reads each position's sample through the same index (`shards.ShardReader`,
+preads on descriptors kept open; no decode) and computes the same augmentation parameters and integer crop box as
 the wds backend (`augment.py`); DALI does the heavy work: decoding (device="mixed" on a GPU: nvJPEG
 for jpg, nvJPEG2000 for jp2, png16 on the CPU inside DALI; a CPU-only pipeline with device_id=None
 where there is no GPU), crop, antialiased resize, jitter, normalization and flip. Both backends
@@ -33,7 +33,7 @@ import torch
 from xray_pretrain.data.augment import FULL_VIEW, AugmentParams, TrainAugment, crop_box_pixels
 from xray_pretrain.data.decode import decode_image, encode_roi_png, estimate_roi
 from xray_pretrain.data.decode import image_size as encoded_image_size
-from xray_pretrain.data.order import GlobalOrder, TrainBatchSampler
+from xray_pretrain.data.order import RankShare, TrainBatchSampler
 from xray_pretrain.data.shards import ShardReader, SplitTable
 
 FULL_SCALE_16 = 65535.0
@@ -207,7 +207,7 @@ class DaliBatches:
                 "image": dense["image"],
                 "roi": dense["roi"],
                 "labels": dense["labels"],
-                "key": [self.table.ref(row.folder, row.index).key for row in rows],
+                "key": [self.table.key(row.folder, row.index) for row in rows],
                 "position": torch.tensor([row.position for row in rows], dtype=torch.int64),
                 "weight": torch.tensor([row.weight for row in rows], dtype=torch.float32),
             }
@@ -216,29 +216,31 @@ class DaliBatches:
 class TrainSchedule:
     """Batch number -> rows for one rank's training stream (positions from `order.py`)."""
 
-    def __init__(self, order: GlobalOrder, sampler: TrainBatchSampler, augment: TrainAugment, seed: int):
-        self.order, self.sampler, self.augment, self.seed = order, sampler, augment, seed
+    def __init__(self, share: RankShare, sampler: TrainBatchSampler, augment: TrainAugment, seed: int):
+        self.share, self.sampler, self.augment, self.seed = share, sampler, augment, seed
 
     def __call__(self, number: int) -> list[Row]:
         positions = self.sampler.positions(number)
-        return [Row(*self.order.locate(p), self.augment.sample(self.seed, p), p, 1.0) for p in positions]
+        return [Row(*self.share.locate(p), self.augment.sample(self.seed, p), p, 1.0) for p in positions]
 
 
 class ValSchedule:
     """Batch number -> rows of this rank's validation batches; StopIteration after the last."""
 
-    def __init__(self, pairs: list[tuple[int, int]], rank_batches: list[list[tuple[int, float]]]):
+    def __init__(self, pairs: np.ndarray, rank_batches: list[list[tuple[int, float]]]):
         self.pairs, self.rank_batches = pairs, rank_batches
 
     def __call__(self, number: int) -> list[Row]:
         if number >= len(self.rank_batches):
             raise StopIteration
-        return [Row(*self.pairs[i], FULL_VIEW, i, weight) for i, weight in self.rank_batches[number]]
+        return [
+            Row(*map(int, self.pairs[i]), FULL_VIEW, i, weight) for i, weight in self.rank_batches[number]
+        ]
 
 
 def dali_train_batches(
     table: SplitTable,
-    order: GlobalOrder,
+    share: RankShare,
     sampler: TrainBatchSampler,
     augment: TrainAugment,
     seed: int,
@@ -249,7 +251,7 @@ def dali_train_batches(
     """This rank's infinite training stream on DALI (same positions and augmentation as wds)."""
     return DaliBatches(
         table,
-        TrainSchedule(order, sampler, augment, seed),
+        TrainSchedule(share, sampler, augment, seed),
         num_batches=None,
         batch_size=sampler.micro_batch,
         image_size=image_size,
@@ -261,7 +263,7 @@ def dali_train_batches(
 
 def dali_val_batches(
     table: SplitTable,
-    pairs: list[tuple[int, int]],
+    pairs: np.ndarray,
     rank_batches: list[list[tuple[int, float]]],
     image_size: tuple[int, int],
     num_workers: int,

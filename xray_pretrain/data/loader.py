@@ -15,7 +15,13 @@ from dataclasses import dataclass
 
 from xray_pretrain.data.augment import TrainAugment
 from xray_pretrain.data.config import DataConfig, dali_available
-from xray_pretrain.data.order import GlobalOrder, TrainBatchSampler, val_rank_batches
+from xray_pretrain.data.order import (
+    GlobalOrder,
+    RankShare,
+    TrainBatchSampler,
+    located_batches,
+    val_rank_batches,
+)
 from xray_pretrain.data.shards import ShardFolder, SplitTable, open_folders, union_label_names
 
 log = logging.getLogger(__name__)
@@ -92,6 +98,17 @@ class ValLoader:
         return self.num_batches
 
 
+@dataclass
+class _Located:
+    """Re-iterable batch sampler of (position, folder, index) rows (see `order.located_batches`)."""
+
+    sampler: TrainBatchSampler
+    share: RankShare
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        return located_batches(self.sampler, self.share)
+
+
 def chest_region_shares(folders: list[ShardFolder], split: str) -> str:
     """Share of `split`'s samples on each chest-region path ("fitted", "rectangle (unsure)", ...), from
     the per-shard counts `xray-shard convert` / `refresh-roi` write into each manifest."""
@@ -139,18 +156,20 @@ def build_train_loader(
         accum_steps=accum_steps,
         start_position=start_position,
     )
+    share = RankShare(order, rank=rank, world_size=world_size, micro_batch=micro_batch)
     augment = train_augment(cfg)
     if backend == "wds":
         from xray_pretrain.data.wds import TrainDataset, make_dataloader
 
-        dataset = TrainDataset(table, order, augment, seed, image_size)
-        batches = make_dataloader(dataset, sampler, cfg.num_workers, pin_memory=device.startswith("cuda"))
+        dataset = TrainDataset(table, augment, seed, image_size)
+        rows = _Located(sampler, share)
+        batches = make_dataloader(dataset, rows, cfg.num_workers, pin_memory=device.startswith("cuda"))
         decode_device = "cpu"
     else:
         from xray_pretrain.data.dali import dali_train_batches
 
         batches = dali_train_batches(
-            table, order, sampler, augment, seed, image_size, cfg.num_workers, device
+            table, share, sampler, augment, seed, image_size, cfg.num_workers, device
         )
         decode_device = batches.decode_device
     log.info(
@@ -192,7 +211,7 @@ def build_val_loader(
     backend = resolve_backend(cfg.backend, device)
     _train_folders, val_folders, label_names = open_train_and_val(cfg)
     table = SplitTable(val_folders, split or cfg.val_split, label_names)
-    pairs = table.sorted_by_key(None if whole_split else cfg.val_num_samples)
+    pairs = table.first_by_key(sum(table.folder_sizes) if whole_split else cfg.val_num_samples)
     if not whole_split and len(pairs) < cfg.val_num_samples:
         log.warning(
             "data.val_num_samples=%d but the %r split has %d samples: validating on %d",

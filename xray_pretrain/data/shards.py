@@ -3,6 +3,8 @@
 A shard folder (written by `xray-shard convert`) holds ``manifest.json``, the tars and one DALI
 ``.idx`` beside each tar (format: `xray_core.shardio`). Loaders never stream tars: they read
 one sample at a time at the offsets the idx gives, which is what makes the global sample order exact.
+They read those offsets from the folder's compact index (`xray_core.shardindex`): flat records,
+memory-mapped, shared by every process of a node, no Python object per sample.
 
 Several folders can be mixed; their labels align by name (`union_label_names`, `label_scatter`).
 """
@@ -12,37 +14,20 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from xray_core.shardio import (
-    MANIFEST_NAME,
-    META_EXTENSION,
-    ROI_EXTENSION,
-    IndexedSample,
-    idx_path_for,
-    read_idx,
-    read_sample,
-)
+from xray_core.shardindex import IMAGE_SLOT, MISSING, SLOTS, load_index
+from xray_core.shardio import MANIFEST_NAME, META_EXTENSION, ROI_EXTENSION, idx_path_for
 from xray_pretrain.data.decode import decode_labels
+from xray_pretrain.data.heap import release_freed_heap
 
 FORMAT_VERSION = 1
 IMAGE_FORMATS = ("png16", "jpg", "jp2")
-
-
-@dataclass(frozen=True)
-class SampleRef:
-    """One sample of one folder: the tar it lives in and its members' offsets."""
-
-    tar_path: Path
-    sample: IndexedSample
-
-    @property
-    def key(self) -> str:
-        return self.sample.key
 
 
 class ShardFolder:
@@ -73,7 +58,8 @@ class ShardFolder:
         intensity = self.manifest["intensity"]
         self.intensity_mean = float(intensity["mean"])
         self.intensity_std = float(intensity["std"])
-        self._split_cache: dict[str, list[SampleRef]] = {}
+        self._index: tuple[dict, np.ndarray] | None = None
+        self.tar_paths: list[str] = []  # by the index's shard row (filled with the index)
 
     def _validate_manifest(self) -> None:
         m, where = self.manifest, f"{self.path / MANIFEST_NAME}"
@@ -111,40 +97,20 @@ class ShardFolder:
         """Samples of `split` as the manifest counts them (no idx read)."""
         return sum(int(e["num_samples"]) for e in self.manifest["shards"] if e["split"] == split)
 
-    def split_samples(self, split: str) -> list[SampleRef]:
-        """The samples of `split` in manifest shard order, then idx order (cached)."""
-        if split not in self._split_cache:
-            refs = []
-            for entry in self.manifest["shards"]:
-                if entry["split"] != split:
-                    continue
-                tar = self.path / entry["name"]
-                samples = read_idx(idx_path_for(tar))
-                if len(samples) != int(entry["num_samples"]):
-                    raise ValueError(
-                        f"{tar}: idx lists {len(samples)} samples, manifest says {entry['num_samples']}; "
-                        f"run `xray-shard index {self.path}` or re-convert"
-                    )
-                _check_offsets(tar, samples, self.path)
-                refs.extend(SampleRef(tar, s) for s in samples)
-            self._split_cache[split] = refs
-        return self._split_cache[split]
+    def _load_index(self) -> tuple[dict, np.ndarray]:
+        """(header, records) of the folder's compact index (`xray_core.shardindex`), built and cached
+        beside the shards when absent or stale, then memory-mapped: every process shares one copy."""
+        if self._index is None:
+            self._index = load_index(self.path, self.manifest)
+            self.tar_paths = [str(self.path / shard["name"]) for shard in self._index[0]["shards"]]
+        return self._index
 
-
-TAR_BLOCK = 512
-
-
-def _check_offsets(tar: Path, samples: list[IndexedSample], folder: Path) -> None:
-    """Data offsets inside a tar follow a 512-byte header and start on a block: catch a bad idx now,
-    not as an undecodable image deep inside a worker."""
-    tar_size = tar.stat().st_size
-    for sample in samples:
-        for ext, (offset, size) in sample.components.items():
-            if offset < TAR_BLOCK or offset % TAR_BLOCK or offset + size > tar_size:
-                raise ValueError(
-                    f"{idx_path_for(tar)}: {sample.key}.{ext} has data offset {offset} (size {size}), impossible "
-                    f"in a {tar_size}-byte tar; rebuild the index: `xray-shard index {folder}`"
-                )
+    def split_samples(self, split: str) -> np.ndarray:
+        """The records of `split` (`shardindex.record_dtype`, memory-mapped, no copy) in manifest shard
+        order, then idx order. Raises ValueError when an idx disagrees with the manifest or its tar."""
+        header, records = self._load_index()
+        start, stop = header["splits"].get(split, (0, 0))
+        return records[start:stop]
 
 
 def union_label_names(folders: list[ShardFolder]) -> list[str]:
@@ -160,45 +126,80 @@ def label_scatter(folder_names: list[str], union_names: list[str]) -> np.ndarray
     return np.array([union_names.index(n) for n in folder_names], dtype=np.int64)
 
 
-class ShardReader:
-    """Reads samples by idx offsets, keeping a small cache of open tar files.
+FD_RESERVE_FRACTION = 4  # a quarter of the descriptor limit stays free for sockets, pipes, DALI, torch
 
-    Handles are opened lazily and re-opened after a fork (the pid check), so every DataLoader worker
-    and DALI external-source worker owns its own file offsets.
+
+def open_file_budget() -> int:
+    """How many tar handles one process may keep open: raise the soft RLIMIT_NOFILE to the hard limit
+    where permitted, keep a quarter of it (at least 256) for everything else."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = MAX_FD_TARGET if hard == resource.RLIM_INFINITY else min(hard, MAX_FD_TARGET)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):  # not permitted here: live with the soft limit
+            pass
+    soft = MAX_FD_TARGET if soft == resource.RLIM_INFINITY else soft
+    return max(16, soft - max(256, soft // FD_RESERVE_FRACTION))
+
+
+MAX_FD_TARGET = 1 << 20
+
+
+class ShardReader:
+    """Reads samples with `os.pread` on tar descriptors kept open in an LRU as large as the process's
+    descriptor budget (`open_file_budget`), so a training run opens each tar about once per process.
+
+    pread takes the offset with each call, so a descriptor has no file position to share: threads may
+    share a reader, and a forked DataLoader worker keeps using the descriptors it inherited (each
+    process closes only its own copies). `num_opens` / `num_reads` count this process's opens and
+    sample reads (benchmarks).
     """
 
-    def __init__(self, max_open_files: int = 64):
-        self.max_open_files = max_open_files
-        self._files: OrderedDict[Path, object] = OrderedDict()
-        self._pid = os.getpid()
+    def __init__(self, max_open_files: int | None = None):
+        self.max_open_files = open_file_budget() if max_open_files is None else max_open_files
+        self._fds: OrderedDict[str, int] = OrderedDict()
+        self.num_opens = self.num_reads = 0
 
-    def read(self, ref: SampleRef) -> dict[str, bytes]:
-        """component name -> bytes for one sample."""
-        return read_sample(self._handle(ref.tar_path), ref.sample)
+    def read(self, tar_path: str, record: np.void, only: tuple[str, ...] | None = None) -> dict[str, bytes]:
+        """Component name -> bytes for one index record (`shardindex.record_dtype`); `only`: just these
+        components (e.g. the json, without the image)."""
+        fd = self._fd(tar_path)
+        base, rel, size = int(record["base"]), record["rel"], record["size"]
+        out = {}
+        for slot, name in enumerate(SLOTS):  # "image" whatever its format, then roi.png ...
+            if rel[slot] == MISSING or (only is not None and name not in only):
+                continue
+            offset, length = base + int(rel[slot]), int(size[slot])
+            data = os.pread(fd, length, offset)
+            if len(data) != length:
+                raise OSError(
+                    f"short read in {tar_path} for {record['key'].decode()}.{name}: wanted {length} bytes "
+                    f"at {offset}, got {len(data)}; the tar changed after indexing (re-run `xray-shard index`)"
+                )
+            out[name] = data
+        self.num_reads += 1
+        return out
 
-    def read_component(self, ref: SampleRef, extension: str) -> bytes:
-        """One component's bytes (e.g. the json alone, without the image)."""
-        return read_sample(self._handle(ref.tar_path), ref.sample, (extension,))[extension]
-
-    def _handle(self, tar_path: Path):
-        if self._pid != os.getpid():  # inherited across fork: these share file offsets with the parent
-            self.close()  # closes this process's copies only
-            self._pid = os.getpid()
-        handle = self._files.get(tar_path)
-        if handle is None:
-            if len(self._files) >= self.max_open_files:
-                self._files.popitem(last=False)[1].close()
-            handle = open(tar_path, "rb")  # kept open across reads on purpose (closed by close())
-            self._files[tar_path] = handle
-        self._files.move_to_end(tar_path)
-        return handle
+    def _fd(self, tar_path: str) -> int:
+        fd = self._fds.get(tar_path)
+        if fd is None:
+            if len(self._fds) >= self.max_open_files:
+                os.close(self._fds.popitem(last=False)[1])
+            fd = os.open(tar_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            self.num_opens += 1
+            self._fds[tar_path] = fd
+        else:
+            self._fds.move_to_end(tar_path)
+        return fd
 
     def close(self) -> None:
-        for handle in self._files.values():
-            handle.close()
-        self._files.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
-    def __getstate__(self):  # pickled into spawned workers: never ship open files
+    def __getstate__(self):  # pickled into spawned workers: never ship descriptors
         return {"max_open_files": self.max_open_files}
 
     def __setstate__(self, state):
@@ -216,6 +217,7 @@ class StoredSample:
     labels: np.ndarray  # (num_labels,) float32 in the table's label order, NaN unknown
     mean: float  # the folder's intensity statistics, fractions of full scale
     std: float
+    meta: bytes | None = None  # the sample's json (report text, ids) for tasks that need it
 
 
 class SplitTable:
@@ -228,7 +230,7 @@ class SplitTable:
         """`label_names`: the label order to align to (default: the union over `folders`)."""
         self.folders = folders
         self.split = split
-        self.refs = [folder.split_samples(split) for folder in folders]
+        self.records = [folder.split_samples(split) for folder in folders]  # memory-mapped, shared
         self.label_names = list(label_names) if label_names is not None else union_label_names(folders)
         missing = [n for folder in folders for n in folder.label_names if n not in self.label_names]
         assert not missing, f"label_names lacks {missing}"
@@ -236,24 +238,27 @@ class SplitTable:
 
     @property
     def folder_sizes(self) -> list[int]:
-        return [len(refs) for refs in self.refs]
+        return [len(records) for records in self.records]
 
-    def ref(self, folder: int, index: int) -> SampleRef:
-        return self.refs[folder][index]
+    def key(self, folder: int, index: int) -> str:
+        return self.records[folder][index]["key"].decode()
 
     def read(self, reader: ShardReader, folder: int, index: int) -> StoredSample:
-        """Sample `index` of `folder`: its bytes through `reader` (a seek and a read, no image decode)."""
-        ref = self.refs[folder][index]
-        components = reader.read(ref)
+        """Sample `index` of `folder`: its bytes through `reader` (preads, no image decode)."""
+        record = self.records[folder][index]
         source = self.folders[folder]
-        folder_labels = decode_labels(components, len(source.label_names), f"{ref.tar_path}:{ref.key}")
+        tar_path = source.tar_paths[record["shard"]]
+        components = reader.read(tar_path, record)
+        key = record["key"].decode()
+        folder_labels = decode_labels(components, len(source.label_names), f"{tar_path}:{key}")
         return StoredSample(
-            key=ref.key,
-            image=components[ref.sample.image_extension],
+            key=key,
+            image=components[SLOTS[IMAGE_SLOT]],
             roi=components.get(ROI_EXTENSION),
             labels=self.labels(folder, folder_labels),
             mean=source.intensity_mean,
             std=source.intensity_std,
+            meta=components.get(META_EXTENSION),
         )
 
     def intensities(self) -> list[dict]:
@@ -276,19 +281,40 @@ class SplitTable:
     def subset(self, keep: list[list[int]]) -> SplitTable:
         """The same table restricted to sample indices `keep[folder]` (e.g. a label fraction)."""
         table = SplitTable(self.folders, self.split, self.label_names)
-        table.refs = [[refs[i] for i in indices] for refs, indices in zip(self.refs, keep)]
+        table.records = [
+            records[np.asarray(rows, dtype=np.int64)] for records, rows in zip(self.records, keep)
+        ]
         return table
 
     def metadata(self, reader: ShardReader, folder: int, index: int) -> dict:
         """One sample's json component (patient, study, view, labels as written; no image read)."""
-        return json.loads(reader.read_component(self.refs[folder][index], META_EXTENSION))
+        record = self.records[folder][index]
+        tar_path = self.folders[folder].tar_paths[record["shard"]]
+        return json.loads(reader.read(tar_path, record, only=(META_EXTENSION,))[META_EXTENSION])
 
-    def sorted_by_key(self, num_samples: int | None = None) -> list[tuple[int, int]]:
-        """The first `num_samples` (all: None) (folder, index) pairs in sorted-key order (folder breaks
-        ties)."""
-        pairs = [(ref.key, f, i) for f, refs in enumerate(self.refs) for i, ref in enumerate(refs)]
-        pairs.sort()
-        return [(f, i) for _key, f, i in pairs[:num_samples]]
+    def first_by_key(self, num_samples: int) -> np.ndarray:
+        """(folder, index) int64 rows (n, 2) of the first `num_samples` samples in sorted-key order
+        (folder, then index, break ties), found by partial selection: one O(split) partition of the
+        keys, a sort of the chosen rows only, never of the whole split."""
+        starts = np.cumsum([0, *self.folder_sizes])
+        num = min(num_samples, int(starts[-1]))
+        if num == 0:
+            return np.zeros((0, 2), dtype=np.int64)
+        keys = (
+            self.records[0]["key"]
+            if len(self.records) == 1
+            else np.concatenate([r["key"] for r in self.records])
+        )
+        if num < len(keys):  # everything tied with the num-th key competes for the last places
+            chosen = np.flatnonzero(keys <= np.partition(keys, num - 1)[num - 1])
+        else:
+            chosen = np.arange(len(keys))
+        folder = np.searchsorted(starts, chosen, side="right") - 1
+        index = chosen - starts[folder]
+        ranked = np.lexsort((index, folder, keys[chosen]))[:num]
+        del keys
+        release_freed_heap()
+        return np.stack([folder[ranked], index[ranked]], axis=1).astype(np.int64)
 
 
 def open_folders(paths: list[str]) -> list[ShardFolder]:

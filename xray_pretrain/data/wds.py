@@ -1,9 +1,10 @@
 """The CPU backend: torch DataLoader over global positions, Pillow decode, torch resize.
 
 Reads WebDataset-format shards by random access through their idx files (not by streaming), so the
-order is `order.GlobalOrder`'s exactly. The Dataset is map-style: an item is one global position
-(train) or one (index, weight) row (validation); the batch sampler decides which positions this rank
-reads. Each worker opens its own tar handles lazily (after the fork).
+order is `order.GlobalOrder`'s exactly. The Dataset is map-style: an item is one (global position,
+folder, index) row (train; located by `order.RankShare` in the training process, so workers hold no
+order) or one (index, weight) row (validation); the batch sampler decides which positions this rank
+reads. Each worker opens its own tar descriptors lazily (after the fork) and keeps them open.
 
 Batch contract (both backends): `image` float32 (B, 1, H, W) normalized; `roi` uint8 (B, 1, H, W)
 0/1; `labels` float32 (B, C) NaN unknown; `key` list[str]; `position` int64 (B,) global stream
@@ -19,7 +20,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from xray_pretrain.data.augment import FULL_VIEW, AugmentParams, TrainAugment, transform_sample
 from xray_pretrain.data.decode import decode_image, decode_roi, estimate_roi
-from xray_pretrain.data.order import GlobalOrder
 from xray_pretrain.data.shards import ShardReader, SplitTable
 
 
@@ -40,22 +40,15 @@ def load_item(
 
 
 class TrainDataset(Dataset):
-    """Map-style dataset over global stream positions (any int >= 0)."""
+    """Map-style dataset over located stream rows (global position, folder, index)."""
 
-    def __init__(
-        self,
-        table: SplitTable,
-        order: GlobalOrder,
-        augment: TrainAugment,
-        seed: int,
-        image_size: tuple[int, int],
-    ):
-        self.table, self.order, self.augment = table, order, augment
+    def __init__(self, table: SplitTable, augment: TrainAugment, seed: int, image_size: tuple[int, int]):
+        self.table, self.augment = table, augment
         self.seed, self.image_size = seed, tuple(image_size)
         self.reader = ShardReader()
 
-    def __getitem__(self, position: int) -> dict:
-        folder, index = self.order.locate(position)
+    def __getitem__(self, row: tuple[int, int, int]) -> dict:
+        position, folder, index = row
         params = self.augment.sample(self.seed, position)
         item = load_item(self.table, self.reader, folder, index, params, self.image_size)
         return {**item, "position": int(position), "weight": 1.0}
@@ -64,7 +57,8 @@ class TrainDataset(Dataset):
 class ValDataset(Dataset):
     """Map-style dataset over rows (index into `pairs`, weight); no randomness."""
 
-    def __init__(self, table: SplitTable, pairs: list[tuple[int, int]], image_size: tuple[int, int]):
+    def __init__(self, table: SplitTable, pairs: np.ndarray, image_size: tuple[int, int]):
+        """`pairs`: (n, 2) int (folder, index) rows in validation order."""
         self.table, self.pairs, self.image_size = table, pairs, tuple(image_size)
         self.reader = ShardReader()
 

@@ -45,7 +45,7 @@ def label_fraction_subset(table: SplitTable, fraction: float, seed: int) -> Spli
     reader = ShardReader()
     try:
         patients = [
-            [str(table.metadata(reader, f, i).get("patient") or table.ref(f, i).key) for i in range(size)]
+            [str(table.metadata(reader, f, i).get("patient") or table.key(f, i)) for i in range(size)]
             for f, size in enumerate(table.folder_sizes)
         ]
     finally:
