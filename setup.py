@@ -32,7 +32,7 @@ setup(
         "tensorboard",
         "tqdm",
         # downstream metrics (AUROC, AP, F1) are computed with scikit-learn's implementations
-        "scikit-learn",
+        "scikit-learn>=1.3",
         # Report metrics: BLEU, METEOR (bundled jar; needs a Java runtime), ROUGE-L, CIDEr-D.
         "pycocoevalcap==1.2",
     ],

@@ -37,16 +37,14 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from data_tools.manifest import FULL_SCALE, salted_id
+from data_tools.manifest import salted_id
 from data_tools.records import Record
 from xray_core.images import (
     DecodeOptions,
     LoadedImage,
     SkipInput,
-    output_size,
     polarity_suspect,
-    quantize,
-    resize_unit,
+    stored_pixels,
     view_filter_reason,
 )
 from xray_core.load import load_image
@@ -251,8 +249,8 @@ def build_sample(record: Record, key: str, split: str, options: SampleOptions) -
     t0 = clock()
     loaded = _load(record, options.decode)
     t1 = clock()
-    size_hw = output_size(loaded.original_size, options.long_side, options.upsample)
-    stored = quantize(resize_unit(loaded.unit_hw, size_hw), FULL_SCALE[options.image_format])
+    stored = stored_pixels(loaded.unit_hw, options.image_format, options.long_side, options.upsample)
+    size_hw = stored.shape
     loaded.unit_hw = None  # release the full-size float image, the largest object of the worker
     t2 = clock()
     small = small_copy(stored)

@@ -21,13 +21,13 @@ from pathlib import Path
 
 from data_tools.records import SPLITS
 from data_tools.version import TOOL_NAME, TOOL_VERSION
+from xray_core.images import FULL_SCALE
 from xray_core.shardio import MANIFEST_NAME, SKIPPED_NAME
 
 DEFAULT_SALT = "xray-shard-public-default-salt-v1"
 ID_MAP_NAME = "id_map.csv"
 FORMAT_VERSION = 1
 LABEL_VALUE_NAMES = {1.0: "1", 0.0: "0", -1.0: "-1", None: "null"}
-FULL_SCALE = {"png16": 65535, "jpg": 255, "jp2": 65535}  # stored value of 1.0, per image format
 
 
 def salted_id(salt: str, kind: str, value: str | None) -> str | None:

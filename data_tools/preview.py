@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from data_tools.encode import FORMAT_EXTENSION, decode_stored
-from data_tools.manifest import FULL_SCALE, read_manifest
+from data_tools.manifest import read_manifest
 from data_tools.records import SPLITS
+from xray_core.images import FULL_SCALE
 from xray_core.shardio import idx_path_for, read_idx, read_sample
 
 BOX_COLOUR = (255, 40, 40)

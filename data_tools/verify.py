@@ -30,7 +30,6 @@ import numpy as np
 
 from data_tools.encode import FORMAT_EXTENSION, pixel_sums
 from data_tools.manifest import (
-    FULL_SCALE,
     add_label_counts,
     count_label,
     empty_label_counts,
@@ -38,6 +37,7 @@ from data_tools.manifest import (
     read_manifest,
 )
 from data_tools.writer import sha256_file
+from xray_core.images import FULL_SCALE
 from xray_core.roi import roi_size
 from xray_core.shardindex import IMAGE_SLOT, MISSING, SLOTS, shard_records
 from xray_core.shardio import (

@@ -40,3 +40,29 @@ def test_prune_keeps_the_newest_complete_ones(tmp_path):
     checkpoint.prune(tmp_path, keep_last=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step00000300", "step00000400"]
     assert checkpoint.complete_tags(tmp_path) == ["step00000300", "step00000400"]
+
+
+def test_rng_state_saved_in_a_checkpoint_is_restored():
+    import random
+
+    import numpy as np
+    import torch
+
+    from xray_pretrain.engine.checkpoint import restore_rng_state, rng_state
+
+    saved = rng_state()
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(())))
+    random.random(), np.random.rand(), torch.rand(())  # the state moves on
+    restore_rng_state(saved)
+    assert (random.random(), float(np.random.rand()), float(torch.rand(()))) == expected
+
+
+def test_pruning_never_removes_best(tmp_path):
+    for step in (2, 4, 6):
+        tag_dir = tmp_path / checkpoint.tag_for_step(step)
+        tag_dir.mkdir()
+        (tag_dir / checkpoint.COMPLETE_NAME).write_text("{}")
+    (tmp_path / checkpoint.BEST_TAG).mkdir()
+    (tmp_path / checkpoint.BEST_TAG / checkpoint.COMPLETE_NAME).write_text("{}")
+    checkpoint.prune(tmp_path, keep_last=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "step00000006"]

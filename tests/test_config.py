@@ -6,7 +6,8 @@ import pytest
 
 from xray_pretrain.config import RunConfig, config_from_dict, load_config
 from xray_pretrain.engine.ds_config import build_ds_config
-from xray_pretrain.engine.optim import lr_at, param_groups
+from xray_pretrain.engine.optim import lr_at
+from xray_pretrain.models.param_groups import param_groups
 
 TINY = "tiny_cpu"
 SHARDS = "data.shards=[runs/shards]"

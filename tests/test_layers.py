@@ -21,7 +21,13 @@ ALLOWED = {
     "xray_pretrain.collectives": set(),
     "xray_pretrain.report": set(),  # tokenizer, metrics, study grouping: no model, data or engine code
     "xray_pretrain.data": {"xray_core"},
-    "xray_pretrain.config": {"xray_pretrain.models", "xray_pretrain.data"},
+    # A task's config section is a plain dataclass module that the config assembler imports.
+    "xray_pretrain.tasks.classify_config": set(),
+    "xray_pretrain.config": {
+        "xray_pretrain.models",
+        "xray_pretrain.data",
+        "xray_pretrain.tasks.classify_config",
+    },
     "xray_pretrain.tasks": {
         "xray_pretrain.models",
         "xray_pretrain.data",
@@ -39,6 +45,16 @@ ALLOWED = {
         "xray_core",
     },  # fmt: skip
     "xray_pretrain.bench": {"xray_pretrain.models", "xray_pretrain.data", "xray_pretrain.config"},
+    # Using a trained checkpoint (evaluate / predict / embed): above the engine and the tasks.
+    "xray_pretrain.inference": {
+        "xray_pretrain.models",
+        "xray_pretrain.data",
+        "xray_pretrain.collectives",
+        "xray_pretrain.config",
+        "xray_pretrain.tasks",
+        "xray_pretrain.engine",
+        "xray_core",
+    },  # fmt: skip
     "xray_pretrain": set(),  # the package __init__
 }
 PACKAGES = ("xray_core", "data_tools", "xray_pretrain")

@@ -264,6 +264,19 @@ def resize_unit(unit_hw: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     return np.asarray(resized, dtype=np.float32)
 
 
+FULL_SCALE = {"png16": 65535, "jpg": 255, "jp2": 65535}  # stored value of 1.0, per image format
+
+
+def stored_pixels(unit_hw: np.ndarray, image_format: str, long_side: int, upsample: bool) -> np.ndarray:
+    """What a shard stores for a decoded image: resized to `long_side` (aspect kept) and quantized to
+    the format's integer range. `xray-shard convert` and inference on raw files (`xray-pretrain
+    predict`) both call this, so a model sees the same pixels either way."""
+    if image_format not in FULL_SCALE:
+        raise ValueError(f"unknown image format {image_format!r}; one of {tuple(FULL_SCALE)}")
+    size_hw = output_size(unit_hw.shape[:2], long_side, upsample)
+    return quantize(resize_unit(unit_hw, size_hw), FULL_SCALE[image_format])
+
+
 def quantize(unit_hw: np.ndarray, full_scale: int) -> np.ndarray:
     """[0, 1] float -> rounded integers 0..full_scale (255 -> uint8, 65535 -> uint16)."""
     dtype = np.uint8 if full_scale == 255 else np.uint16

@@ -226,10 +226,15 @@ def index_tar(tar_path: str | Path) -> list[IndexedSample]:
     return samples
 
 
-def read_sample(fileobj, sample: IndexedSample) -> dict[str, bytes]:
-    """Read one sample's components from an open binary tar file by their idx offsets."""
+def read_sample(
+    fileobj, sample: IndexedSample, extensions: tuple[str, ...] | None = None
+) -> dict[str, bytes]:
+    """Read one sample's components (or only `extensions`) from an open binary tar file by their idx
+    offsets."""
     out = {}
     for ext, (offset, size) in sample.components.items():
+        if extensions is not None and ext not in extensions:
+            continue
         fileobj.seek(offset)
         data = fileobj.read(size)
         if len(data) != size:

@@ -4,6 +4,10 @@
     deepspeed --num_gpus 8 $(which xray-pretrain) pretrain --config vitl_1280 ...
     sbatch --nodes 4 --ntasks-per-node 8 --gpus-per-node 8 slurm/pretrain.sbatch --config vitl_1280 ...
     xray-pretrain export --checkpoint RUN/checkpoints --out RUN/export
+    xray-pretrain finetune --config classify_phantom init.weights=RUN data.shards=[DIR]
+    xray-pretrain evaluate --checkpoint FT_RUN --split test --out FT_RUN/eval/test.json
+    xray-pretrain predict --checkpoint FT_RUN image1.dcm image2.png
+    xray-pretrain embed --checkpoint FT_RUN --shards DIR --out features.npz
     xray-pretrain demo --out runs/demo
     xray-pretrain bench step --config vitl_1280 model.size=large train.precision=bf16 --device cuda
     xray-pretrain bench loader --shards DIR --backend dali
@@ -24,6 +28,14 @@ COMMANDS = {
     "pretrain": Command(
         "xray_pretrain.commands.pretrain", "MAE pre-training (one process, the deepspeed launcher, or srun)"
     ),
+    "finetune": Command(
+        "xray_pretrain.commands.finetune", "train a downstream task (classify) on the same engine"
+    ),
+    "evaluate": Command(
+        "xray_pretrain.commands.evaluate", "a classifier's metrics on a whole split (+ per-sample CSV)"
+    ),
+    "predict": Command("xray_pretrain.commands.predict", "classify DICOM/PNG/JPEG files: one JSON line each"),
+    "embed": Command("xray_pretrain.commands.embed", "one encoder feature vector per shard sample (.npz)"),
     "check-config": Command(
         "xray_pretrain.commands.check_config", "resolve and validate a config, print it, spawn nothing"
     ),

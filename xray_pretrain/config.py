@@ -28,11 +28,14 @@ import yaml
 
 from xray_pretrain.data.config import DataConfig
 from xray_pretrain.models import MAEConfig, MaskConfig
+from xray_pretrain.tasks.classify_config import ClassifyConfig
 
 # train.precision -> the dtype the model computes in (fp16 with DeepSpeed's dynamic loss scaling)
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISIONS = tuple(PRECISION_DTYPES)
-TASKS = ("pretrain",)
+TASKS = ("pretrain", "classify")
+# Each task's own section: set while another task runs, it would silently do nothing.
+TASK_SECTIONS = {"classify": "classify"}
 
 
 @dataclass
@@ -66,6 +69,7 @@ class TrainConfig:
     global_batch: int = 4096  # fixed whatever the world size; accumulation adapts
     micro_batch: int = 32  # per rank per forward
     steps: int = 1000  # optimizer steps
+    epochs: float | None = None  # if set: steps = ceil(epochs * training samples / global_batch)
     precision: str = "bf16"  # fp32 | bf16 | fp16 (dynamic loss scaling, for GPUs without bf16)
     zero_stage: int = 2
     ds_config: str | None = None  # default: the packaged configs/deepspeed/zero{zero_stage}.json
@@ -79,6 +83,8 @@ class TrainConfig:
             raise ValueError(f"train.zero_stage must be 0-3, got {self.zero_stage}")
         if min(self.global_batch, self.micro_batch, self.steps) < 1:
             raise ValueError("train.global_batch, train.micro_batch and train.steps must be >= 1")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ValueError(f"train.epochs must be > 0 (or null to count train.steps), got {self.epochs}")
         if self.global_batch % self.micro_batch:
             raise ValueError(
                 f"train.global_batch={self.global_batch} is not a multiple of train.micro_batch="
@@ -127,10 +133,28 @@ class LogConfig:
 
 
 @dataclass
+class InitConfig:
+    """Weights-only initialization, separate from `checkpoint.resume` (which continues a run).
+
+    weights: `none` (random init) or a folder: an `export`, a checkpoints folder (its latest), one
+    step folder (or `best`), or a run folder (its checkpoints); any ZeRO stage. The encoder's
+    architecture comes from that source (see `engine.init_weights`).
+    """
+
+    weights: str = "none"
+
+    def validate(self) -> None:
+        if not self.weights:
+            raise ValueError("init.weights is empty: give a folder, or none for random init")
+
+
+@dataclass
 class RunConfig:
     task: str = "pretrain"
     model: MAEConfig = field(default_factory=MAEConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -145,6 +169,13 @@ class RunConfig:
             section = getattr(self, f.name)
             if dataclasses.is_dataclass(section) and (sections is None or f.name in sections):
                 section.validate()
+        for task, section in TASK_SECTIONS.items():
+            if (
+                sections is None
+                and self.task != task
+                and getattr(self, section) != type(getattr(self, section))()
+            ):
+                raise ValueError(f"{section}.* is set but task={self.task}: set task={task} or drop them")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

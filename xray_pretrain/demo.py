@@ -37,15 +37,18 @@ def _step(title: str) -> float:
     return time.perf_counter()
 
 
-def launch_training(config: str | Path, overrides: list[str], num_ranks: int, log_path: Path) -> None:
-    """Run `xray-pretrain pretrain` under the deepspeed launcher (N CPU ranks when there is no GPU)."""
+def launch_training(
+    config: str | Path, overrides: list[str], num_ranks: int, log_path: Path, command: str = "pretrain"
+) -> None:
+    """Run `xray-pretrain COMMAND` (pretrain, finetune) under the deepspeed launcher (N CPU ranks when
+    there is no GPU)."""
     from xray_pretrain.engine.dist import free_port
 
     script = shutil.which("xray-pretrain") or str(Path(sys.executable).with_name("xray-pretrain"))
     cmd = [
         sys.executable, "-m", "deepspeed.launcher.runner",
         "--num_gpus", str(num_ranks), "--master_port", str(free_port()),
-        script, "pretrain", "--config", str(config), *overrides,
+        script, command, "--config", str(config), *overrides,
     ]  # fmt: skip
     print("$ " + " ".join(cmd), flush=True)
     # Rank variables of an enclosing process (e.g. a test that trained in-process) must not leak in.

@@ -24,3 +24,33 @@ def is_rank0() -> bool:
     import torch.distributed as dist
 
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def install_preemption_handler() -> None:
+    """Before the heavy imports of a training command: an early USR1/TERM must not kill the process."""
+    from xray_pretrain.engine import preempt
+
+    preempt.install()
+
+
+def train_and_report(cfg) -> int:
+    """Run the engine on `cfg`; rank 0 writes train_summary.json into the run folder and prints it.
+    A preempted run returns preempt.PREEMPTED_EXIT_CODE (its checkpoint written, for the requeue)."""
+    import json
+    from pathlib import Path
+
+    from xray_pretrain.engine.preflight import check_run
+
+    check_run(cfg)  # bad inputs fail here, before DeepSpeed, a process group or the run folder
+
+    from xray_pretrain.engine import preempt
+    from xray_pretrain.engine.trainer import train
+
+    summary = train(cfg)
+    if summary["preempted"]:
+        print(f"preempted: checkpoint at step {summary['steps']}; rerun to continue", flush=True)
+        return preempt.PREEMPTED_EXIT_CODE
+    if is_rank0():
+        (Path(cfg.log.out_dir) / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        print(json.dumps(summary))
+    return 0

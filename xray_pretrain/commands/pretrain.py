@@ -5,31 +5,13 @@ One plain process, or one process per rank under the `deepspeed` launcher.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-from xray_pretrain.commands import add_config_arguments, is_rank0
+from xray_pretrain.commands import add_config_arguments, install_preemption_handler, train_and_report
 
 add_arguments = add_config_arguments
 
 
 def run(args) -> int:
-    from xray_pretrain.engine import preempt
-
-    preempt.install()  # before the heavy imports: an early USR1 must not kill the process
+    install_preemption_handler()
     from xray_pretrain.config import load_config
-    from xray_pretrain.engine.preflight import check_run
 
-    cfg = load_config(args.config, args.overrides)
-    check_run(cfg)  # bad inputs fail here, before DeepSpeed, a process group or the run folder
-
-    from xray_pretrain.engine.trainer import train
-
-    summary = train(cfg)
-    if summary["preempted"]:
-        print(f"preempted: checkpoint at step {summary['steps']}; rerun to continue", flush=True)
-        return preempt.PREEMPTED_EXIT_CODE
-    if is_rank0():
-        (Path(cfg.log.out_dir) / "train_summary.json").write_text(json.dumps(summary, indent=2))
-        print(json.dumps(summary))
-    return 0
+    return train_and_report(load_config(args.config, args.overrides))

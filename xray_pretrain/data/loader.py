@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from xray_pretrain.data.augment import TrainAugment
@@ -72,6 +72,7 @@ class TrainLoader:
     backend: str
     decode_device: str
     intensity: list[dict]  # per folder: {"folder", "mean", "std", "image_format"}
+    conversion: dict  # the first folder's `xray-shard convert` options (what preprocessing did)
     global_batch: int
     start_position: int
 
@@ -131,12 +132,18 @@ def build_train_loader(
     seed: int,
     start_position: int = 0,
     device: str = "cpu",
+    select: Callable[[SplitTable], SplitTable] | None = None,
 ) -> TrainLoader:
-    """This rank's infinite training stream (see `order.py` for which positions it reads)."""
+    """This rank's infinite training stream (see `order.py` for which positions it reads).
+
+    `select`: restricts the training table (e.g. a task's label fraction); it must be deterministic,
+    since every rank calls it."""
     cfg.validate()
     backend = resolve_backend(cfg.backend, device)
     train_folders, _val_folders, label_names = open_train_and_val(cfg)
     table = SplitTable(train_folders, cfg.train_split, label_names)
+    if select is not None:
+        table = select(table)
     if sum(table.folder_sizes) == 0:
         raise ValueError(
             f"no {cfg.train_split!r} samples in {cfg.shards}; check data.shards and data.train_split"
@@ -180,6 +187,7 @@ def build_train_loader(
         backend=backend,
         decode_device=decode_device,
         intensity=table.intensities(),
+        conversion=dict(table.folders[0].manifest.get("options") or {}),
         global_batch=sampler.global_batch,
         start_position=start_position,
     )
@@ -193,16 +201,18 @@ def build_val_loader(
     rank: int,
     world_size: int,
     device: str = "cpu",
+    whole_split: bool = False,
+    split: str | None = None,
 ) -> ValLoader:
-    """The first data.val_num_samples val samples (sorted keys, picked without sorting the whole
-    split), split round-robin over ranks and
+    """The first data.val_num_samples (`whole_split`: all) samples of `split` (default
+    data.val_split) of the validation folders, in sorted-key order, split round-robin over ranks and
     padded with weight-0 rows so every rank runs the same number of batches. No randomness."""
     cfg.validate()
     backend = resolve_backend(cfg.backend, device)
     _train_folders, val_folders, label_names = open_train_and_val(cfg)
-    table = SplitTable(val_folders, cfg.val_split, label_names)
-    pairs = table.first_by_key(cfg.val_num_samples)
-    if len(pairs) < cfg.val_num_samples:
+    table = SplitTable(val_folders, split or cfg.val_split, label_names)
+    pairs = table.first_by_key(sum(table.folder_sizes) if whole_split else cfg.val_num_samples)
+    if not whole_split and len(pairs) < cfg.val_num_samples:
         log.warning(
             "data.val_num_samples=%d but the %r split has %d samples: validating on %d",
             cfg.val_num_samples, cfg.val_split, len(pairs), len(pairs),

@@ -162,13 +162,14 @@ class ShardReader:
         self._fds: OrderedDict[str, int] = OrderedDict()
         self.num_opens = self.num_reads = 0
 
-    def read(self, tar_path: str, record: np.void) -> dict[str, bytes]:
-        """Component name -> bytes for one index record (`shardindex.record_dtype`)."""
+    def read(self, tar_path: str, record: np.void, only: tuple[str, ...] | None = None) -> dict[str, bytes]:
+        """Component name -> bytes for one index record (`shardindex.record_dtype`); `only`: just these
+        components (e.g. the json, without the image)."""
         fd = self._fd(tar_path)
         base, rel, size = int(record["base"]), record["rel"], record["size"]
         out = {}
         for slot, name in enumerate(SLOTS):  # "image" whatever its format, then roi.png ...
-            if rel[slot] == MISSING:
+            if rel[slot] == MISSING or (only is not None and name not in only):
                 continue
             offset, length = base + int(rel[slot]), int(size[slot])
             data = os.pread(fd, length, offset)
@@ -276,6 +277,20 @@ class SplitTable:
         out = np.full(len(self.label_names), np.nan, dtype=np.float32)
         out[self._scatters[folder]] = folder_labels
         return out
+
+    def subset(self, keep: list[list[int]]) -> SplitTable:
+        """The same table restricted to sample indices `keep[folder]` (e.g. a label fraction)."""
+        table = SplitTable(self.folders, self.split, self.label_names)
+        table.records = [
+            records[np.asarray(rows, dtype=np.int64)] for records, rows in zip(self.records, keep)
+        ]
+        return table
+
+    def metadata(self, reader: ShardReader, folder: int, index: int) -> dict:
+        """One sample's json component (patient, study, view, labels as written; no image read)."""
+        record = self.records[folder][index]
+        tar_path = self.folders[folder].tar_paths[record["shard"]]
+        return json.loads(reader.read(tar_path, record, only=(META_EXTENSION,))[META_EXTENSION])
 
     def first_by_key(self, num_samples: int) -> np.ndarray:
         """(folder, index) int64 rows (n, 2) of the first `num_samples` samples in sorted-key order

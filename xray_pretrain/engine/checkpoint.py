@@ -6,6 +6,8 @@ Layout under `<out_dir>/checkpoints/`:
         complete.json        written by rank 0 only after ALL ranks finished writing (barrier)
         run_config.json      the resolved run config, for `export` and for resuming
     latest                   the tag of the newest complete checkpoint, replaced atomically
+    best/                    the checkpoint that scored best on validation (tasks that select one);
+                             never pruned, replaced by a rename once the new one is complete
     universal/stepNNNNNNNN/  made on demand when a run resumes at another world size (DeepSpeed's
                              universal format: ZeRO partitions merged, loadable by any number of ranks)
 
@@ -32,6 +34,8 @@ COMPLETE_NAME = "complete.json"
 CONFIG_NAME = "run_config.json"
 LATEST_NAME = "latest"
 UNIVERSAL_DIR = "universal"
+BEST_TAG = "best"
+INFERENCE_NAME = "inference.json"  # what inference needs without the shards (labels, thresholds, ...)
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,7 @@ class ResumePoint:
     root: Path  # the folder DeepSpeed loads from (the checkpoints folder, or its universal/ copy)
     tag: str
     world_size: int | None  # ranks that wrote it (None: not recorded)
+    samples_seen: int = 0  # its data position: the train loader starts there
 
 
 def tag_for_step(step: int) -> str:
@@ -63,7 +68,7 @@ def resolve_checkpoint(path: Path) -> tuple[Path, str]:
     Falls back to the newest complete tag when `latest` is missing or names an incomplete one.
     """
     path = Path(path)
-    if TAG_RE.match(path.name) and path.is_dir():
+    if (TAG_RE.match(path.name) or path.name == BEST_TAG) and path.is_dir():
         if not is_complete(path):
             raise ValueError(f"{path} is an incomplete checkpoint (no {COMPLETE_NAME}); use an earlier one")
         return path.parent, path.name
@@ -82,7 +87,7 @@ def read_resume_point(path: Path) -> ResumePoint:
     """Where a resume would load from, and how many ranks wrote that checkpoint."""
     root, tag = resolve_checkpoint(path)
     info = json.loads((root / tag / COMPLETE_NAME).read_text())
-    return ResumePoint(root, tag, info.get("world_size"))
+    return ResumePoint(root, tag, info.get("world_size"), int(info.get("samples_seen", 0)))
 
 
 def ensure_universal(point: ResumePoint, rank: int) -> ResumePoint:
@@ -108,7 +113,7 @@ def ensure_universal(point: ResumePoint, rank: int) -> ResumePoint:
         os.replace(partial, target)
     if dist.is_initialized():
         dist.barrier()
-    return ResumePoint(universal_root, point.tag, None)
+    return ResumePoint(universal_root, point.tag, None, point.samples_seen)
 
 
 def rng_state() -> dict:
@@ -122,10 +127,30 @@ def rng_state() -> dict:
     return state
 
 
+def restore_rng_state(state: dict) -> None:
+    """Inverse of `rng_state` (the CUDA part only where this process has as many GPUs)."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
 def save(
-    engine, ckpt_dir: Path, step: int, client_state: dict, run_config: dict, rank: int, keep_last: int
+    engine,
+    ckpt_dir: Path,
+    step: int,
+    client_state: dict,
+    run_config: dict,
+    rank: int,
+    keep_last: int,
+    inference: dict | None = None,
 ) -> str:
-    """Write a checkpoint for `step` on every rank; rank 0 then marks it complete and moves `latest`."""
+    """Write a checkpoint for `step` on every rank; rank 0 then marks it complete and moves `latest`.
+
+    `inference`: what inference needs besides the weights (label names, thresholds, intensity ...),
+    written as inference.json beside the weights."""
     import torch.distributed as dist
 
     tag = tag_for_step(step)
@@ -134,13 +159,47 @@ def save(
         dist.barrier()
     if rank == 0:
         tag_dir = ckpt_dir / tag
-        (tag_dir / CONFIG_NAME).write_text(json.dumps(run_config, indent=2))
-        _write_atomic(tag_dir / COMPLETE_NAME, json.dumps({"step": step, **_jsonable(client_state)}))
+        _write_sidecars(tag_dir, step, client_state, run_config, inference)
         _write_atomic(ckpt_dir / LATEST_NAME, tag)
         prune(ckpt_dir, keep_last)
     if dist.is_initialized():
         dist.barrier()
     return tag
+
+
+def save_best(
+    engine, ckpt_dir: Path, step: int, client_state: dict, run_config: dict, rank: int, inference: dict
+) -> None:
+    """Write `best/` (every rank), replacing the previous one only once the new one is complete:
+    written as `best.partial`, then renamed; a crash leaves the old `best` or the new one."""
+    import torch.distributed as dist
+
+    partial = f"{BEST_TAG}.partial"
+    if rank == 0:
+        shutil.rmtree(ckpt_dir / partial, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+    engine.save_checkpoint(str(ckpt_dir), tag=partial, client_state=client_state, save_latest=False)
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        _write_sidecars(ckpt_dir / partial, step, client_state, run_config, inference)
+        old = ckpt_dir / f"{BEST_TAG}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if (ckpt_dir / BEST_TAG).exists():
+            os.replace(ckpt_dir / BEST_TAG, old)
+        os.replace(ckpt_dir / partial, ckpt_dir / BEST_TAG)
+        shutil.rmtree(old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _write_sidecars(tag_dir: Path, step: int, client: dict, run_config: dict, inference: dict | None) -> None:
+    (tag_dir / CONFIG_NAME).write_text(json.dumps(run_config, indent=2))
+    if inference is not None:
+        (tag_dir / INFERENCE_NAME).write_text(json.dumps(inference, indent=2))
+    # Last: its presence says the folder is whole.
+    _write_atomic(tag_dir / COMPLETE_NAME, json.dumps({"step": step, **_jsonable(client)}))
 
 
 def prune(ckpt_dir: Path, keep_last: int) -> None:
@@ -157,9 +216,16 @@ def prune(ckpt_dir: Path, keep_last: int) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def load(engine, ckpt_root: Path, tag: str) -> dict:
-    """Load model, optimizer and client state; returns the client state."""
-    load_path, client_state = engine.load_checkpoint(str(ckpt_root), tag=tag)
+def load(engine, ckpt_root: Path, tag: str, module_only: bool = False) -> dict:
+    """Load model, optimizer and client state (`module_only`: the weights alone); returns the client
+    state."""
+    load_path, client_state = engine.load_checkpoint(
+        str(ckpt_root),
+        tag=tag,
+        load_module_only=module_only,
+        load_optimizer_states=not module_only,
+        load_lr_scheduler_states=not module_only,
+    )
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_root / tag}")
     return client_state or {}

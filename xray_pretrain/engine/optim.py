@@ -1,36 +1,22 @@
-"""AdamW with MAE's parameter groups and a per-step warmup + cosine learning rate."""
+"""AdamW over a task's parameter groups, and a per-step warmup + cosine learning rate.
+
+A task supplies its groups (`Task.param_groups`, built with `models.param_groups`); each may carry
+an `lr_scale` (layer-wise decay) that `set_lr` multiplies into the schedule's value.
+"""
 
 from __future__ import annotations
 
 import math
 
 import torch
-from torch import nn
-
-# Parameters whose name ends with one of these never get weight decay (besides every 1-D tensor:
-# norms and biases).
-NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "decoder_pos_embed")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: decayed weight matrices, and undecayed norms/biases/positional/cls/mask tokens."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if param.ndim <= 1 or name.split(".")[-1] in NO_DECAY_NAMES:
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
-        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
-    ]
-
-
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]):
-    fused = torch.cuda.is_available() and all(p.is_cuda for p in model.parameters())
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, fused=fused or None)
+def build_optimizer(groups: list[dict], lr: float, betas: tuple[float, float]):
+    params = [p for g in groups for p in g["params"]]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    fused = torch.cuda.is_available() and all(p.is_cuda for p in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
 
 
 def lr_at(step: int, *, peak_lr: float, warmup_steps: int, total_steps: int, min_lr: float) -> float:
@@ -46,5 +32,6 @@ def lr_at(step: int, *, peak_lr: float, warmup_steps: int, total_steps: int, min
 
 
 def set_lr(optimizer, lr: float) -> None:
+    """Each group trains at `lr` times its `lr_scale` (1 when the group has none)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)

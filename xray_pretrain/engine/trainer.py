@@ -1,8 +1,13 @@
 """One DeepSpeed training loop for every task.
 
 The loop owns what every task shares: ZeRO, precision, accumulation toward a fixed global batch,
-the LR schedule, checkpoint/resume, validation and image cadence, throughput and MFU. What is
-specific to a task (its model, loss, metrics) comes from `xray_pretrain.tasks`.
+the LR schedule (with each parameter group's LR scale), checkpoint/resume, weights-only init,
+validation, model selection and the final test, image cadence, throughput and MFU. What is specific
+to a task (its model, parameter groups, loss, metrics) comes from `xray_pretrain.tasks`.
+
+Set-up order: resume point -> loaders (the task sees the label names) -> steps from epochs ->
+model (+ `init.weights`) -> optimizer -> DeepSpeed -> state (weights, optimizer, data position,
+RNG, best-so-far).
 
 Reproducibility: data order, augmentation and masking noise depend only on (seed, global sample
 position), so a resumed run replays exactly what an uninterrupted one would have done, also on
@@ -13,6 +18,7 @@ whatever else a task draws.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,14 +27,17 @@ import torch
 
 from xray_pretrain.collectives import all_reduce_mean
 from xray_pretrain.config import RunConfig, save_resolved_config
-from xray_pretrain.engine import checkpoint, preempt
+from xray_pretrain.engine import checkpoint, init_weights, preempt
 from xray_pretrain.engine.dist import DistContext, init_distributed
 from xray_pretrain.engine.ds_config import build_ds_config
 from xray_pretrain.engine.monitor import RunMonitor
 from xray_pretrain.engine.optim import build_optimizer, lr_at, set_lr
 from xray_pretrain.engine.runinfo import run_info, with_start_history
+from xray_pretrain.engine.selection import Selection
 from xray_pretrain.models import mfu
-from xray_pretrain.tasks import build_task
+from xray_pretrain.tasks import DataInfo, build_task
+
+METRICS_NAME = "metrics.json"
 
 
 @dataclass
@@ -58,8 +67,6 @@ def train(cfg: RunConfig) -> dict:
 
 class Trainer:
     def __init__(self, cfg: RunConfig):
-        import deepspeed
-
         self.cfg = cfg
         self.ctx: DistContext = init_distributed()
         if cfg.train.precision == "fp16" and self.ctx.device.type != "cuda":
@@ -70,33 +77,31 @@ class Trainer:
         self.accum = cfg.train.accum_steps(self.ctx.world_size)
         self.out_dir = Path(cfg.log.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
-        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.task = build_task(cfg)
-        model = self.task.build_model()
-        self.peak_lr = cfg.optim.lr(cfg.train.global_batch)
-        optimizer = build_optimizer(model, self.peak_lr, cfg.optim.weight_decay, tuple(cfg.optim.betas))
-        ds_config = build_ds_config(cfg, self.ctx.world_size)
         resume_point = self._resume_point()
-        if resume_point is not None and resume_point.world_size not in (None, self.ctx.world_size):
-            print(f"resuming a {resume_point.world_size}-rank checkpoint on {self.ctx.world_size} ranks: "
-                  "loading its universal form", flush=True)  # fmt: skip
-            resume_point = checkpoint.ensure_universal(resume_point, self.ctx.rank)
-            ds_config["checkpoint"] = {"load_universal": True}
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=ds_config
-        )
+        init_source = self._init_source()
+        self.train_loader, self.val_loader = self._build_loaders(resume_point)
+        self.data_info = self._data_info()
+        self.task.bind_data(self.data_info)
+        if cfg.train.epochs is not None:
+            cfg.train.steps = max(1, math.ceil(cfg.train.epochs * self.train_loader.num_samples_per_epoch
+                                               / cfg.train.global_batch))  # fmt: skip
+        model, init_record = self._build_model(init_source, resume_point)
+        del init_source
+        self.engine, self.optimizer, ds_config, resume_point = self._start_engine(model, resume_point)
         if cfg.train.compile:
             self.engine.compile()
+        self.selection = Selection(*self.task.selection) if self.task.selection else None
         self.state = self._load(resume_point)
         if self.ctx.is_main:
             info = run_info(cfg, self.ctx.world_size, self.accum, ds_config, self.ctx.device)
+            info["init_weights"] = init_record
             info = with_start_history(info, self.out_dir, self.state.step)
             print(
                 f"attention: {info['attention']}, world size {self.ctx.world_size}, accumulation {self.accum}",
                 flush=True,
             )
             save_resolved_config(cfg, self.out_dir, info)
-        self.train_loader, self.val_loader = self._build_loaders()
         self.monitor = RunMonitor(
             self.out_dir, self.ctx.is_main, cfg.train.steps, self.state.step, cfg.log.progress
         )
@@ -105,25 +110,93 @@ class Trainer:
         self.peak_flops = cfg.log.peak_flops or _device_peak_flops(self.ctx.device, cfg.train.precision)
         self.matmul_ceiling = _matmul_ceiling(self.ctx.device, self.dtype)
 
-    def _build_loaders(self):
+    def _build_model(self, init_source, resume_point) -> tuple[torch.nn.Module, dict | None]:
+        """The task's model, identical on every rank; `init.weights` loaded unless resuming (a resume
+        brings its own weights). Returns (model, the init record or None)."""
+        torch.manual_seed(self.cfg.train.seed)
+        model = self.task.build_model()
+        if init_source is None or resume_point is not None:
+            return model, None
+        record = init_weights.initialize(
+            model, init_source, self.task, self.out_dir if self.ctx.is_main else None
+        )
+        return model, record
+
+    def _start_engine(self, model, resume_point):
+        """DeepSpeed around the model and the task's parameter groups. A checkpoint of another world
+        size is resumed through its universal form. Returns (engine, optimizer, ds_config, point)."""
+        import deepspeed
+
+        cfg = self.cfg
+        self.peak_lr = cfg.optim.lr(cfg.train.global_batch)
+        groups = self.task.param_groups(model, cfg.optim.weight_decay)
+        optimizer = build_optimizer(groups, self.peak_lr, tuple(cfg.optim.betas))
+        ds_config = build_ds_config(cfg, self.ctx.world_size)
+        if resume_point is not None and resume_point.world_size not in (None, self.ctx.world_size):
+            print(f"resuming a {resume_point.world_size}-rank checkpoint on {self.ctx.world_size} ranks: "
+                  "loading its universal form", flush=True)  # fmt: skip
+            resume_point = checkpoint.ensure_universal(resume_point, self.ctx.rank)
+            ds_config["checkpoint"] = {"load_universal": True}
+        engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        return engine, optimizer, ds_config, resume_point
+
+    def _build_loaders(self, resume_point: checkpoint.ResumePoint | None):
         from xray_pretrain.data.loader import build_train_loader, build_val_loader
 
         cfg, ctx = self.cfg, self.ctx
-        common = dict(
-            image_size=cfg.model.image_hw(),
-            micro_batch=cfg.train.micro_batch,
-            rank=ctx.rank,
-            world_size=ctx.world_size,
-        )
         train_loader = build_train_loader(
             cfg.data,
             accum_steps=self.accum,
             seed=cfg.train.seed,
-            start_position=self.state.samples_seen,
+            start_position=resume_point.samples_seen if resume_point else 0,
             device=ctx.device.type,
-            **common,
+            select=self.task.select_train_samples,
+            **self._loader_args(),
         )
-        return train_loader, build_val_loader(cfg.data, device=ctx.device.type, **common)
+        val_loader = build_val_loader(
+            cfg.data, device=ctx.device.type, whole_split=self.task.val_whole_split, **self._loader_args()
+        )
+        return train_loader, val_loader
+
+    def _loader_args(self) -> dict:
+        return dict(
+            image_size=self.cfg.model.image_hw(),
+            micro_batch=self.cfg.train.micro_batch,
+            rank=self.ctx.rank,
+            world_size=self.ctx.world_size,
+        )
+
+    def _data_info(self) -> DataInfo:
+        loader = self.train_loader
+        return DataInfo(
+            label_names=list(loader.label_names),
+            image_size=tuple(self.cfg.model.image_hw()),
+            intensity=loader.intensity,
+            conversion=loader.conversion,
+        )
+
+    def _init_source(self) -> init_weights.InitSource | None:
+        """The `init.weights` source, its architecture adopted into the model config (also when
+        resuming: the checkpoint holds that architecture)."""
+        if self.cfg.init.weights == "none":
+            return None
+        source = init_weights.open_source(self.cfg.init.weights)
+        init_weights.adopt_architecture(self.cfg.model, source.architecture, self.cfg.init.weights)
+        self.cfg.model.validate()
+        return source
+
+    def inference_info(self, fitted: dict) -> dict:
+        """What a checkpoint needs for inference without the shards (written as inference.json)."""
+        info = self.data_info
+        return {
+            "task": self.cfg.task,
+            "image_size": list(info.image_size),
+            "intensity": {"mean": info.intensity[0]["mean"], "std": info.intensity[0]["std"]},
+            "image_format": info.intensity[0]["image_format"],
+            "conversion": info.conversion,
+            "intensity_per_folder": info.intensity,
+            **self.task.inference_state(fitted),
+        }
 
     def _resume_point(self) -> checkpoint.ResumePoint | None:
         resume = self.cfg.checkpoint.resume
@@ -137,6 +210,13 @@ class Trainer:
         if point is None:
             return TrainState()
         client = checkpoint.load(self.engine, point.root, point.tag)
+        if "rng" in client:
+            checkpoint.restore_rng_state(client["rng"])
+        if self.selection is not None and client.get("selection"):
+            self.selection = Selection.from_state(client["selection"])
+        assert int(client["samples_seen"]) == point.samples_seen, (
+            "complete.json disagrees with the checkpoint"
+        )
         return TrainState(
             step=int(client["step"]),
             samples_seen=int(client["samples_seen"]),
@@ -167,7 +247,7 @@ class Trainer:
                 self._save_checkpoint()
             if stop:
                 break
-        return {
+        summary = {
             "preempted": stop,
             "world_size": self.ctx.world_size,
             "accum_steps": self.accum,
@@ -178,9 +258,14 @@ class Trainer:
             "last_loss": state.last_loss,
             "checkpoint_dir": str(self.ckpt_dir),
             "tensorboard_dir": str(self.monitor.tb_dir),
-            "reconstruction_image": str(image_path) if image_path else None,
             **last_val,
         }
+        if self.task.preview_name:
+            summary[f"{self.task.preview_name}_image"] = str(image_path) if image_path else None
+        if self.selection is not None and not stop:  # the test split is scored once, at the very end
+            summary["best_step"] = self.selection.best_step
+            summary["test"] = self._test_best()
+        return summary
 
     def _train_step(self, batches) -> StepResult:
         """One optimizer step: `accum` micro-batches through forward/backward, then DeepSpeed's step."""
@@ -193,6 +278,7 @@ class Trainer:
             min_lr=cfg.optim.min_lr,
         )
         set_lr(self.optimizer, lr)
+        self.lr = lr  # the schedule's value; groups train at lr * their lr_scale
         torch.manual_seed(cfg.train.seed * 1_000_003 + step * 4099 + self.ctx.rank)
         t_start = time.perf_counter()
         wait_s, loss_sum, task_logs = 0.0, torch.zeros((), device=self.ctx.device), {}
@@ -215,7 +301,7 @@ class Trainer:
         state.last_loss = loss_mean
         scalars = {
             "train/loss": loss_mean,
-            "train/lr": self.optimizer.param_groups[0]["lr"],
+            "train/lr": self.lr,
             "train/grad_norm": _grad_norm(self.engine),
             "perf/images_per_s": cfg.train.global_batch / result.step_s,
             "perf/data_wait_s": wait_mean,
@@ -237,35 +323,90 @@ class Trainer:
     def _validate(self) -> dict:
         metrics = self.task.evaluate(self.engine, self.val_loader, self.ctx.device, self.dtype)
         self.monitor.scalars(
-            self.state.step, {f"val/{k.removeprefix('val_')}": v for k, v in metrics.items()}
+            self.state.step,
+            {f"val/{k.removeprefix('val_')}": v for k, v in metrics.items() if _is_number(v)},
         )
+        if self.selection is not None and self.selection.improves(metrics):
+            self.selection.update(self.state.step, metrics, self.task.fitted_state())
+            self._save_best()
         return metrics
 
     def _preview(self) -> Path | None:
+        if not self.task.preview_name:
+            return None
         grid = self.task.preview_image(
             self.engine, self.val_loader, self.ctx.device, self.dtype, num_images=self.cfg.log.num_images
         )
-        return None if grid is None else self.monitor.image(self.state.step, "val/reconstruction", grid)
+        return (
+            None
+            if grid is None
+            else self.monitor.image(self.state.step, f"val/{self.task.preview_name}", grid)
+        )
 
-    def _save_checkpoint(self) -> None:
-        state, cfg = self.state, self.cfg
-        client = {
+    def _client_state(self) -> dict:
+        state = self.state
+        return {
             "step": state.step,
             "samples_seen": state.samples_seen,
             "world_size": self.ctx.world_size,
             "first_loss": state.first_loss,
             "last_loss": state.last_loss,
             "rng": checkpoint.rng_state(),
+            "selection": self.selection.state() if self.selection else None,
         }
+
+    def _save_best(self) -> None:
+        checkpoint.save_best(
+            self.engine, self.ckpt_dir, self.state.step, self._client_state(), self.cfg.to_dict(),
+            self.ctx.rank, self.inference_info(self.selection.best_fitted),
+        )  # fmt: skip
+
+    def _test_best(self) -> dict | None:
+        """Evaluate the test split once, on `checkpoints/best`, with what its validation fitted;
+        rank 0 writes metrics.json. None (with a warning) when there is no test split."""
+        from xray_pretrain.data.loader import build_val_loader
+
+        test_loader = build_val_loader(
+            self.cfg.data, device=self.ctx.device.type, whole_split=True, split="test", **self._loader_args()
+        )
+        if test_loader.num_samples == 0:
+            print(
+                f"warning: no 'test' split in {self.cfg.data.resolved_val_shards}: no test metrics",
+                flush=True,
+            )
+            return None
+        checkpoint.load(self.engine, self.ckpt_dir, checkpoint.BEST_TAG)
+        metrics = self.task.evaluate(
+            self.engine, test_loader, self.ctx.device, self.dtype, fitted=self.selection.best_fitted
+        )
+        test = {k.replace("val_", "test_", 1): v for k, v in metrics.items()}
+        if self.ctx.is_main:
+            record = {
+                "checkpoint": str(self.ckpt_dir / checkpoint.BEST_TAG),
+                "best_step": self.selection.best_step,
+                "selected_on": f"{self.cfg.data.val_split} {self.selection.metric} ({self.selection.mode})",
+                "val": self.selection.best_metrics,
+                "test": test,
+            }
+            (self.out_dir / METRICS_NAME).write_text(json.dumps(record, indent=2))
+        return test
+
+    def _save_checkpoint(self) -> None:
+        cfg = self.cfg
         checkpoint.save(
             self.engine,
             self.ckpt_dir,
-            state.step,
-            client,
+            self.state.step,
+            self._client_state(),
             cfg.to_dict(),
             self.ctx.rank,
             cfg.checkpoint.keep_last,
+            self.inference_info(self.task.fitted_state()),
         )
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _grad_norm(engine) -> float:

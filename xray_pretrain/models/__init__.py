@@ -18,13 +18,17 @@ from .flops import (
     mfu,
     suggest_batch_size,
 )
-from .mae import MAEConfig, MAEOutput, MaskedAutoencoder, build_mae, masked_patch_loss
+from .heads import POOLS, ClassificationModel
+from .mae import MAEConfig, MAEOutput, MaskedAutoencoder, build_encoder, build_mae, masked_patch_loss
 from .masking import STRATEGIES, MaskConfig
 from .stem import STEMS
 from .vit import ENCODER_SIZES, ViTEncoder
 
 __all__ = [
     "ATTN_BACKENDS",
+    "POOLS",
+    "ClassificationModel",
+    "build_encoder",
     "ENCODER_SIZES",
     "STEMS",
     "STRATEGIES",

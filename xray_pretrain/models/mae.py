@@ -50,6 +50,7 @@ class MAEConfig:
     attn: str = "auto"  # auto | flash | cudnn | efficient | math | flash_attn
     grad_ckpt: bool = False  # activation checkpointing (encoder and decoder blocks)
     grad_ckpt_every: int = 1  # checkpoint every k-th block (1 = all)
+    drop_path: float = 0.0  # encoder stochastic depth, rising linearly to this over the blocks
     inside_loss_weight: float = 1.0  # loss weight of masked patches inside the region (outside: 1)
 
     def __post_init__(self) -> None:
@@ -92,6 +93,8 @@ class MAEConfig:
         grid_for(self.image_hw(), self.token_patch())
         _check_width("model.embed_dim", embed_dim, "model.num_heads", num_heads)
         _check_width("model.decoder_dim", self.decoder_dim, "model.decoder_heads", self.decoder_heads)
+        if not 0 <= self.drop_path < 1:
+            raise ValueError(f"model.drop_path={self.drop_path} must be in [0, 1)")
         if self.mlp_ratio <= 0:
             raise ValueError(f"model.mlp_ratio={self.mlp_ratio} must be > 0")
         if self.norm_pix_loss and self.token_patch() ** 2 * self.in_chans < 2:
@@ -185,11 +188,7 @@ class MaskedAutoencoder(nn.Module):
         self.inside_loss_weight = cfg.inside_loss_weight
         self.attn_backend = cfg.attn
         self.mask_cfg = mask_cfg
-        self.encoder = ViTEncoder(
-            image_size=cfg.image_hw(), patch_size=cfg.patch_size, in_chans=cfg.in_chans, embed_dim=embed_dim,
-            depth=depth, num_heads=num_heads, mlp_ratio=cfg.mlp_ratio, stem=cfg.stem, attn=cfg.attn,
-            grad_ckpt_every=cfg.grad_ckpt_every if cfg.grad_ckpt else 0,
-        )  # fmt: skip
+        self.encoder = build_encoder(cfg)
         patch_pixels = self.token_patch**2 * cfg.in_chans
         self.decoder_dim = cfg.decoder_dim
         self.decoder_embed = nn.Linear(embed_dim, cfg.decoder_dim)
@@ -363,3 +362,14 @@ def build_mae(cfg: MAEConfig, mask_cfg: MaskConfig) -> MaskedAutoencoder:
     cfg.validate()
     mask_cfg.validate()
     return MaskedAutoencoder(cfg, mask_cfg)
+
+
+def build_encoder(cfg: MAEConfig) -> ViTEncoder:
+    """The encoder of ``cfg`` alone (what downstream tasks start from). The MAE builds its encoder
+    with this same call first, so under the same torch seed both give the same initial encoder."""
+    embed_dim, depth, num_heads = cfg.encoder_dims()
+    return ViTEncoder(
+        image_size=cfg.image_hw(), patch_size=cfg.patch_size, in_chans=cfg.in_chans, embed_dim=embed_dim,
+        depth=depth, num_heads=num_heads, mlp_ratio=cfg.mlp_ratio, stem=cfg.stem, attn=cfg.attn,
+        grad_ckpt_every=cfg.grad_ckpt_every if cfg.grad_ckpt else 0, drop_path=cfg.drop_path,
+    )  # fmt: skip

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import Attention, check_attention_backend
-from .pos_embed import sincos_buffer
+from .pos_embed import sincos_2d, sincos_buffer
 from .stem import build_stem, patchify, token_patch_size
 
 # MAE's encoder dims for base/large/huge; tiny/small as DeiT. MAE's huge uses patch 14: patch size is
@@ -40,19 +40,38 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x_BND)))
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block (timm ``Block`` without dropout, drop-path or layer scale)."""
+class DropPath(nn.Module):
+    """Stochastic depth: in training, zero a residual branch for a random subset of samples (rate
+    ``p``) and scale the kept ones by ``1 / (1 - p)`` (timm's ``DropPath``); the identity in eval."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, attn: str = "auto") -> None:
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x_BND: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x_BND
+        keep = 1.0 - self.p
+        keep_B11 = x_BND.new_empty((x_BND.shape[0],) + (1,) * (x_BND.dim() - 1)).bernoulli_(keep)
+        return x_BND * keep_B11 / keep
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (timm ``Block`` without dropout or layer scale), with drop-path."""
+
+    def __init__(
+        self, dim: int, num_heads: int, mlp_ratio: float = 4.0, attn: str = "auto", drop_path: float = 0.0
+    ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.attn = Attention(dim, num_heads, backend=attn)
         self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path)
 
     def forward(self, x_BND: torch.Tensor) -> torch.Tensor:
-        x_BND = x_BND + self.attn(self.norm1(x_BND))
-        return x_BND + self.mlp(self.norm2(x_BND))
+        x_BND = x_BND + self.drop_path(self.attn(self.norm1(x_BND)))
+        return x_BND + self.drop_path(self.mlp(self.norm2(x_BND)))
 
 
 def run_blocks(blocks: nn.ModuleList, x_BND: torch.Tensor, ckpt_every: int) -> torch.Tensor:
@@ -61,11 +80,21 @@ def run_blocks(blocks: nn.ModuleList, x_BND: torch.Tensor, ckpt_every: int) -> t
     checkpointing = ckpt_every > 0 and torch.is_grad_enabled()
     for index, block in enumerate(blocks):
         if checkpointing and index % ckpt_every == 0:
-            # No dropout anywhere, so the RNG state need not be saved and restored.
-            x_BND = checkpoint(block, x_BND, use_reentrant=False, preserve_rng_state=False)
+            # A block with drop-path draws random numbers: the recomputation in backward must draw the
+            # same ones (else the gradient belongs to another network), so the RNG state is saved and
+            # restored around it. Without drop-path nothing is random and that cost is skipped.
+            random = block.training and block.drop_path.p > 0
+            x_BND = checkpoint(block, x_BND, use_reentrant=False, preserve_rng_state=random)
         else:
             x_BND = block(x_BND)
     return x_BND
+
+
+def drop_path_rates(drop_path: float, depth: int) -> list[float]:
+    """Per-block stochastic-depth rates rising linearly from 0 to ``drop_path`` (timm, MAE, BEiT)."""
+    if depth == 1:
+        return [drop_path]
+    return [drop_path * i / (depth - 1) for i in range(depth)]
 
 
 def init_mae_weights(module: nn.Module) -> None:
@@ -121,6 +150,7 @@ class ViTEncoder(nn.Module):
         stem: str = "patch",
         attn: str = "auto",
         grad_ckpt_every: int = 0,
+        drop_path: float = 0.0,
     ) -> None:
         super().__init__()
         if num_heads < 1 or embed_dim % num_heads:
@@ -136,7 +166,9 @@ class ViTEncoder(nn.Module):
         self.grad_ckpt_every = grad_ckpt_every  # 0 = off
         self.patch_embed = build_stem(stem, patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, attn) for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, attn, rate) for rate in drop_path_rates(drop_path, depth)
+        )
         self.norm = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
         self.set_image_size(image_size)
         self.apply(init_mae_weights)
@@ -228,24 +260,39 @@ class ViTEncoder(nn.Module):
             "global_pool": "token",
         }
 
-    def load_timm_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+    def load_timm_state_dict(
+        self, state: dict[str, torch.Tensor], strict: bool = True, grid_size: tuple[int, int] | None = None
+    ) -> None:
         """Inverse of :meth:`timm_state_dict`: load an export (or any timm ViT state of this shape).
 
-        ``pos_embed`` is not loaded (ours is the fixed table); it must *be* that table, else the weights
-        were trained with a different (e.g. learned) embedding and would silently mean something else.
+        ``pos_embed`` is not loaded (ours is the fixed table); it must *be* the sin-cos table of the
+        grid it was saved at, else the weights were trained with a different (e.g. learned) embedding
+        and would silently mean something else. The saved grid may differ from this encoder's (another
+        image size): ``grid_size`` names it (default: this encoder's grid when the lengths agree, else
+        the square grid of that length); this encoder keeps its own table, the exact sin-cos
+        "interpolation" to its grid.
         """
         state = dict(state)
         pos = state.pop("pos_embed", None)
         if pos is not None:
-            if tuple(pos.shape) != tuple(self.pos_embed.shape):
-                raise ValueError(
-                    f"pos_embed {tuple(pos.shape)} does not fit this encoder's grid {self.grid_size} "
-                    f"({tuple(self.pos_embed.shape)}): call set_image_size(...) to the exported size first"
-                )
+            expected = self._saved_table(tuple(pos.shape), grid_size)
             # 1e-2 admits a bf16 export of the table (bf16 spacing near 1 is 2^-7).
-            if not torch.allclose(pos.float().cpu(), self.pos_embed.float().cpu(), atol=1e-2):
+            if not torch.allclose(pos.float().cpu(), expected, atol=1e-2):
                 raise ValueError("pos_embed is not the fixed 2-D sin-cos table this encoder uses")
         self.load_state_dict(state, strict=strict)
+
+    def _saved_table(self, shape: tuple[int, ...], grid_size: tuple[int, int] | None) -> torch.Tensor:
+        """The (1, 1 + L, D) sin-cos table a saved ``pos_embed`` of ``shape`` must equal."""
+        num_tokens = shape[1] - 1 if len(shape) == 3 else -1
+        if grid_size is None:
+            side = round(max(num_tokens, 0) ** 0.5)
+            grid_size = self.grid_size if num_tokens == self.num_patches else (side, side)
+        if len(shape) != 3 or shape[2] != self.embed_dim or grid_size[0] * grid_size[1] != num_tokens:
+            raise ValueError(
+                f"pos_embed {shape} is not a (1, 1 + rows*cols, {self.embed_dim}) table of grid {grid_size}: "
+                "pass the grid it was saved at (grid_size=...) or set_image_size(...) to the exported size"
+            )
+        return sincos_2d(self.embed_dim, tuple(grid_size)).unsqueeze(0)
 
     def timm_state_dict(self) -> dict[str, torch.Tensor]:
         """State dict that ``VisionTransformer(**timm_kwargs())`` loads with ``strict=True``; adds the

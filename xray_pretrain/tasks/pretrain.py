@@ -7,6 +7,7 @@ import torch
 
 from xray_pretrain.collectives import all_reduce_sum
 from xray_pretrain.models import build_mae, estimate_step_flops
+from xray_pretrain.models.param_groups import param_groups
 
 # Stream tags: training and validation masks never share a noise stream.
 NOISE_TRAIN, NOISE_VAL = 1, 2
@@ -27,12 +28,34 @@ def position_noise(positions: torch.Tensor, num_patches: int, seed: int, stream:
 
 
 class PretrainTask:
+    preview_name = "reconstruction"  # image grids logged as val/reconstruction
+    selection = None  # no model selection and no test split: the export is the product
+    val_whole_split = False  # a fixed sample of data.val_num_samples tracks the loss
+    # Pre-training from an export (encoder only) starts a fresh decoder and mask token.
+    init_new_prefixes = ("decoder_", "mask_fill.")
+    init_unused_prefixes = ()
+
     def __init__(self, cfg):
         self.cfg = cfg
         self.seed = cfg.train.seed
 
+    def select_train_samples(self, table):
+        return table  # every image: no labels needed
+
+    def bind_data(self, info) -> None:
+        pass  # the MAE needs nothing from the data beyond the image size in its config
+
     def build_model(self):
         return build_mae(self.cfg.model, self.cfg.mask)
+
+    def param_groups(self, model, weight_decay: float) -> list[dict]:
+        return param_groups(model, weight_decay)
+
+    def fitted_state(self) -> dict:
+        return {}
+
+    def inference_state(self, fitted: dict) -> dict:
+        return {}
 
     @staticmethod
     def _inputs(batch: dict, device, dtype):
@@ -52,7 +75,7 @@ class PretrainTask:
         return out.loss, out.stat_tensors
 
     @torch.no_grad()
-    def evaluate(self, model, loader, device, dtype) -> dict[str, float]:
+    def evaluate(self, model, loader, device, dtype, fitted: dict | None = None) -> dict[str, float]:
         """Masked-patch loss on the held-out set with a fixed mask, next to a baseline that predicts
         every masked pixel as the mean of the image's visible pixels (same loss, same normalization).
 

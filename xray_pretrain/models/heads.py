@@ -1,0 +1,84 @@
+"""Task heads over a :class:`ViTEncoder`.
+
+``ClassificationModel``: encoder -> one feature per image (the cls token, or the mean of the patch
+tokens) -> logits. Two head forms, as MAE fine-tunes and probes:
+- fine-tuning: one linear layer, truncated-normal weights of std 2e-5 (MAE's fine-tuning init: the
+  head starts near 0, so the first steps do not wreck the pre-trained encoder);
+- linear probe: a parameter-free BatchNorm (no affine, eps 1e-6) then the linear layer (std 0.01),
+  so features of any scale train well with one LR (MAE's linear probe: ``BatchNorm1d(affine=False)``
+  before the head).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .vit import ViTEncoder
+
+POOLS = ("cls", "mean")
+
+
+def pool_tokens(tokens_BND: torch.Tensor, pool: str) -> torch.Tensor:
+    """(B, 1 + L, D) encoder tokens (cls first) -> (B, D): the cls token, or the patch tokens' mean."""
+    return tokens_BND[:, 0] if pool == "cls" else tokens_BND[:, 1:].mean(dim=1)
+
+
+class ClassificationModel(nn.Module):
+    """``forward(images (B, C, H, W)) -> logits (B, num_classes)``.
+
+    ``num_frozen_blocks``: the stem, cls token and this many first blocks get ``requires_grad=False``
+    (``-1`` freezes the whole encoder, the linear probe). A fully frozen encoder runs in eval mode
+    under ``no_grad``: no drop-path, no stored activations.
+    """
+
+    def __init__(
+        self,
+        encoder: ViTEncoder,
+        num_classes: int,
+        pool: str = "cls",
+        probe_norm: bool = False,
+        num_frozen_blocks: int = 0,
+        head_init_std: float = 2e-5,
+    ) -> None:
+        super().__init__()
+        if pool not in POOLS:
+            raise ValueError(f"pool={pool!r}: use one of {POOLS}")
+        self.encoder = encoder
+        self.pool = pool
+        linear = nn.Linear(encoder.embed_dim, num_classes)
+        nn.init.trunc_normal_(linear.weight, std=head_init_std)
+        nn.init.zeros_(linear.bias)
+        norm = nn.BatchNorm1d(encoder.embed_dim, affine=False, eps=1e-6) if probe_norm else nn.Identity()
+        self.head = nn.Sequential(norm, linear)
+        self.encoder_frozen = num_frozen_blocks < 0 or num_frozen_blocks >= len(encoder.blocks) + 1
+        self._freeze(num_frozen_blocks)
+
+    def _freeze(self, num_frozen_blocks: int) -> None:
+        if num_frozen_blocks == 0:
+            return
+        if self.encoder_frozen:
+            frozen = [self.encoder]
+        else:
+            frozen = [self.encoder.patch_embed, *self.encoder.blocks[:num_frozen_blocks]]
+            self.encoder.cls_token.requires_grad_(False)
+        for module in frozen:
+            module.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.encoder_frozen:
+            self.encoder.eval()  # frozen features: no drop-path noise
+        return self
+
+    def features(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, D) pooled encoder features (after the encoder's final norm)."""
+        if self.encoder_frozen:
+            with torch.no_grad():
+                tokens_BND = self.encoder(images_BCHW)
+        else:
+            tokens_BND = self.encoder(images_BCHW)
+        return pool_tokens(tokens_BND, self.pool)
+
+    def forward(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images_BCHW))
