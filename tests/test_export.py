@@ -237,6 +237,7 @@ def test_a_fine_tuned_classifier_exports_with_its_head_labels_and_metrics(probe_
     card = (tmp_path / "export" / "README.md").read_text()
     auroc = json.loads((probe_run / "metrics.json").read_text())["test"]["test_mean_auroc"]
     assert f"| test/test_mean_auroc | {auroc:.6g} |" in card and "classification head" in card
+    assert "## Fine-tuning data" in card and "mode=linear" in card.split("- classify: ")[1]
 
 
 @pytest.mark.parametrize(("probe_norm", "pool"), [(True, "cls"), (False, "mean")])
