@@ -1,7 +1,8 @@
 """Export: a timm model folder that timm alone loads, a model card, and the way back into our encoder.
 
-Encoders are built here (tiny, seconds); the checkpoint-to-export path runs in test_training.py on the
-session's DeepSpeed runs.
+Encoders are built here (tiny, seconds); the pre-training checkpoint-to-export path runs in
+test_training.py on the session's DeepSpeed runs, a fine-tuned classifier's here (a 1-rank linear probe
+on the session's ZeRO-2 run).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import sys
 import pytest
 import torch
 
+from xray_pretrain.cli import main as cli_main
+from xray_pretrain.config import load_config
 from xray_pretrain.engine.export import (
     TIMM_VITS,
     ClassifierHead,
@@ -23,7 +26,8 @@ from xray_pretrain.engine.export import (
     write_export,
 )
 from xray_pretrain.engine.model_card import pooled_normalization, pretraining_data
-from xray_pretrain.models import ViTEncoder
+from xray_pretrain.inference import load_classifier
+from xray_pretrain.models import ClassificationModel, ViTEncoder
 
 timm = pytest.importorskip("timm")
 
@@ -189,3 +193,64 @@ def test_normalization_pools_folders_and_needs_their_manifests(tmp_path):
     assert (two["mean"], two["std"]) == pytest.approx((0.4, 0.05**0.5))
     with pytest.raises(ValueError, match="manifest.json not found"):
         pretraining_data([tmp_path])
+
+
+# ---- a fine-tuned classifier --------------------------------------------------------------------
+LABEL_NAMES = ["cardiomegaly", "pleural_effusion", "nodule", "pneumothorax", "consolidation"]  # phantoms'
+
+
+@pytest.fixture(scope="module")
+def probe_run(zero2_run, phantom_shards, tmp_path_factory, one_cpu_thread):
+    """A 4-step, 1-rank linear probe (BatchNorm + linear on mean-pooled tokens) of the ZeRO-2 run."""
+    from xray_pretrain.engine.trainer import train
+
+    out = tmp_path_factory.mktemp("probe")
+    overrides = [
+        "model.image_size=[64,64]", "model.patch_size=8", "model.drop_path=0", f"data.shards=[{phantom_shards}]",
+        f"log.out_dir={out}", f"init.weights={zero2_run[0]}", "classify.mode=linear", "classify.pool=mean",
+        "log.progress=false", "train.micro_batch=8", "train.global_batch=16", "train.epochs=null",
+        "train.steps=4", "log.val_every=2", "checkpoint.every=4", "checkpoint.keep_last=1", "data.num_workers=0",
+    ]  # fmt: skip
+    train(load_config("classify_phantom", overrides))
+    return out
+
+
+def test_a_fine_tuned_classifier_exports_with_its_head_labels_and_metrics(probe_run, tmp_path, capsys):
+    assert cli_main(["export", "--checkpoint", str(probe_run), "--out", str(tmp_path / "export")]) == 0
+    assert "classifier (5 labels)" in capsys.readouterr().out
+    classifier = load_classifier(probe_run, device="cpu")  # the run folder means `best`, as for export
+    norm = classifier.model.head[0]
+    assert float(norm.running_mean.abs().max()) > 0.01  # the fold has statistics to fold
+    x = torch.randn(3, 1, 64, 64)  # the trained size
+    [(_, timm_logits)] = timm_alone([tmp_path / "export"], [x], tmp_path)
+    with torch.no_grad():
+        ours = classifier.model(x)
+    assert timm_logits.shape == ours.shape == (3, 5)
+    assert float((timm_logits - ours).abs().max()) <= 1e-5
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["label_names"] == classifier.info["label_names"] == LABEL_NAMES
+    loaded = timm.create_model(f"local-dir:{tmp_path / 'export'}", pretrained=True)
+    assert loaded.pretrained_cfg["label_names"] == LABEL_NAMES
+    assert config["global_pool"] == "avg" and config["model_args"]["fc_norm"] is False
+    assert config["pretrained_cfg"]["mean"] == [classifier.info["intensity"]["mean"]]
+    assert config["xray_pretrain"]["classifier"]["thresholds"] == classifier.info["thresholds"]
+    card = (tmp_path / "export" / "README.md").read_text()
+    auroc = json.loads((probe_run / "metrics.json").read_text())["test"]["test_mean_auroc"]
+    assert f"| test/test_mean_auroc | {auroc:.6g} |" in card and "classification head" in card
+    assert "## Fine-tuning data" in card and "mode=linear" in card.split("- classify: ")[1]
+
+
+@pytest.mark.parametrize(("probe_norm", "pool"), [(True, "cls"), (False, "mean")])
+def test_folded_head_equals_the_head_in_eval_mode(probe_norm, pool):
+    torch.manual_seed(0)
+    model = ClassificationModel(tiny_encoder((32, 32)), 4, pool, probe_norm=probe_norm, head_init_std=0.1)
+    if probe_norm:
+        norm = model.head[0]
+        norm.running_mean.normal_(0, 2)
+        norm.running_var.uniform_(0.01, 9)
+    model.eval()
+    x = torch.randn(5, 1, 32, 32)
+    weight_CD, bias_C = model.folded_head()
+    with torch.no_grad():
+        features = model.features(x)
+        torch.testing.assert_close(features @ weight_CD.T + bias_C, model(x), atol=1e-5, rtol=1e-6)

@@ -81,6 +81,49 @@ def load_classifier(path: Path, device: str | None = None) -> Classifier:
     return Classifier(model.to(target).eval(), task, cfg, info, folder, target)
 
 
+# ---- export ----------------------------------------------------------------------------------------
+TIMM_POOLS = {"cls": "token", "mean": "avg"}  # timm's avg pools the patch tokens only, as ours
+
+
+def export_checkpoint(path: Path, out_dir: Path, dtype: str = "fp32") -> dict:
+    """`xray-pretrain export`: a classifier checkpoint exports encoder + head, any other its encoder.
+    `path` as :func:`resolve_inference_checkpoint` (a run folder means its `best`)."""
+    from xray_pretrain.engine.export import check_dtype, export_encoder
+
+    check_dtype(dtype)
+    root, tag = resolve_inference_checkpoint(path)
+    saved = json.loads((root / tag / checkpoint.CONFIG_NAME).read_text())
+    if saved.get("task") == "classify":
+        return export_classifier(root / tag, out_dir, dtype)
+    return export_encoder(root / tag, out_dir, dtype)
+
+
+def export_classifier(path: Path, out_dir: Path, dtype: str = "fp32") -> dict:
+    """A fine-tuned classifier as one timm model (encoder + linear head, the probe's BatchNorm folded
+    in) with its label names, normalization, thresholds and the run's downstream metrics; returns
+    :func:`engine.export.write_export`'s summary."""
+    from xray_pretrain.engine.export import ClassifierHead, write_export
+    from xray_pretrain.engine.model_card import pretraining_data, run_metrics
+
+    root, tag = resolve_inference_checkpoint(path)
+    saved = json.loads((root / tag / checkpoint.CONFIG_NAME).read_text())
+    data = pretraining_data(saved["data"]["shards"])  # a missing manifest fails before consolidation
+    classifier = load_classifier(root / tag, device="cpu")
+    model, info = classifier.model, classifier.info
+    # The normalization the classifier's inputs get in `predict` (the training folder's), which the
+    # export's pretrained_cfg must reproduce.
+    data["normalization"] = dict(data["normalization"], **info["intensity"])
+    weight_CD, bias_C = model.folded_head()
+    head = ClassifierHead(weight_CD, bias_C, list(info["label_names"]), TIMM_POOLS[model.pool])
+    provenance = {
+        "checkpoint": str(path),
+        "checkpoint_tag": tag,
+        "run_config": classifier.cfg.to_dict(),
+        "classifier": {k: info.get(k) for k in ("mode", "pool", "thresholds", "uncertain", "image_size")},
+    }
+    return write_export(model.encoder, out_dir, data, dtype, head, provenance, run_metrics(root.parent))
+
+
 # ---- evaluate --------------------------------------------------------------------------------------
 def evaluate(
     classifier: Classifier, split: str, shards: list[str] | None, out: Path, overrides: list[str] = ()

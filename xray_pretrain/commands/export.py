@@ -1,6 +1,6 @@
-"""`xray-pretrain export --checkpoint DIR --out DIR`: a checkpoint's encoder, consolidated (any ZeRO stage),
-as a timm model folder with a model card (the hierarchical stem, which timm cannot express, keeps the
-project's own format)."""
+"""`xray-pretrain export --checkpoint DIR --out DIR`: a checkpoint's encoder (and a fine-tuned classifier's
+head), consolidated (any ZeRO stage), as a timm model folder with a model card (the hierarchical stem,
+which timm cannot express, keeps the project's own format)."""
 
 from __future__ import annotations
 
@@ -9,18 +9,22 @@ from pathlib import Path
 
 def add_arguments(parser) -> None:
     parser.add_argument(
-        "--checkpoint", required=True, type=Path, help="checkpoints folder (uses latest) or one step folder"
+        "--checkpoint",
+        required=True,
+        type=Path,
+        help="run folder (a classifier's best, else latest), checkpoints folder (latest) or step folder",
     )
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])  # export.EXPORT_PRECISIONS
 
 
 def run(args) -> int:
-    from xray_pretrain.engine.export import export_encoder
+    from xray_pretrain.inference import export_checkpoint
 
-    summary = export_encoder(args.checkpoint, args.out, args.dtype)
+    summary = export_checkpoint(args.checkpoint, args.out, args.dtype)
+    what = f"classifier ({summary['head']['num_classes']} labels)" if summary["head"] else "encoder"
     print(
-        f"exported {summary['num_params']:,} encoder parameters ({summary['checkpoint_tag']}) to {args.out} "
+        f"exported {summary['num_params']:,} {what} parameters ({summary['checkpoint_tag']}) to {args.out} "
         f"({summary['format']} format, model card README.md)"
     )
     if summary["format"] == "timm":

@@ -119,14 +119,16 @@ def model_card(summary: dict, data: dict, metrics: dict, provenance: dict, out_d
                 "Width / depth / heads": f"{encoder['embed_dim']} / {encoder['depth']} / {encoder['num_heads']}",
             },
             **({"Labels": summary["head"]["label_names"]} if summary["head"] else {}),
-            "Pretrain Dataset": sorted({f["dataset"] for f in data["folders"]}),
+            ("Train Dataset" if summary["head"] else "Pretrain Dataset"): sorted(
+                {f["dataset"] for f in data["folders"]}
+            ),
             "Papers": ["Masked Autoencoders Are Scalable Vision Learners: https://arxiv.org/abs/2111.06377"],
         },
         "usage": _usage(summary, out_dir, is_timm),
     }
     sections = [
         generate_readme(card, f"xray_pretrain {summary['architecture']} ({H}x{W})", task_name=task),
-        _data_section(data),
+        _data_section(data, "Fine-tuning data" if summary["head"] else "Pre-training data"),
         _config_section(summary, provenance),
         _metrics_section(metrics),
         LIMITS,
@@ -177,10 +179,10 @@ def _usage(summary: dict, out_dir: Path, is_timm: bool) -> str:
     )
 
 
-def _data_section(data: dict) -> str:
+def _data_section(data: dict, title: str) -> str:
     norm = data["normalization"]
     rows = [
-        "## Pre-training data\n",
+        f"## {title}\n",
         "From the shard manifests (no patient data: ids inside the shards are salted hashes).\n",
         "| dataset | source | format | inputs | samples | skipped | train / val / test | labels |",
         "|---|---|---|---|---|---|---|---|",
@@ -207,7 +209,8 @@ def _config_section(summary: dict, provenance: dict) -> str:
     lines = ["## Configuration\n", f"- export dtype: {provenance['dtype']}, format: {summary['format']}"]
     if provenance.get("checkpoint_tag"):
         lines.append(f"- checkpoint: {provenance['checkpoint_tag']}")
-    for section in ("model", "mask", "optim", "train"):
+    task_sections = ("classify",) if run.get("task") == "classify" else ("mask",)
+    for section in ("model", *task_sections, "optim", "train"):
         if section in run:
             values = ", ".join(f"{k}={v}" for k, v in run[section].items())
             lines.append(f"- {section}: {values}")

@@ -82,3 +82,16 @@ class ClassificationModel(nn.Module):
 
     def forward(self, images_BCHW: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images_BCHW))
+
+    @torch.no_grad()
+    def folded_head(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(C, D) weight and (C,) bias of the one linear map the head is in eval mode: the linear
+        probe's parameter-free BatchNorm, with its running statistics, folded into the linear layer
+        (y = W (x - mu) / s + b = (W / s) x + (b - W mu / s), s = sqrt(var + eps), computed in fp64)."""
+        norm, linear = self.head
+        weight_CD, bias_C = linear.weight.double(), linear.bias.double()
+        if isinstance(norm, nn.BatchNorm1d):
+            scale_D = (norm.running_var.double() + norm.eps).rsqrt()
+            bias_C = bias_C - weight_CD @ (norm.running_mean.double() * scale_D)
+            weight_CD = weight_CD * scale_D
+        return weight_CD.to(linear.weight.dtype), bias_C.to(linear.bias.dtype)
