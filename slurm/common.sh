@@ -25,6 +25,10 @@ xray_require() {
 
 # Print where and how this start runs (a requeued job logs one such line per start).
 xray_banner() {
+    # sbatch exports the submitting shell's environment: rank variables a launcher or an earlier
+    # one-process run left there would override Slurm's own and point every task at a stale
+    # rendezvous. Each task derives them from SLURM_* (xray_pretrain/engine/dist.py).
+    unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE LOCAL_SIZE MASTER_ADDR MASTER_PORT CROSS_RANK CROSS_SIZE
     export PYTHONUNBUFFERED=1
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
     xray_log "job ${SLURM_JOB_ID} start $((${SLURM_RESTART_COUNT:-0} + 1)) on ${SLURM_JOB_NODELIST}:" \

@@ -8,8 +8,8 @@ import math
 
 import pytest
 import torch
+from ranks import run_ranks
 
-from tests.ranks import run_ranks
 from xray_pretrain.collectives import all_ranks_true
 from xray_pretrain.models.decoding import ban_repeated_trigrams, beam_search, greedy_search
 

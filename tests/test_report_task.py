@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from ranks import run_ranks
 
-from tests.ranks import run_ranks
 from xray_pretrain.models import MAEConfig
 from xray_pretrain.tasks.report import ReportTask
 from xray_pretrain.tasks.report_config import ReportConfig

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import corpus_or_skip
 
-from tests.conftest import corpus_or_skip
 from xray_pretrain.report.tokenizer import (
     BOS_ID,
     EOS_ID,

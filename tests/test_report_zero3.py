@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from ranks import run_ranks
+from test_report_model import tiny_generator
 
-from tests.ranks import run_ranks
-from tests.test_report_model import tiny_generator
 from xray_pretrain.models.report import GenerationOptions
 
 pytestmark = pytest.mark.slow
