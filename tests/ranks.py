@@ -21,6 +21,10 @@ def run_ranks(
     an earlier in-process DeepSpeed run in pytest's process would otherwise hand down stale.
     One thread per rank: the runner has 2 cores.
     """
+    if torch.distributed.is_initialized():
+        # A one-rank group an earlier in-process test left in pytest's process: tear it down here,
+        # where its store threads live; a forked copy of it cannot be torn down (it hangs).
+        torch.distributed.destroy_process_group()
     results = mp.Manager().dict()
     port = free_port()
     mp.start_processes(
@@ -42,10 +46,6 @@ def _rank_main(rank: int, target, port: int, num_ranks: int, results) -> None:
         MASTER_PORT=str(port),
     )
     torch.set_num_threads(1)
-    if torch.distributed.is_initialized():
-        # A one-rank group an earlier in-process test left in pytest's process, copied by the fork:
-        # drop this copy (the parent's own is untouched) and join the ranks' group.
-        torch.distributed.destroy_process_group()
     torch.distributed.init_process_group("gloo", rank=rank, world_size=num_ranks)
     try:
         results[rank] = target(rank)
