@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from xray_pretrain.engine.dist import without_launcher_variables
+
 BINARIES = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "squeue")
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"}
 
@@ -52,7 +54,8 @@ class SlurmCluster:
         # munged runs as the munge user: its folder must not sit under a root-only one (pytest's tmp is).
         self.munge_dir = Path(tempfile.mkdtemp(prefix="xray-munge-"))
         self.munge_socket = self.munge_dir / "munge.socket"
-        self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+        # Jobs must find their ranks from Slurm, not from variables an in-process test left here.
+        self.env = {**without_launcher_variables(os.environ), "SLURM_CONF": str(self.conf)}
         for name in [k for k in self.env if k.startswith("SLURM_") and k != "SLURM_CONF"]:
             del self.env[name]  # a test run inside a Slurm job must not leak its job into ours
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from xray_pretrain.engine.dist import without_launcher_variables
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
@@ -84,7 +86,8 @@ def test_installed_wheel_shards_and_trains_from_any_folder(wheel, tmp_path):
     )  # fmt: skip
     work = tmp_path / "elsewhere"  # no source tree here or on the path
     work.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    # no source tree on the path, and no rank variables an in-process test left in this process
+    env = {k: v for k, v in without_launcher_variables(os.environ).items() if k != "PYTHONPATH"}
     env.update(PATH=f"{venv / 'bin'}:{env['PATH']}", OMP_NUM_THREADS="1")
 
     def run(*args: str) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import TINY_CONFIG, ZERO2_STEPS, assert_same_parameters, base_overrides
 
-from xray_pretrain.engine.dist import free_port
+from xray_pretrain.engine.dist import free_port, without_launcher_variables
 
 pytestmark = pytest.mark.slow
 
@@ -29,9 +29,7 @@ def test_two_launcher_nodes_train_like_one_node(tmp_path, phantom_shards, zero2_
     ]  # fmt: skip
     train = [str(script), "pretrain", "--config", TINY_CONFIG, *base_overrides(run, phantom_shards)]
     train += ["train.zero_stage=2", *ZERO2_STEPS]
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
-    }
+    env = without_launcher_variables(os.environ)
     env["OMP_NUM_THREADS"] = "1"
     launchers = []
     for node_rank in range(2):

@@ -42,7 +42,7 @@ def launch_training(
 ) -> None:
     """Run `xray-pretrain COMMAND` (pretrain, finetune) under the deepspeed launcher (N CPU ranks when
     there is no GPU)."""
-    from xray_pretrain.engine.dist import free_port
+    from xray_pretrain.engine.dist import free_port, without_launcher_variables
 
     script = shutil.which("xray-pretrain") or str(Path(sys.executable).with_name("xray-pretrain"))
     cmd = [
@@ -52,11 +52,7 @@ def launch_training(
     ]  # fmt: skip
     print("$ " + " ".join(cmd), flush=True)
     # Rank variables of an enclosing process (e.g. a test that trained in-process) must not leak in.
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    }
+    env = without_launcher_variables(os.environ)
     env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)

@@ -31,6 +31,19 @@ class DistContext:
         return self.rank == 0
 
 
+# What a launcher (or a one-process run, in its own environment) sets for torch.distributed. A child
+# process that must find its own rank (a new launcher, an srun task) starts without them.
+LAUNCHER_VARIABLES = (
+    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE",
+    "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK", "CROSS_SIZE",
+)  # fmt: skip
+
+
+def without_launcher_variables(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` less the rank variables of the process it came from."""
+    return {k: v for k, v in env.items() if k not in LAUNCHER_VARIABLES}
+
+
 def free_port() -> int:
     """A TCP port free on this host now (the one-process group's rendezvous, the demo's launcher)."""
     with socket.socket() as s:
