@@ -99,22 +99,18 @@ class ConvertOptions:
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace) -> ConvertOptions:
-        """The parsed `xray-shard convert` flags; flags of the chosen source go to source_options."""
+        """The parsed `xray-shard convert` flags. The chosen source's flags, and any other source's flag
+        that was set, go to source_options: `source_namespace` refuses the latter (one check for both
+        the CLI and library callers)."""
         names = {f.name for f in dataclasses.fields(cls)} - {"source_options"}
         values = vars(args)
         mine = SOURCE_DESTS.get(values["source"], [])
-        foreign = sorted(
-            dest
+        given = {
+            dest: values[dest]
             for dest, default in SOURCE_DEFAULTS.items()
-            if dest not in mine and values.get(dest, default) != default
-        )
-        if foreign:
-            flags = ", ".join("--" + d.replace("_", "-") for d in foreign)
-            raise ValueError(f"{flags} do(es) not apply to --source {values['source']}")
-        return cls(
-            **{k: v for k, v in values.items() if k in names},
-            source_options={k: values[k] for k in mine if k in values},
-        )
+            if dest in values and (dest in mine or values[dest] != default)
+        }
+        return cls(**{k: v for k, v in values.items() if k in names}, source_options=given)
 
     def source_namespace(self) -> argparse.Namespace:
         """What the source adapter reads: its own options (defaults filled in) plus the common ones."""
