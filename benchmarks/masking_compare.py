@@ -101,7 +101,7 @@ def positives_per_class(bench, fraction: float) -> list[int]:
             for c in range(train.shape[1])]  # fmt: skip
 
 
-def compare_all(work: Path, shards: Path, runs: dict[str, Path], num_resamples: int) -> dict:
+def compare_all(work: Path, shards: Path, runs: dict[str, Path], fractions, num_resamples: int) -> dict:
     import torch
 
     from xray_pretrain.demo_classify import DEFAULT_RECIPE, Comparison
@@ -119,7 +119,7 @@ def compare_all(work: Path, shards: Path, runs: dict[str, Path], num_resamples: 
     targets = bench.targets()
     results: dict = {"num_train": len(bench.data["train"].keys), "num_val": len(bench.data["val"].keys),
                      "num_test": bench.num_test, "rows": {}, "min_positives": {}}  # fmt: skip
-    for fraction in FRACTIONS:
+    for fraction in fractions:
         results["min_positives"][fraction] = positives_per_class(bench, fraction)
         recipe = replace(DEFAULT_RECIPE, label_fraction=fraction)
         rows = {name: bench.row(source, recipe, SEEDS) for name, source in sources.items()}
@@ -142,13 +142,15 @@ def compare_all(work: Path, shards: Path, runs: dict[str, Path], num_resamples: 
     return results
 
 
-def table(results: dict, flops: dict[str, float], pretrain_s: dict[str, float], args) -> str:
-    head = "| encoder | pre-training FLOPs per step | " + " | ".join(f"lf {f:g}" for f in FRACTIONS) + " |"
-    lines = [head, "|" + "---|" * (2 + len(FRACTIONS))]
+def table(
+    results: dict, fractions: list[float], flops: dict[str, float], pretrain_s: dict[str, float], args
+) -> str:
+    head = "| encoder | pre-training FLOPs per step | " + " | ".join(f"lf {f:g}" for f in fractions) + " |"
+    lines = [head, "|" + "---|" * (2 + len(fractions))]
     for name, cells in results["rows"].items():
         cost = f"{flops[name] / 1e9:.1f} GFLOP ({pretrain_s[name]:.0f} s wall)" if name in flops else ""
         values = []
-        for f in FRACTIONS:
+        for f in fractions:
             c = cells[f]
             seeds = " ".join(f"{v:.3f}" for v in c["seeds"])
             text = f"**{c['mean_auroc']:.3f}** [{seeds}] ({c['ci95'][0]:.3f}–{c['ci95'][1]:.3f})"
@@ -172,6 +174,19 @@ def table(results: dict, flops: dict[str, float], pretrain_s: dict[str, float], 
     ])  # fmt: skip
 
 
+def merge(work: Path) -> dict:
+    """The results of every `--fractions` process, in one dict (rows -> fraction -> cell)."""
+    merged: dict = {"rows": {}, "min_positives": {}}
+    for path in sorted(work.glob("results_lf*.json")):
+        part = json.loads(path.read_text())
+        for key in ("num_train", "num_val", "num_test"):
+            merged[key] = part[key]
+        merged["min_positives"].update({float(f): v for f, v in part["min_positives"].items()})
+        for name, cells in part["rows"].items():
+            merged["rows"].setdefault(name, {}).update({float(f): c for f, c in cells.items()})
+    return merged
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, required=True)
@@ -179,6 +194,11 @@ def main() -> None:
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--num-resamples", type=int, default=1000)
+    p.add_argument(
+        "--fractions", type=float, nargs="*", default=list(FRACTIONS),
+        help="label fractions this process fine-tunes (none: only write the table); processes given "
+        "different fractions can run at once: each writes WORK/results_lf{F}.json, the table merges them",
+    )  # fmt: skip
     p.add_argument("--results", type=Path, help="markdown file whose masking_compare section is replaced")
     args = p.parse_args()
     import torch
@@ -192,13 +212,15 @@ def main() -> None:
     runs = {s: pretrain(args.work, shards, s, args.steps, recipe_overrides) for s in STRATEGIES}
     flops = {s: step_flops(s, recipe_overrides) for s in STRATEGIES}
     pretrain_s = {s: float((runs[s] / "wall_s.txt").read_text()) for s in STRATEGIES}
-    start = time.perf_counter()
-    results = compare_all(args.work, shards, runs, args.num_resamples)
-    results.update(
-        flops_per_step=flops, pretrain_wall_s=pretrain_s, classify_wall_s=time.perf_counter() - start
-    )
-    (args.work / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    text = table(results, flops, pretrain_s, args)
+    if args.fractions:
+        start = time.perf_counter()
+        part = compare_all(args.work, shards, runs, args.fractions, args.num_resamples)
+        part["classify_wall_s"] = time.perf_counter() - start
+        name = "_".join(f"{f:g}" for f in args.fractions)
+        (args.work / f"results_lf{name}.json").write_text(json.dumps(part, indent=2, default=str))
+    results = merge(args.work)
+    fractions = [f for f in FRACTIONS if all(f in cells for cells in results["rows"].values())]
+    text = table(results, fractions, flops, pretrain_s, args)
     print(text)
     if args.results:
         doc = args.results.read_text()
