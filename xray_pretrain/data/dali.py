@@ -26,15 +26,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from xray_pretrain.data.augment import FULL_VIEW, AugmentParams, TrainAugment, crop_box_pixels
-from xray_pretrain.data.decode import decode_image, encode_roi_png, estimate_roi
+from xray_pretrain.data.badsamples import load_or_replace
+from xray_pretrain.data.decode import decode_image, decode_roi, encode_roi_png, estimate_roi, verify_image
 from xray_pretrain.data.decode import image_size as encoded_image_size
 from xray_pretrain.data.order import RankShare, TrainBatchSampler
-from xray_pretrain.data.shards import ShardReader, SplitTable
+from xray_pretrain.data.shards import CorruptSample, ShardReader, SplitTable
 
 FULL_SCALE_16 = 65535.0
 GEOMETRY_OUTPUTS = ("encoded", "roi_encoded", "image_hw", "anchor", "shape", "flip", "mean", "std", "labels")
@@ -59,25 +61,65 @@ class HostFeed:
     """The external-source callback: reads one batch's samples and their per-sample parameters.
 
     Called by DALI ahead of consumption (prefetch) with `BatchInfo.iteration`, so it depends only on
-    the batch number, never on how far the consumer has got.
+    the batch number (`first` + iteration), never on how far the consumer has got.
+
+    Corrupt samples (`badsamples.py`): with a `seed` (training) a sample that fails the host's checks
+    (`SplitTable.read`, the image header, or membership of `known_bad`: samples that made DALI's
+    decoder fail before, see `DaliBatches`) is replaced by position; without one (validation) it
+    raises. `fed[number]` holds what was fed per batch: (folder, index) and key per row, the skips.
     """
 
-    def __init__(self, table: SplitTable, rows_for: RowsFor, jitter: bool):
-        self.table, self.rows_for = table, rows_for
+    def __init__(
+        self, table: SplitTable, rows_for: RowsFor, jitter: bool, *, seed: int | None = None,
+        first: int = 0, known_bad: set[tuple[int, int]] | None = None,
+    ):  # fmt: skip
+        self.table, self.rows_for, self.seed, self.first = table, rows_for, seed, first
         self.outputs = GEOMETRY_OUTPUTS + (JITTER_OUTPUTS if jitter else ())
         self.reader = ShardReader()
+        self.known_bad = known_bad if known_bad is not None else set()
+        self.fed: dict[int, dict] = {}
 
     def __call__(self, batch_info) -> tuple[list[np.ndarray], ...]:
+        number = self.first + batch_info.iteration
         columns: dict[str, list[np.ndarray]] = {name: [] for name in self.outputs}
-        for row in self.rows_for(batch_info.iteration):
-            inputs = self.sample_inputs(row)
+        fed = {"samples": [], "keys": [], "bad": []}
+        for row in self.rows_for(number):
+            inputs, (folder, index, key), bad = self.checked_inputs(row)
+            fed["samples"].append((folder, index))
+            fed["keys"].append(key)
+            fed["bad"] += bad
             for name in self.outputs:
                 columns[name].append(inputs[name])
+        self.fed[number] = fed
         return tuple(columns[name] for name in self.outputs)
 
-    def sample_inputs(self, row: Row) -> dict[str, np.ndarray]:
-        sample = self.table.read(self.reader, row.folder, row.index)
-        height, width = encoded_image_size(sample.image)
+    def checked_inputs(self, row: Row) -> tuple[dict, tuple[int, int, str], list[dict]]:
+        """(inputs, (folder, index, key) fed, skip records) for one row, replaced when corrupt."""
+
+        def load(folder: int, index: int):
+            if (folder, index) in self.known_bad:
+                key = self.table.key(folder, index)
+                shard = self.table.folders[folder].tar_paths[self.table.records[folder][index]["shard"]]
+                raise CorruptSample(f"{shard}:{key}: image does not decode (DALI, confirmed by Pillow)",
+                                    Path(shard).name, key)  # fmt: skip
+            return self.sample_inputs(row, folder, index), (folder, index, self.table.key(folder, index))
+
+        if self.seed is None:
+            return (*load(row.folder, row.index), [])
+        size = self.table.folder_sizes[row.folder]
+        (inputs, fed), bad = load_or_replace(load, row.folder, row.index, row.position, self.seed, size)
+        return inputs, fed, bad
+
+    def sample_inputs(self, row: Row, folder: int, index: int) -> dict[str, np.ndarray]:
+        sample = self.table.read(self.reader, folder, index)
+        try:
+            height, width = encoded_image_size(sample.image)
+        except Exception as error:  # Pillow raises several types for a damaged header
+            raise CorruptSample(
+                f"{sample.shard}:{sample.key}: image header unreadable ({type(error).__name__}: {error})",
+                sample.shard,
+                sample.key,
+            ) from error
         roi_png = sample.roi
         if roi_png is None:  # rare (tars from elsewhere): the estimator needs the decoded image
             roi_png = encode_roi_png(estimate_roi(decode_image(sample.image)))
@@ -95,6 +137,20 @@ class HostFeed:
             "std": np.array([sample.std], dtype=np.float32),
             "labels": sample.labels,
         }
+
+    def undecodable(self, number: int) -> list[tuple[int, int]]:
+        """The samples fed in batch `number` that Pillow cannot decode either (after DALI failed on it)."""
+        found = []
+        for folder, index in self.fed.get(number, {}).get("samples", []):
+            sample = self.table.read(self.reader, folder, index)
+            try:
+                verify_image(sample.image)
+                decode_image(sample.image)
+                if sample.roi is not None:
+                    decode_roi(sample.roi)
+            except Exception:  # what exactly failed is DALI's message; Pillow only finds the sample
+                found.append((folder, index))
+        return found
 
 
 def build_pipeline(
@@ -176,8 +232,10 @@ class DaliBatches:
         num_workers: int,
         device: str,
         jitter: bool,
+        seed: int | None = None,
     ):
-        self.table, self.rows_for, self.num_batches = table, rows_for, num_batches
+        """`seed`: replace corrupt samples by position (training); None: raise (validation)."""
+        self.table, self.rows_for, self.num_batches, self.seed = table, rows_for, num_batches, seed
         self.batch_size, self.image_size = batch_size, tuple(image_size)
         self.num_threads = max(1, num_workers)  # DALI's CPU thread pool plays the workers' part
         self.device_id = resolve_device_id(device)
@@ -185,32 +243,55 @@ class DaliBatches:
         self.jitter = jitter
 
     def __iter__(self) -> Iterator[dict]:
+        """Batches from 0. When DALI's decoder fails on a batch (bytes that pass the host's checks
+        but do not decode), the samples of that batch that Pillow cannot decode either join
+        `known_bad`, and a fresh pipeline restarts at that batch with them replaced by position (the
+        same replacement the wds backend makes); a failure no sample explains is raised."""
         if self.num_batches == 0:
             return
+        known_bad: set[tuple[int, int]] = set()
+        number = 0
+        while True:
+            feed = HostFeed(
+                self.table, self.rows_for, self.jitter, seed=self.seed, first=number, known_bad=known_bad
+            )
+            try:
+                for out in self._outputs(feed):
+                    (dense,) = out
+                    fed = feed.fed.pop(number)
+                    rows = self.rows_for(number)
+                    number += 1
+                    yield {
+                        "image": dense["image"],
+                        "roi": dense["roi"],
+                        "labels": dense["labels"],
+                        "key": fed["keys"],
+                        "position": torch.tensor([row.position for row in rows], dtype=torch.int64),
+                        "weight": torch.tensor([row.weight for row in rows], dtype=torch.float32),
+                        "bad": fed["bad"],
+                    }
+                return
+            except RuntimeError as error:
+                found = set(feed.undecodable(number)) - known_bad
+                if self.seed is None or not found:
+                    keys = feed.fed.get(number, {}).get("keys")
+                    raise RuntimeError(f"DALI failed on batch {number} (keys {keys}): {error}") from error
+                known_bad |= found
+
+    def _outputs(self, feed: HostFeed):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         pipe = build_pipeline(
-            HostFeed(self.table, self.rows_for, self.jitter),
+            feed,
             batch_size=self.batch_size,
             image_size=self.image_size,
             device_id=self.device_id,
             num_threads=self.num_threads,
         )
         pipe.build()
-        outputs = DALIGenericIterator(
+        return DALIGenericIterator(
             [pipe], ["image", "roi", "labels"], last_batch_policy=LastBatchPolicy.PARTIAL
         )
-        for number, out in enumerate(outputs):
-            rows = self.rows_for(number)
-            (dense,) = out
-            yield {
-                "image": dense["image"],
-                "roi": dense["roi"],
-                "labels": dense["labels"],
-                "key": [self.table.key(row.folder, row.index) for row in rows],
-                "position": torch.tensor([row.position for row in rows], dtype=torch.int64),
-                "weight": torch.tensor([row.weight for row in rows], dtype=torch.float32),
-            }
 
 
 class TrainSchedule:
@@ -258,6 +339,7 @@ def dali_train_batches(
         num_workers=num_workers,
         device=device,
         jitter=augment.brightness > 0 or augment.contrast > 0,
+        seed=seed,
     )
 
 

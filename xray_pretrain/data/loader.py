@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from xray_pretrain.data.augment import TrainAugment
+from xray_pretrain.data.badsamples import BadSampleTally
 from xray_pretrain.data.config import DataConfig, dali_available
 from xray_pretrain.data.order import (
     GlobalOrder,
@@ -75,9 +76,10 @@ class TrainLoader:
     conversion: dict  # the first folder's `xray-shard convert` options (what preprocessing did)
     global_batch: int
     start_position: int
+    bad: BadSampleTally = field(default_factory=BadSampleTally)  # corrupt samples this rank skipped
 
     def __iter__(self) -> Iterator[dict]:
-        return iter(self.batches)
+        return self.bad.watch(self.batches)
 
 
 @dataclass
