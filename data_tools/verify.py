@@ -161,10 +161,12 @@ def _check_labels(comps, meta, label_names, where) -> tuple[list[str], np.ndarra
 
 
 def _check_meta(comps, key, manifest, split, where) -> tuple[list[str], dict]:
+    if "json" not in comps:
+        return [f"{where}: no json member"], {}
     try:
         meta = json.loads(comps["json"])
-    except (KeyError, ValueError) as error:
-        return [f"{where}: json missing or invalid ({error})"], {}
+    except ValueError as error:
+        return [f"{where}: json invalid ({error})"], {}
     problems = []
     allowed = (
         JSON_KEYS | ROI_KEYS | (KEEP_PATHS_KEYS if manifest.get("options", {}).get("keep_paths") else set())
