@@ -120,6 +120,10 @@ class Health:
             bad_t = ~torch.stack([torch.isfinite(p.detach()).all() for p in params]).all().to(device)
         return not _any_rank(bad_t, device)
 
+    def scalars(self) -> dict[str, int]:
+        """TensorBoard counters (whole run, all ranks)."""
+        return {"train/bad_steps": self.num_bad_steps, "data/bad_samples": self.num_bad_samples}
+
     def state(self) -> dict:
         return {"num_bad_steps": self.num_bad_steps, "num_bad_samples": self.num_bad_samples}
 

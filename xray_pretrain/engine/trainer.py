@@ -315,9 +315,8 @@ class Trainer:
         """Agree with all ranks on this step's health (health.py); log skips; why to stop, or None."""
         state = self.state
         bad_step, num_new_bad = self.health.end_step(self.engine, self.train_loader.bad.take_new())
-        if bad_step or num_new_bad or state.step % self.cfg.log.every == 0:
-            self.monitor.scalars(state.step, {"train/bad_steps": self.health.num_bad_steps,
-                                              "data/bad_samples": self.health.num_bad_samples})  # fmt: skip
+        if bad_step or num_new_bad:  # at once; otherwise with the other scalars (`_log_step`)
+            self.monitor.scalars(state.step, self.health.scalars())
         if bad_step:
             print(f"step {state.step}: non-finite loss or gradients, step skipped "
                   f"({self.health.num_bad_in_row} in a row)", flush=True)  # fmt: skip
@@ -340,6 +339,7 @@ class Trainer:
             "perf/images_per_s": cfg.train.global_batch / result.step_s,
             "perf/data_wait_s": wait_mean,
             "perf/step_s": result.step_s,
+            **self.health.scalars(),
             **{f"train/{k}": float(v) for k, v in result.task_logs.items()},
         }
         if self.flops_per_sample:
