@@ -12,6 +12,7 @@ import torch
 from conftest import corpus_or_skip
 from data_fixtures import needs_dali, write_shard_folder
 
+from xray_pretrain.config import load_config
 from xray_pretrain.data.config import DataConfig
 from xray_pretrain.data.loader import build_train_loader, build_val_loader
 from xray_pretrain.data.reports import ReportSpec, train_report_texts
@@ -227,3 +228,26 @@ def test_real_iu_xray_annotation_pairs_each_studys_two_images(tmp_path):
             means = image_2.mean(dim=(1, 2, 3))  # the brighter slot is the 0.png
             assert (means[0] > means[1]) == (brightness[source_of[keys[0]]] > brightness[source_of[keys[1]]])
     assert seen == set(pairs)
+
+
+@pytest.mark.parametrize(
+    "name, views, cleaning", [("report_iu_xray", 2, "iu_xray"), ("report_mimic_cxr", 1, "mimic_cxr")]
+)
+def test_packaged_report_configs_load_and_validate(name, views, cleaning):
+    cfg = load_config(name, ["data.shards=[somewhere]"])
+    assert cfg.task == "report" and (cfg.report.views, cfg.report.cleaning) == (views, cleaning)
+    assert cfg.loader_reports() == ReportSpec("findings", views)
+    assert cfg.train.global_batch % cfg.train.micro_batch == 0 and cfg.train.accum_steps(8) == 1
+    assert cfg.optim.lr(cfg.train.global_batch) == pytest.approx(1e-4)  # R2Gen's lr, as the headers say
+
+
+def test_report_section_is_validated_and_belongs_to_the_report_task():
+    shards = "data.shards=[somewhere]"
+    assert load_config(None, [shards, "task=report", "report.section=both"]).loader_reports() == ReportSpec(
+        "both", 1
+    )
+    assert load_config(None, [shards, "task=classify"]).loader_reports() is None
+    with pytest.raises(ValueError, match=r"report.views=3: use 1"):
+        load_config(None, [shards, "task=report", "report.views=3"])
+    with pytest.raises(ValueError, match=r"report\.\* is set but task=pretrain"):
+        load_config(None, [shards, "report.views=2"])
