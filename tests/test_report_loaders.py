@@ -163,9 +163,11 @@ def test_report_items_keep_order_resume_and_rank_rules(study_shards, backend):
     assert sorted(single) == sorted(per_rank[0] + per_rank[1])
 
 
-def test_phantom_reports_match_their_json_and_feed_the_tokenizer(phantom_shards):
+def test_phantom_reports_match_their_json_and_feed_the_tokenizer(phantom_shards, caplog):
     """`xray-shard synth` writes a report per study: every training image is an item, its text is
-    report_text(json report, section), and train_report_texts gives the same texts in table order."""
+    report_text(json report, section), and train_report_texts gives the same texts in table order,
+    from the grouping the train loader then reuses (as the report task's select hook calls it)."""
+    caplog.set_level(logging.INFO, logger="xray_pretrain.data.reports")
     folder = ShardFolder(phantom_shards)
     table = SplitTable([folder], "train")
     reader = ShardReader()
@@ -182,6 +184,7 @@ def test_phantom_reports_match_their_json_and_feed_the_tokenizer(phantom_shards)
         reports=ReportSpec("both", 1), select=lambda t: table,
     )  # fmt: skip
     assert loader.report_counts["num_items"] == len(expected) and loader.report_counts["num_no_report"] == 0
+    assert sum("report items" in r.getMessage() for r in caplog.records) == 1  # grouped once, shared
     for batch in itertools.islice(iter(loader), 3):
         assert batch["report"] == [expected[k] for k in batch["key"]]
 
