@@ -192,8 +192,9 @@ def test_phantom_reports_match_their_json_and_feed_the_tokenizer(phantom_shards,
 def test_real_iu_xray_annotation_pairs_each_studys_two_images(tmp_path):
     """R2Gen's IU X-ray annotation (../shared/cxr-corpus; no images there, so each listed PNG is
     written here: 0.png bright, 1.png dark) converted with `xray-shard convert --source iu-xray`:
-    every study is one item holding exactly its two images, in key order (the annotation names no
-    view, so every pair is counted as using view-less images), with the annotation's report."""
+    every study is one item holding exactly its two images in the annotation's `image_path` order
+    (R2Gen's [0] then [1], whatever the salted keys' order; the annotation names no view, so every
+    pair is counted as using view-less images), with the annotation's report."""
     from PIL import Image
 
     from data_tools.cli import main as shard_main
@@ -203,11 +204,9 @@ def test_real_iu_xray_annotation_pairs_each_studys_two_images(tmp_path):
     source = tmp_path / "in"
     (source / "images").mkdir(parents=True)
     (source / "annotation.json").write_text(json.dumps(annotation))
-    brightness = {}
     for entry in (e for entries in annotation.values() for e in entries):
         for n, image_path in enumerate(entry["image_path"]):
             (source / "images" / image_path).parent.mkdir(parents=True, exist_ok=True)
-            brightness[f"images/{image_path}"] = 200 - 150 * n
             pixels = 200 - 150 * n + np.arange(40 * 32).reshape(40, 32) % 32  # not flat: a real image's range
             Image.fromarray(pixels.astype(np.uint8)).save(source / "images" / image_path)
     argv = ["convert", "--input", str(source), "--source", "iu-xray", "--out", str(tmp_path / "shards"),
@@ -221,16 +220,18 @@ def test_real_iu_xray_annotation_pairs_each_studys_two_images(tmp_path):
     pairs = {e["id"]: e for e in annotation["train"] if len(e["image_path"]) == 2}
     loader, batches = val_batches(tmp_path / "shards", ReportSpec("findings", 2), "wds", split="train")
     assert loader.num_samples == len(pairs) == loader.report_counts["num_pairs_with_unknown_views"] > 0
-    seen = set()
+    seen, num_key_order_differs = set(), 0
     for batch in batches:
         for image_2, key, text in zip(batch["image"], batch["key"], batch["report"]):
             study = source_of[key].split("/")[1]
             entry, seen = pairs[study], seen | {study}
-            keys = sorted(k for k, s in source_of.items() if s.split("/")[1] == study)
-            assert key == keys[0] and text == " ".join(entry["report"].split())
-            means = image_2.mean(dim=(1, 2, 3))  # the brighter slot is the 0.png
-            assert (means[0] > means[1]) == (brightness[source_of[keys[0]]] > brightness[source_of[keys[1]]])
+            first = next(k for k, s in source_of.items() if s == f"images/{entry['image_path'][0]}")
+            assert key == first and text == " ".join(entry["report"].split())
+            means = image_2.mean(dim=(1, 2, 3))
+            assert means[0] > means[1]  # slot 0 is image_path[0] (written bright), slot 1 is [1]
+            num_key_order_differs += key != min(k for k, s in source_of.items() if s.split("/")[1] == study)
     assert seen == set(pairs)
+    assert num_key_order_differs > 0  # the salted keys alone would have put some pairs the other way
 
 
 @pytest.mark.parametrize(

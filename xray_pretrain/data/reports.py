@@ -168,6 +168,7 @@ def _folder_grouping(
                 "dataset": sys.intern(str(meta.get("dataset") or table.folders[folder].dataset)),
                 "study": meta.get("study"),
                 "view": meta.get("view"),
+                "view_order": meta.get("view_order"),  # IU X-ray: the place in R2Gen's image_path
                 "report": meta.get("report"),
             }
         )
