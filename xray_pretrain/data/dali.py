@@ -20,6 +20,10 @@ there, mean difference under 0.1 grey level over the image).
 The roi mask takes the same geometry as the image: stretched to the image's size with nearest
 neighbour, sliced by the same box, resized with nearest neighbour (DALI's NN samples at pixel
 centres exactly as `augment.transform_roi` does), flipped with the image.
+
+Report items with two views (`reports.py`): each item is two pipeline rows, frontal then lateral
+(the pipeline's batch is micro_batch * views); the outputs are regrouped to (B, 2, 1, H, W). Report
+texts never enter the pipeline: the host adds them to each batch from the same rows.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ from xray_pretrain.data.badsamples import load_or_replace
 from xray_pretrain.data.decode import decode_image, decode_roi, encode_roi_png, estimate_roi, verify_image
 from xray_pretrain.data.decode import image_size as encoded_image_size
 from xray_pretrain.data.order import RankShare, TrainBatchSampler
-from xray_pretrain.data.shards import CorruptSample, ShardReader, SplitTable
+from xray_pretrain.data.reports import ItemTable
+from xray_pretrain.data.shards import CorruptSample, ShardReader
 
 FULL_SCALE_16 = 65535.0
 GEOMETRY_OUTPUTS = ("encoded", "roi_encoded", "image_hw", "anchor", "shape", "flip", "mean", "std", "labels")
@@ -45,13 +50,14 @@ JITTER_OUTPUTS = ("brightness", "contrast")  # fed only when jitter is on (DALI 
 
 @dataclass(frozen=True)
 class Row:
-    """One batch row as the host schedules it."""
+    """One pipeline row as the host schedules it: view `view` of item `index` of `folder`."""
 
     folder: int
     index: int
     params: AugmentParams
     position: int
     weight: float
+    view: int = 0
 
 
 RowsFor = Callable[[int], list[Row]]  # batch number (from 0) -> its rows; raises StopIteration at the end
@@ -63,17 +69,18 @@ class HostFeed:
     Called by DALI ahead of consumption (prefetch) with `BatchInfo.iteration`, so it depends only on
     the batch number (`first` + iteration), never on how far the consumer has got.
 
-    Corrupt samples (`badsamples.py`): with a `seed` (training) a sample that fails the host's checks
-    (`SplitTable.read`, the image header, or membership of `known_bad`: samples that made DALI's
-    decoder fail before, see `DaliBatches`) is replaced by position; without one (validation) it
-    raises. `fed[number]` holds what was fed per batch: (folder, index) and key per row, the skips.
+    Corrupt samples (`badsamples.py`): with a `seed` (training) an item one of whose views fails the
+    host's checks (`SplitTable.read`, the image header, or membership of `known_bad`: items that made
+    DALI's decoder fail before, see `DaliBatches`) is replaced whole by position; without one
+    (validation) it raises. `fed[number]` holds what was fed per batch: each item's (folder, index)
+    and key, and the skips.
     """
 
     def __init__(
-        self, table: SplitTable, rows_for: RowsFor, jitter: bool, *, seed: int | None = None,
+        self, items: ItemTable, rows_for: RowsFor, jitter: bool, *, seed: int | None = None,
         first: int = 0, known_bad: set[tuple[int, int]] | None = None,
     ):  # fmt: skip
-        self.table, self.rows_for, self.seed, self.first = table, rows_for, seed, first
+        self.items, self.rows_for, self.seed, self.first = items, rows_for, seed, first
         self.outputs = GEOMETRY_OUTPUTS + (JITTER_OUTPUTS if jitter else ())
         self.reader = ShardReader()
         self.known_bad = known_bad if known_bad is not None else set()
@@ -82,36 +89,42 @@ class HostFeed:
     def __call__(self, batch_info) -> tuple[list[np.ndarray], ...]:
         number = self.first + batch_info.iteration
         columns: dict[str, list[np.ndarray]] = {name: [] for name in self.outputs}
-        fed = {"samples": [], "keys": [], "bad": []}
-        for row in self.rows_for(number):
-            inputs, (folder, index, key), bad = self.checked_inputs(row)
-            fed["samples"].append((folder, index))
-            fed["keys"].append(key)
+        fed = {"items": [], "keys": [], "bad": []}
+        rows = self.rows_for(number)
+        for start in range(0, len(rows), self.items.num_views):  # the views of an item are adjacent
+            views, (folder, index), bad = self.checked_item(rows[start : start + self.items.num_views])
+            fed["items"].append((folder, index))
+            fed["keys"].append(self.items.key(folder, index))
             fed["bad"] += bad
-            for name in self.outputs:
-                columns[name].append(inputs[name])
+            for inputs in views:
+                for name in self.outputs:
+                    columns[name].append(inputs[name])
         self.fed[number] = fed
         return tuple(columns[name] for name in self.outputs)
 
-    def checked_inputs(self, row: Row) -> tuple[dict, tuple[int, int, str], list[dict]]:
-        """(inputs, (folder, index, key) fed, skip records) for one row, replaced when corrupt."""
+    def checked_item(self, rows: list[Row]) -> tuple[list[dict], tuple[int, int], list[dict]]:
+        """(inputs per view, (folder, index) fed, skip records) for one item, replaced when corrupt."""
 
-        def load(folder: int, index: int):
+        def load(folder: int, index: int) -> tuple[list[dict], tuple[int, int]]:
             if (folder, index) in self.known_bad:
-                key = self.table.key(folder, index)
-                shard = self.table.folders[folder].tar_paths[self.table.records[folder][index]["shard"]]
-                raise CorruptSample(f"{shard}:{key}: image does not decode (DALI, confirmed by Pillow)",
-                                    Path(shard).name, key)  # fmt: skip
-            return self.sample_inputs(row, folder, index), (folder, index, self.table.key(folder, index))
+                table = self.items.table
+                shard = Path(table.folders[folder].tar_paths[table.records[folder][index]["shard"]]).name
+                key = self.items.key(folder, index)
+                raise CorruptSample(
+                    f"{shard}:{key}: image does not decode (DALI, confirmed by Pillow)", shard, key
+                )
+            return [self.sample_inputs(row, folder, index) for row in rows], (folder, index)
 
+        first = rows[0]
         if self.seed is None:
-            return (*load(row.folder, row.index), [])
-        size = self.table.folder_sizes[row.folder]
-        (inputs, fed), bad = load_or_replace(load, row.folder, row.index, row.position, self.seed, size)
-        return inputs, fed, bad
+            return (*load(first.folder, first.index), [])
+        size = self.items.folder_sizes[first.folder]
+        (views, fed), bad = load_or_replace(load, first.folder, first.index, first.position, self.seed, size)
+        return views, fed, bad
 
     def sample_inputs(self, row: Row, folder: int, index: int) -> dict[str, np.ndarray]:
-        sample = self.table.read(self.reader, folder, index)
+        """View `row.view` of item (`folder`, `index`) with `row`'s augmentation."""
+        sample = self.items.views[row.view].read(self.reader, folder, index)
         try:
             height, width = encoded_image_size(sample.image)
         except Exception as error:  # Pillow raises several types for a damaged header
@@ -139,16 +152,18 @@ class HostFeed:
         }
 
     def undecodable(self, number: int) -> list[tuple[int, int]]:
-        """The samples fed in batch `number` that Pillow cannot decode either (after DALI failed on it)."""
+        """The items fed in batch `number` with a view that Pillow cannot decode either (after DALI
+        failed on the batch)."""
         found = []
-        for folder, index in self.fed.get(number, {}).get("samples", []):
-            sample = self.table.read(self.reader, folder, index)
+        for folder, index in self.fed.get(number, {}).get("items", []):
             try:
-                verify_image(sample.image)
-                decode_image(sample.image)
-                if sample.roi is not None:
-                    decode_roi(sample.roi)
-            except Exception:  # what exactly failed is DALI's message; Pillow only finds the sample
+                for view in self.items.views:
+                    sample = view.read(self.reader, folder, index)
+                    verify_image(sample.image)
+                    decode_image(sample.image)
+                    if sample.roi is not None:
+                        decode_roi(sample.roi)
+            except Exception:  # what exactly failed is DALI's message; Pillow only finds the item
                 found.append((folder, index))
         return found
 
@@ -223,7 +238,7 @@ class DaliBatches:
 
     def __init__(
         self,
-        table: SplitTable,
+        items: ItemTable,
         rows_for: RowsFor,
         *,
         num_batches: int | None,
@@ -234,9 +249,9 @@ class DaliBatches:
         jitter: bool,
         seed: int | None = None,
     ):
-        """`seed`: replace corrupt samples by position (training); None: raise (validation)."""
-        self.table, self.rows_for, self.num_batches, self.seed = table, rows_for, num_batches, seed
-        self.batch_size, self.image_size = batch_size, tuple(image_size)
+        """`seed`: replace corrupt items by position (training); None: raise (validation)."""
+        self.items, self.rows_for, self.num_batches, self.seed = items, rows_for, num_batches, seed
+        self.batch_size, self.image_size = batch_size, tuple(image_size)  # items per batch
         self.num_threads = max(1, num_workers)  # DALI's CPU thread pool plays the workers' part
         self.device_id = resolve_device_id(device)
         self.decode_device = "cpu" if self.device_id is None else f"gpu:{self.device_id} (mixed)"
@@ -244,32 +259,21 @@ class DaliBatches:
 
     def __iter__(self) -> Iterator[dict]:
         """Batches from 0. When DALI's decoder fails on a batch (bytes that pass the host's checks
-        but do not decode), the samples of that batch that Pillow cannot decode either join
+        but do not decode), the items of that batch that Pillow cannot decode either join
         `known_bad`, and a fresh pipeline restarts at that batch with them replaced by position (the
-        same replacement the wds backend makes); a failure no sample explains is raised."""
+        same replacement the wds backend makes); a failure no item explains is raised."""
         if self.num_batches == 0:
             return
         known_bad: set[tuple[int, int]] = set()
         number = 0
         while True:
             feed = HostFeed(
-                self.table, self.rows_for, self.jitter, seed=self.seed, first=number, known_bad=known_bad
+                self.items, self.rows_for, self.jitter, seed=self.seed, first=number, known_bad=known_bad
             )
             try:
                 for out in self._outputs(feed):
-                    (dense,) = out
-                    fed = feed.fed.pop(number)
-                    rows = self.rows_for(number)
+                    yield self._batch(out, feed.fed.pop(number), self.rows_for(number))
                     number += 1
-                    yield {
-                        "image": dense["image"],
-                        "roi": dense["roi"],
-                        "labels": dense["labels"],
-                        "key": fed["keys"],
-                        "position": torch.tensor([row.position for row in rows], dtype=torch.int64),
-                        "weight": torch.tensor([row.weight for row in rows], dtype=torch.float32),
-                        "bad": fed["bad"],
-                    }
                 return
             except RuntimeError as error:
                 found = set(feed.undecodable(number)) - known_bad
@@ -283,7 +287,7 @@ class DaliBatches:
 
         pipe = build_pipeline(
             feed,
-            batch_size=self.batch_size,
+            batch_size=self.batch_size * self.items.num_views,
             image_size=self.image_size,
             device_id=self.device_id,
             num_threads=self.num_threads,
@@ -293,34 +297,65 @@ class DaliBatches:
             [pipe], ["image", "roi", "labels"], last_batch_policy=LastBatchPolicy.PARTIAL
         )
 
+    def _batch(self, out, fed: dict, rows: list[Row]) -> dict:
+        """The batch contract from one pipeline output and what the host fed for it."""
+        num_views = self.items.num_views
+        rows = [row for row in rows if row.view == 0]  # one per item
+        (dense,) = out
+        image, roi = dense["image"], dense["roi"]  # (B * views, 1, H, W), views of an item adjacent
+        if num_views > 1:
+            image, roi = (x.reshape(len(rows), num_views, *x.shape[1:]) for x in (image, roi))
+        batch = {
+            "image": image,
+            "roi": roi,
+            "labels": dense["labels"][::num_views],
+            "key": fed["keys"],
+            "position": torch.tensor([row.position for row in rows], dtype=torch.int64),
+            "weight": torch.tensor([row.weight for row in rows], dtype=torch.float32),
+            "bad": fed["bad"],
+        }
+        if self.items.texts is not None:  # '' for padding rows, as the wds backend
+            texts = [self.items.text(*item) for item in fed["items"]]
+            batch["report"] = [text if row.weight > 0 else "" for text, row in zip(texts, rows)]
+        return batch
+
 
 class TrainSchedule:
     """Batch number -> rows for one rank's training stream (positions from `order.py`)."""
 
-    def __init__(self, share: RankShare, sampler: TrainBatchSampler, augment: TrainAugment, seed: int):
+    def __init__(
+        self, share: RankShare, sampler: TrainBatchSampler, augment: TrainAugment, seed: int, num_views: int
+    ):
         self.share, self.sampler, self.augment, self.seed = share, sampler, augment, seed
+        self.num_views = num_views
 
     def __call__(self, number: int) -> list[Row]:
-        positions = self.sampler.positions(number)
-        return [Row(*self.share.locate(p), self.augment.sample(self.seed, p), p, 1.0) for p in positions]
+        rows = []
+        for p in self.sampler.positions(number):
+            folder, index = self.share.locate(p)
+            for view in range(self.num_views):
+                rows.append(Row(folder, index, self.augment.sample(self.seed, p, view), p, 1.0, view))
+        return rows
 
 
 class ValSchedule:
     """Batch number -> rows of this rank's validation batches; StopIteration after the last."""
 
-    def __init__(self, pairs: np.ndarray, rank_batches: list[list[tuple[int, float]]]):
-        self.pairs, self.rank_batches = pairs, rank_batches
+    def __init__(self, pairs: np.ndarray, rank_batches: list[list[tuple[int, float]]], num_views: int):
+        self.pairs, self.rank_batches, self.num_views = pairs, rank_batches, num_views
 
     def __call__(self, number: int) -> list[Row]:
         if number >= len(self.rank_batches):
             raise StopIteration
         return [
-            Row(*map(int, self.pairs[i]), FULL_VIEW, i, weight) for i, weight in self.rank_batches[number]
+            Row(*map(int, self.pairs[i]), FULL_VIEW, i, weight, view)
+            for i, weight in self.rank_batches[number]
+            for view in range(self.num_views)
         ]
 
 
 def dali_train_batches(
-    table: SplitTable,
+    items: ItemTable,
     share: RankShare,
     sampler: TrainBatchSampler,
     augment: TrainAugment,
@@ -331,8 +366,8 @@ def dali_train_batches(
 ) -> DaliBatches:
     """This rank's infinite training stream on DALI (same positions and augmentation as wds)."""
     return DaliBatches(
-        table,
-        TrainSchedule(share, sampler, augment, seed),
+        items,
+        TrainSchedule(share, sampler, augment, seed, items.num_views),
         num_batches=None,
         batch_size=sampler.micro_batch,
         image_size=image_size,
@@ -344,7 +379,7 @@ def dali_train_batches(
 
 
 def dali_val_batches(
-    table: SplitTable,
+    items: ItemTable,
     pairs: np.ndarray,
     rank_batches: list[list[tuple[int, float]]],
     image_size: tuple[int, int],
@@ -353,8 +388,8 @@ def dali_val_batches(
 ) -> DaliBatches:
     """This rank's validation batches on DALI (no randomness; finite; re-iterable)."""
     return DaliBatches(
-        table,
-        ValSchedule(pairs, rank_batches),
+        items,
+        ValSchedule(pairs, rank_batches, items.num_views),
         num_batches=len(rank_batches),
         batch_size=max((len(b) for b in rank_batches), default=1),
         image_size=image_size,
