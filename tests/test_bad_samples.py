@@ -199,3 +199,36 @@ def test_training_counts_skips_resumes_equal_and_stops_above_the_limit(corrupt, 
     assert stopped["steps"] == second // 16 + 1 and stopped["num_bad_samples"] == 2
     assert f"csv-train-000000.tar:{expected[second]}" in stopped["stopped"]
     assert "data.max_bad_fraction=0.01" in stopped["stopped"]
+
+
+@pytest.mark.parametrize("backend", ["wds", pytest.param("dali", marks=needs_dali)])
+def test_a_report_pair_with_one_corrupt_view_is_replaced_whole(tmp_path, backend):
+    """Two-view report items: a damaged lateral image replaces the whole study (frontal, lateral and
+    text of another one), never a frontal paired with a stranger's lateral."""
+    from data_fixtures import write_shard_folder
+    from test_report_loaders import study_meta, train_batches
+
+    from xray_pretrain.data.reports import ReportSpec
+
+    fixture = write_shard_folder(
+        tmp_path, splits={"train": 12, "val": 6}, size_hw=(40, 32), seed=3, meta_fn=study_meta
+    )
+    lateral = next(k for k in fixture.keys("train") if fixture.samples[k].meta == study_meta(4, "train"))
+    tar = next(
+        p
+        for p in tmp_path.glob("*-train-*.tar")
+        if any(s.key == lateral for s in read_idx(p.with_suffix(".idx")))
+    )
+    offset, size = next(s for s in read_idx(tar.with_suffix(".idx")) if s.key == lateral).components["png"]
+    data = bytearray(tar.read_bytes())
+    data[offset + size // 2 : offset + size // 2 + 4] = bytes(
+        b ^ 0xFF for b in data[offset + size // 2 : offset + size // 2 + 4]
+    )
+    tar.write_bytes(bytes(data))
+    frontal_of = {s.meta["study"]: k for k, s in fixture.samples.items() if s.meta["view"] == "PA"}
+    loader, batches = train_batches(tmp_path, ReportSpec("findings", 2), backend, 4)
+    assert loader.bad.num_bad >= 1 and loader.bad.last["key"] == lateral
+    for batch in batches:
+        assert batch["image"].shape[1] == 2 and frontal_of["train-s2"] not in batch["key"]
+        for key, text in zip(batch["key"], batch["report"]):
+            assert text == f"finding {fixture.samples[key].meta['study']}"  # the replacement's own text

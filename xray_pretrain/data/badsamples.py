@@ -38,16 +38,17 @@ def load_or_replace(
     load: Callable[[int, int], Item], folder: int, index: int, position: int, seed: int, folder_size: int
 ) -> tuple[Item, list[dict]]:
     """(`load(folder, index)`, []) or, when that raises `CorruptSample`, the first replacement that
-    loads, with one record per corrupt read. Raises CorruptSample after MAX_ATTEMPTS replacements."""
+    loads, with one record per corrupt sample met. Raises CorruptSample after MAX_ATTEMPTS replacements."""
     bad: list[dict] = []
     for attempt in range(MAX_ATTEMPTS + 1):
         try:
             return load(folder, index), bad
         except CorruptSample as error:
-            reason = (
-                str(error).split(f"{error.key}: ", 1)[-1] if error.key else str(error)
-            )  # no shard:key twice
-            bad.append({"position": int(position), "shard": error.shard, "key": error.key, "reason": reason})
+            reason = str(error).split(f"{error.key}: ", 1)[-1] if error.key else str(error)  # once
+            if all(record["key"] != error.key for record in bad):  # a draw may repeat in a small folder
+                bad.append(
+                    {"position": int(position), "shard": error.shard, "key": error.key, "reason": reason}
+                )
             index = replacement_index(seed, position, attempt, folder_size)
     raise CorruptSample(
         f"position {position}: the sample and {MAX_ATTEMPTS} replacements are all corrupt, the last: "

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -78,12 +77,12 @@ class HostFeed:
 
     def __init__(
         self, items: ItemTable, rows_for: RowsFor, jitter: bool, *, seed: int | None = None,
-        first: int = 0, known_bad: set[tuple[int, int]] | None = None,
+        first: int = 0, known_bad: dict[tuple[int, int], tuple[str, str]] | None = None,
     ):  # fmt: skip
         self.items, self.rows_for, self.seed, self.first = items, rows_for, seed, first
         self.outputs = GEOMETRY_OUTPUTS + (JITTER_OUTPUTS if jitter else ())
         self.reader = ShardReader()
-        self.known_bad = known_bad if known_bad is not None else set()
+        self.known_bad = known_bad if known_bad is not None else {}  # item -> (shard, key) that failed
         self.fed: dict[int, dict] = {}
 
     def __call__(self, batch_info) -> tuple[list[np.ndarray], ...]:
@@ -107,9 +106,7 @@ class HostFeed:
 
         def load(folder: int, index: int) -> tuple[list[dict], tuple[int, int]]:
             if (folder, index) in self.known_bad:
-                table = self.items.table
-                shard = Path(table.folders[folder].tar_paths[table.records[folder][index]["shard"]]).name
-                key = self.items.key(folder, index)
+                shard, key = self.known_bad[folder, index]
                 raise CorruptSample(
                     f"{shard}:{key}: image does not decode (DALI, confirmed by Pillow)", shard, key
                 )
@@ -151,20 +148,21 @@ class HostFeed:
             "labels": sample.labels,
         }
 
-    def undecodable(self, number: int) -> list[tuple[int, int]]:
+    def undecodable(self, number: int) -> dict[tuple[int, int], tuple[str, str]]:
         """The items fed in batch `number` with a view that Pillow cannot decode either (after DALI
-        failed on the batch)."""
-        found = []
+        failed on the batch): (folder, index) -> (shard, key) of that view."""
+        found = {}
         for folder, index in self.fed.get(number, {}).get("items", []):
-            try:
-                for view in self.items.views:
-                    sample = view.read(self.reader, folder, index)
+            for view in self.items.views:
+                sample = view.read(self.reader, folder, index)
+                try:
                     verify_image(sample.image)
                     decode_image(sample.image)
                     if sample.roi is not None:
                         decode_roi(sample.roi)
-            except Exception:  # what exactly failed is DALI's message; Pillow only finds the item
-                found.append((folder, index))
+                except Exception:  # what exactly failed is DALI's message; Pillow only finds the item
+                    found[folder, index] = (sample.shard, sample.key)
+                    break
         return found
 
 
@@ -264,7 +262,7 @@ class DaliBatches:
         same replacement the wds backend makes); a failure no item explains is raised."""
         if self.num_batches == 0:
             return
-        known_bad: set[tuple[int, int]] = set()
+        known_bad: dict[tuple[int, int], tuple[str, str]] = {}
         number = 0
         while True:
             feed = HostFeed(
@@ -276,11 +274,13 @@ class DaliBatches:
                     number += 1
                 return
             except RuntimeError as error:
-                found = set(feed.undecodable(number)) - known_bad
+                found = {
+                    item: named for item, named in feed.undecodable(number).items() if item not in known_bad
+                }
                 if self.seed is None or not found:
                     keys = feed.fed.get(number, {}).get("keys")
                     raise RuntimeError(f"DALI failed on batch {number} (keys {keys}): {error}") from error
-                known_bad |= found
+                known_bad.update(found)
 
     def _outputs(self, feed: HostFeed):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
