@@ -46,9 +46,7 @@ class GuardedAdamW(torch.optim.AdamW):
 
     def step(self, closure=None):
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        bad_t = torch.zeros((), dtype=torch.bool, device=grads[0].device if grads else "cpu")
-        if grads:
-            bad_t = ~torch.stack([torch.isfinite(g).all() for g in grads]).all()
+        bad_t = ~torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(False)
         if self.loss_bad_t is not None:
             bad_t = bad_t | self.loss_bad_t.to(bad_t.device)
         if _any_rank(bad_t, self.device) or self.skipped:  # the collective first, on every rank
@@ -66,7 +64,6 @@ class Health:
         self.num_bad_in_row = 0
         self.num_bad_samples = 0  # whole run, all ranks (restored on resume)
         self.keys: list[str] = []  # this rank's sample keys of the current step
-        self.losses: list[float] = []
 
     def note_micro_batch(self, batch: dict, loss: torch.Tensor) -> None:
         """Called after each forward: remembers the keys, flags a non-finite loss (no host sync)."""
@@ -79,8 +76,7 @@ class Health:
 
     def end_step(self, engine, num_new_bad_samples: int) -> tuple[bool, int]:
         """After the optimizer step: (was it bad, corrupt samples this step over all ranks)."""
-        applied = engine.was_step_applied() if hasattr(engine, "was_step_applied") else True
-        bad = self.optimizer.skipped or not applied
+        bad = self.optimizer.skipped or not engine.was_step_applied()  # DeepSpeed's own overflow skip too
         bad_sum, num_new = all_reduce_sum([float(bad), float(num_new_bad_samples)], engine.device)
         bad = bad_sum > 0
         self.optimizer.skipped = False
