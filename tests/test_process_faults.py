@@ -5,7 +5,8 @@ survivor: it must stop with a message naming the lost rank within `train.dist_ti
 `checkpoint.resume=auto` must end on the parameters of an uninterrupted run. Under the deepspeed
 launcher a killed rank ends the run, a killed launcher stops its ranks with a checkpoint, and no
 run leaves DeepSpeed's /dev/shm files behind. Each run resumes from step 8 of the reference run
-(`zero2_run`) and checkpoints every 2 steps, so a kill lands between checkpoints.
+(`zero2_run`) and checkpoints every 2 steps, so a kill lands between checkpoints; one of them
+resumes after the kill and ends on the reference's parameters.
 """
 
 from __future__ import annotations
@@ -182,10 +183,11 @@ def test_stopped_rank_ends_the_survivor_within_the_timeout(tmp_path, phantom_sha
     assert _last_complete_step(run) >= 8
 
 
-def test_rank_killed_under_the_launcher_ends_the_run_and_resumes_equal(tmp_path, phantom_shards, zero2_run):
-    reference, run = zero2_run[0], tmp_path / "run"
-    copy_checkpoint(reference, "step00000008", run)
-    port = free_port()
+def test_rank_killed_under_the_launcher_ends_the_run_and_leaves_nothing(tmp_path, phantom_shards, zero2_run):
+    """What held before this issue, kept: the launcher ends the other rank. Resuming after a kill
+    is the by-hand test's (the same checkpoints, the same resume)."""
+    run, port = tmp_path / "run", free_port()
+    copy_checkpoint(zero2_run[0], "step00000008", run)
     launcher = _start_launcher(run, phantom_shards, "killed", port)
     ranks = _launched_ranks(launcher)
     everything = _tree(launcher)
@@ -194,21 +196,16 @@ def test_rank_killed_under_the_launcher_ends_the_run_and_resumes_equal(tmp_path,
     ranks[1].send_signal(signal.SIGKILL)
     assert launcher.wait(timeout=TIMEOUT_S + 60) != 0
     _assert_all_gone(everything, within_s=20)
+    log = (run / "killed.log").read_text()
+    assert f"[rank 0] error: rank 1 (pid {ranks[1].pid} on " in log, log[-3000:]
     assert not _shm_files(port), "a killed run left DeepSpeed shared-memory files"
-
-    resume_from = _last_complete_step(run)
-    port = free_port()
-    launcher = _start_launcher(run, phantom_shards, "resumed", port)
-    assert launcher.wait(timeout=300) == 0, (run / "resumed.log").read_text()[-3000:]
-    assert _start_step(run) == resume_from
-    assert not _shm_files(port), "a finished run left DeepSpeed shared-memory files"
-    assert_same_parameters(reference, run, "step00000016", f"after rank 1 was killed near step {kill_at}")
+    assert 8 <= _last_complete_step(run) <= max(logged_steps(run))
 
 
 def test_killed_launcher_stops_its_ranks_with_a_checkpoint(tmp_path, phantom_shards, zero2_run):
-    run = tmp_path / "run"
+    run, port = tmp_path / "run", free_port()
     copy_checkpoint(zero2_run[0], "step00000008", run)
-    launcher = _start_launcher(run, phantom_shards, "orphaned")
+    launcher = _start_launcher(run, phantom_shards, "orphaned", port)
     ranks = _launched_ranks(launcher)
     everything = _tree(launcher)
     _wait_for_step(run, 9, [launcher])
@@ -224,3 +221,4 @@ def test_killed_launcher_stops_its_ranks_with_a_checkpoint(tmp_path, phantom_sha
     assert _last_complete_step(run) == stopped_at
     assert (run / "checkpoints" / "latest").read_text().strip() == checkpoint.tag_for_step(stopped_at)
     assert f"exits with return code = {PREEMPTED_EXIT_CODE}" in log  # the launch process saw the stop
+    assert not _shm_files(port), "a stopped run left DeepSpeed shared-memory files"
