@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -127,6 +128,13 @@ def _shm_files(port: int) -> list[str]:
     return [p.name for p in SHM_DIR.glob(f"deepspeed_*_{port}_*")]
 
 
+def _reported_step(log: str, why: str) -> int:
+    """The step a survivor's error line says every rank had finished when the peer was lost."""
+    match = re.search(r"was lost after all ranks finished step (\d+): " + re.escape(why), log)
+    assert match, log[-3000:]
+    return int(match.group(1))
+
+
 def _start_step(run: Path) -> int:
     return json.loads((run / "run_info.json").read_text())["starts"][-1]["start_step"]
 
@@ -151,7 +159,8 @@ def test_rank_killed_without_launcher_stops_the_survivor_and_resumes_equal(
     log = (run / "killed-rank1.log").read_text()
     assert returncode == PEER_LOST_EXIT_CODE, log[-3000:]
     assert f"[rank 1] error: rank 0 (pid {ranks[0].pid} on " in log, log[-3000:]
-    assert "was lost: its process is gone" in log and "checkpoint.resume=auto" in log
+    assert kill_at <= _reported_step(log, "its process is gone") <= 16
+    assert "checkpoint.resume=auto" in log
     assert "Traceback" not in log
     _assert_all_gone(trees[0] + trees[1], within_s=20)
 
@@ -178,6 +187,7 @@ def test_stopped_rank_ends_the_survivor_within_the_timeout(tmp_path, phantom_sha
     log = (run / "stopped-rank0.log").read_text()
     assert returncode == PEER_LOST_EXIT_CODE, log[-3000:]
     assert f"[rank 0] error: rank 1 (pid {ranks[1].pid} on " in log
+    assert 9 <= _reported_step(log, "no heartbeat for") <= 16
     assert "(stopped or unreachable)" in log and f"train.dist_timeout_s={TIMEOUT_S}" in log
     _assert_all_gone(trees[0] + trees[1], within_s=20)
     assert _last_complete_step(run) >= 8
@@ -198,6 +208,7 @@ def test_rank_killed_under_the_launcher_ends_the_run_and_leaves_nothing(tmp_path
     _assert_all_gone(everything, within_s=20)
     log = (run / "killed.log").read_text()
     assert f"[rank 0] error: rank 1 (pid {ranks[1].pid} on " in log, log[-3000:]
+    assert kill_at <= _reported_step(log, "its process is gone") <= 16
     assert not _shm_files(port), "a killed run left DeepSpeed shared-memory files"
     assert 8 <= _last_complete_step(run) <= max(logged_steps(run))
 

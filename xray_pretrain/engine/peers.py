@@ -80,7 +80,8 @@ class PeerWatch:
         if self.ctx.world_size > 1:
             self._store = torch.distributed.TCPStore(
                 os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                timeout=timedelta(seconds=self.interval_s), wait_for_workers=False,
+                # Generous per request (a loaded host answers late); silence is measured across requests.
+                timeout=timedelta(seconds=max(self.interval_s, self.timeout_s / 2)), wait_for_workers=False,
             )  # fmt: skip
             self._publish(done=False)
             torch.distributed.barrier()  # every rank's key exists: reading them never waits
@@ -132,7 +133,7 @@ class PeerWatch:
             self._publish(done=False)
             values = self._store.multi_get([f"{KEY_PREFIX}{r}" for r in self._peers])
             self._store_seen_at = now
-        except RuntimeError:  # the store (rank 0's process) did not answer within one interval
+        except RuntimeError:  # the store (rank 0's process) refused or did not answer in time
             return self._store_silent(now)
         for rank, value in zip(self._peers, values):
             beat, peer = json.loads(value), self._peers[rank]
@@ -163,11 +164,15 @@ class PeerWatch:
         return None
 
     def _describe(self, rank: int, why: str) -> str:
+        """The one line naming the lost rank. Data-parallel steps need every rank, so the last step
+        this rank finished is one every rank reached; the peer's heartbeat may lag behind it."""
         peer = self._peers[rank]
         where = f" (pid {peer.pid} on {peer.host})" if peer.pid else ""
+        step = self._step()
+        reached = "before the first step" if step is None else f"after all ranks finished step {step}"
+        heard = "" if peer.step is None else f"; its last heartbeat came after step {peer.step}"
         return (
-            f"rank {rank}{where} was lost: {why}. This rank had finished {_steps(self._step())}, rank "
-            f"{rank}'s last heartbeat came after {_steps(peer.step)} (train.dist_timeout_s="
+            f"rank {rank}{where} was lost {reached}: {why}{heard} (train.dist_timeout_s="
             f"{self.timeout_s:g}). Continue with checkpoint.resume=auto: it resumes from the last "
             "complete checkpoint"
         )
@@ -193,10 +198,6 @@ class PeerWatch:
         sys.stdout.flush()
         remove_shm_buffers(list(range(self.ctx.world_size)))  # a killed rank could not unlink its own
         os._exit(PEER_LOST_EXIT_CODE)
-
-
-def _steps(step: int | None) -> str:
-    return "no step yet" if step is None else f"step {step}"
 
 
 def _is_collective_failure(exc: BaseException) -> bool:
