@@ -233,3 +233,77 @@ def test_killed_launcher_stops_its_ranks_with_a_checkpoint(tmp_path, phantom_sha
     assert (run / "checkpoints" / "latest").read_text().strip() == checkpoint.tag_for_step(stopped_at)
     assert f"exits with return code = {PREEMPTED_EXIT_CODE}" in log  # the launch process saw the stop
     assert not _shm_files(port), "a stopped run left DeepSpeed shared-memory files"
+
+
+RANK_FAILS = """
+import os, sys, torch
+from xray_pretrain.engine.dist import DistContext
+from xray_pretrain.engine.peers import PeerWatch
+rank = int(os.environ["RANK"])
+torch.distributed.init_process_group("gloo", timeout=__import__("datetime").timedelta(seconds=60))
+ctx = DistContext(rank, 2, rank, torch.device("cpu"))
+steps = [0]
+with PeerWatch(ctx, timeout_s=60) as watch:
+    watch.follow(lambda: steps[0])
+    for step in range(1, 1000):
+        if rank == 1 and step == 3:
+            raise ValueError("rank 1's own error")
+        torch.distributed.all_reduce(torch.ones(1))
+        steps[0] = step
+"""
+
+
+def test_a_rank_ending_on_its_own_error_is_named_by_the_other(tmp_path):
+    """No DeepSpeed: two processes in a gloo group around PeerWatch. Rank 1 raises; rank 0, in an
+    all-reduce, names it at once instead of waiting out the 60 s timeout."""
+    script = tmp_path / "ranks.py"
+    script.write_text(RANK_FAILS)
+    port, procs = free_port(), []
+    for rank in range(2):
+        env = _env() | dict(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(
+            subprocess.Popen([sys.executable, str(script)], env=env, stderr=subprocess.PIPE, text=True)
+        )
+    try:
+        errors = [proc.communicate(timeout=120)[1] for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()  # only if a hang failed the test
+    assert procs[1].returncode == 1 and "ValueError: rank 1's own error" in errors[1]
+    assert procs[0].returncode == PEER_LOST_EXIT_CODE, errors[0]
+    assert f"[rank 0] error: rank 1 (pid {procs[1].pid} on " in errors[0]
+    assert "was lost after all ranks finished step 2: it ended before this rank" in errors[0]
+
+
+UNCAUGHT_ERROR_WITH_WORKERS = """
+import numpy as np, torch
+from xray_pretrain.data.wds import make_dataloader
+
+class Rows(torch.utils.data.Dataset):
+    def __len__(self):
+        return 8
+    def __getitem__(self, i):
+        return {"image": torch.zeros(1), "roi": torch.zeros(1), "labels": np.zeros(1), "key": str(i),
+                "position": i, "weight": 1.0}
+
+batches = iter(make_dataloader(Rows(), [[0, 1], [2, 3], [4, 5], [6, 7]], num_workers=1, pin_memory=False))
+next(batches)
+print(*[w.pid for w in batches._workers], flush=True)
+raise RuntimeError("a bug while training")
+"""
+
+
+def test_an_uncaught_error_with_loader_workers_ends_the_process(tmp_path):
+    """The workers ignore SIGTERM (data/wds.py), so Python's exit, which SIGTERMs and waits for them,
+    hung for good after any uncaught error while a loader was alive (before: still there after 40 s)."""
+    script = tmp_path / "uncaught.py"
+    script.write_text(UNCAUGHT_ERROR_WITH_WORKERS)
+    proc = subprocess.Popen([sys.executable, str(script)], env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()  # only if a hang failed the test
+    assert proc.returncode == 1 and "RuntimeError: a bug while training" in err
+    workers = [int(pid) for pid in out.split()]
+    assert len(workers) == 1 and not psutil.pid_exists(workers[0])

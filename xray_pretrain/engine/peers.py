@@ -126,8 +126,10 @@ class PeerWatch:
         }
         self._store.set(f"{KEY_PREFIX}{self.ctx.rank}", json.dumps(beat))
 
-    def _check_peers(self) -> str | None:
-        """One heartbeat out and everyone's in; a description of a lost rank, or None."""
+    def _check_peers(self, after_failure: bool = False) -> str | None:
+        """One heartbeat out and everyone's in; a description of a lost rank, or None. A rank that
+        said it ended is not lost, unless a collective just failed and its process is gone (it
+        ended on an error of its own)."""
         now = time.monotonic()
         try:
             self._publish(done=False)
@@ -137,12 +139,17 @@ class PeerWatch:
             return self._store_silent(now)
         for rank, value in zip(self._peers, values):
             beat, peer = json.loads(value), self._peers[rank]
-            if beat["done"]:
-                continue
             if beat["count"] != peer.count:
                 peer.count, peer.seen_at = beat["count"], now
             peer.step, peer.pid, peer.host = beat["step"], beat["pid"], beat["host"]
-            if peer.host == self.host and not _pid_alive(peer.pid):
+            gone = peer.host == self.host and not _pid_alive(peer.pid)
+            if beat["done"]:
+                if after_failure and gone:
+                    return self._describe(
+                        rank, "it ended before this rank (on an error of its own? see its output)"
+                    )
+                continue
+            if gone:
                 return self._describe(rank, "its process is gone")
             if now - peer.seen_at > self.timeout_s:
                 return self._describe(
@@ -187,7 +194,7 @@ class PeerWatch:
             self._thread.join()
         lost = None
         while lost is None and time.monotonic() < deadline:
-            lost = self._check_peers()
+            lost = self._check_peers(after_failure=True)
             if lost is None:
                 time.sleep(self.interval_s)
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
