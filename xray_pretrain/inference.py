@@ -237,6 +237,7 @@ def evaluate(
     loader = build_val_loader(
         cfg.data, image_size=tuple(trained.info["image_size"]), micro_batch=cfg.train.micro_batch,
         rank=0, world_size=1, device=trained.device.type, whole_split=True, split=split,
+        reports=cfg.loader_reports(),
     )  # fmt: skip
     if loader.num_samples == 0:
         raise ValueError(f"no {split!r} samples in {cfg.data.resolved_val_shards}")

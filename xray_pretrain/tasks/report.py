@@ -19,6 +19,7 @@ from collections.abc import Iterable
 import torch
 
 from xray_pretrain.collectives import all_ranks_true, gather_samples
+from xray_pretrain.data.reports import train_report_texts
 from xray_pretrain.data.shards import SplitTable
 from xray_pretrain.models import build_encoder
 from xray_pretrain.models.param_groups import encoder_layer_decay_groups
@@ -68,8 +69,6 @@ class ReportTask:
         a resumed run already took its checkpoint's (:meth:`restore_inference_state`). The loaders
         group the table into report items themselves: the table is returned as it is."""
         if self.tokenizer is None:
-            from xray_pretrain.data.reports import train_report_texts  # reads every training json
-
             self.bind_reports(train_report_texts(table, self.rcfg.section, self.rcfg.views))
         else:
             log.info("report tokenizer: the resumed checkpoint's (%d words)", len(self.tokenizer.words))
