@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -159,7 +160,10 @@ def test_tokenizer_survives_resume_and_export(report_run, phantom_shards, tmp_pa
     """A resumed run keeps its checkpoint's tokenizer (here with its last word renamed: a rebuilt one
     would have the real word), and the export holds the same tokenizer as a file its model card names."""
     run = tmp_path / "resumed"
-    copy_checkpoint(report_run, "step00000004", run)
+    copy_checkpoint(report_run, "step00000004", run)  # with its best/, as the run folder holds them
+    shutil.copytree(
+        report_run / "checkpoints" / checkpoint.BEST_TAG, run / "checkpoints" / checkpoint.BEST_TAG
+    )
     info_path = run / "checkpoints" / "step00000004" / checkpoint.INFERENCE_NAME
     info = json.loads(info_path.read_text())
     words = info["tokenizer"]["words"]

@@ -73,9 +73,8 @@ def load_trained(
     cfg = config_from_dict(json.loads((folder / checkpoint.CONFIG_NAME).read_text()))
     info_path = folder / checkpoint.INFERENCE_NAME
     if cfg.task not in tasks or not info_path.is_file():
-        raise ValueError(
-            f"{folder} is not a {' or '.join(tasks)} checkpoint (task={cfg.task}); use `finetune` first"
-        )
+        wanted = " or ".join({"classify": "classifier", "report": "report generator"}[t] for t in tasks)
+        raise ValueError(f"{folder} is not a {wanted} checkpoint (task={cfg.task}); use `finetune` first")
     info = json.loads(info_path.read_text())
     task = build_task(cfg)
     task.restore_inference_state(info)
