@@ -33,6 +33,7 @@ from xray_pretrain.data.heap import release_freed_heap
 TAG_EPOCH_SHUFFLE = 0
 TAG_FOLDER_DRAW = 1
 TAG_AUGMENT = 2
+TAG_REPLACE = 3  # replacements for corrupt samples (data/badsamples.py)
 
 
 def seeded_rng(seed: int, tag: int, *values: int) -> np.random.Generator:
