@@ -1,14 +1,15 @@
 """Radiology report generation: ViT encoder -> Transformer decoder, scored with pycocoevalcap.
 
-Written against the Task protocol on main (build_model, training_loss, evaluate, preview_image,
-flops_per_sample) plus the attributes of the generalized protocol (selection, val_whole_split,
-init prefixes, fitted/inference state); docs/report_generation.md says how it is wired.
+`task: report` of the engine (`tasks.build_task`); the commands finetune / evaluate / predict /
+export serve it through `xray_pretrain.inference`. docs/report_generation.md maps each Task protocol
+member to what this task does.
 
 Batch contract it reads (the loaders' report mode): ``image`` (B, 1, H, W) for ``report.views=1`` or
 (B, 2, 1, H, W) frontal then lateral for ``views=2``; ``report`` list of B strings, the raw text of
 ``report.section`` (:func:`xray_pretrain.report.studies.report_text`); ``key``, ``position``,
 ``weight`` (0 for padding rows) as for every task. Tokenization happens here, not in the loaders:
-the tokenizer belongs to the run (built from the training reports, saved with every checkpoint).
+the tokenizer belongs to the run (built from the training reports in `select_train_samples`, saved
+in every checkpoint's inference.json, taken back by a resumed run in `restore_inference_state`).
 """
 
 from __future__ import annotations
