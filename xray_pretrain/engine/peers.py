@@ -2,16 +2,16 @@
 
 Ranks without a supervising launcher (one process per task under `srun`, or started by hand) have
 no one to end the survivors when a rank dies or stops. gloo fails at once on a dead peer's closed
-socket and after the process group's timeout on a stopped one, but its error names an address, not
-a rank, and the process then hangs at exit (the DataLoader workers ignore SIGTERM: data/wds.py).
-So every rank publishes a heartbeat (a counter, its last finished step, pid and host) into the
-rendezvous store from a daemon thread, and reads everyone's. A peer is lost when its process on
-this host is gone, or when its counter has not moved for `train.dist_timeout_s` (a stopped or
-unreachable process); rank 0, which hosts the store, is lost when the store does not answer for
-that long. The rank that finds a loss prints which rank, at which step, and ends itself with
-`PEER_LOST_EXIT_CODE` (os._exit: Python's exit would wait on the workers), after unlinking this
-run's shared-memory files (engine/dist.py). `checkpoint.resume=auto` then continues from the last
-complete checkpoint.
+socket and after the process group's timeout (`train.dist_timeout_s`, engine/dist.py) on a stopped
+one, but its error names an address, not a rank. So every rank publishes a heartbeat (a counter, its
+last finished step, pid and host) into the rendezvous store from a daemon thread, and reads
+everyone's. A peer is lost when its process on this host is gone, or when its counter has not moved
+for `train.dist_timeout_s` (a stopped or unreachable process); rank 0, which hosts the store, is
+lost when the store does not answer for that long. The rank that finds a loss (its watch thread,
+or its main thread once a collective fails) prints which rank and the step all ranks reached, and
+ends at once with `PEER_LOST_EXIT_CODE` (os._exit, without Python's exit handlers) after unlinking
+this run's shared-memory files. `checkpoint.resume=auto` then continues from the last complete
+checkpoint.
 
 A `deepspeed` launcher killed alone (its top process, or the per-node `launch` process) leaves its
 ranks training to the end as orphans. A rank whose parent is that launcher remembers the launcher
