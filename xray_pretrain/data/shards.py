@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from xray_core.shardindex import IMAGE_SLOT, MISSING, SLOTS, load_index
-from xray_core.shardio import MANIFEST_NAME, META_EXTENSION, ROI_EXTENSION, idx_path_for
+from xray_core.shardio import MANIFEST_NAME, META_EXTENSION, ROI_EXTENSION, idx_name_for
 from xray_pretrain.data.decode import decode_labels
 from xray_pretrain.data.heap import release_freed_heap
 
@@ -83,13 +83,16 @@ class ShardFolder:
         shards = m.get("shards")
         if not isinstance(shards, list):
             raise ValueError(f"{where}: 'shards' must be a list")
+        # One directory listing instead of two stats per shard (10k shards: ~20 ms instead of ~1 s).
+        present = {item.name for item in os.scandir(self.path) if item.is_file()}
         for entry in shards:
-            tar = self.path / entry["name"]
-            if not tar.is_file():
-                raise ValueError(f"{where}: shard {entry['name']} is listed but {tar} does not exist")
-            if not idx_path_for(tar).is_file():
+            if entry["name"] not in present:
                 raise ValueError(
-                    f"{self.path}: {idx_path_for(tar).name} is missing (loaders read samples through the "
+                    f"{where}: shard {entry['name']} is listed but {self.path / entry['name']} does not exist"
+                )
+            if idx_name_for(entry["name"]) not in present:
+                raise ValueError(
+                    f"{self.path}: {idx_name_for(entry['name'])} is missing (loaders read samples through the "
                     f"DALI index); run `xray-shard index {self.path}`"
                 )
 
@@ -102,7 +105,8 @@ class ShardFolder:
         beside the shards when absent or stale, then memory-mapped: every process shares one copy."""
         if self._index is None:
             self._index = load_index(self.path, self.manifest)
-            self.tar_paths = [str(self.path / shard["name"]) for shard in self._index[0]["shards"]]
+            base = str(self.path)
+            self.tar_paths = [os.path.join(base, shard["name"]) for shard in self._index[0]["shards"]]
         return self._index
 
     def split_samples(self, split: str) -> np.ndarray:
