@@ -40,6 +40,7 @@ import numpy as np
 TAG_EPOCH_SHUFFLE = 0
 TAG_FOLDER_DRAW = 1
 TAG_AUGMENT = 2
+TAG_REPLACE = 3  # replacements for corrupt samples (data/badsamples.py)
 
 # Six rounds: four already make a Feistel network a pseudo-random permutation when its round function
 # is one (Luby-Rackoff); two more for the small domains, whose halves are only a few bits wide.

@@ -22,12 +22,23 @@ from pathlib import Path
 import numpy as np
 
 from xray_core.shardindex import IMAGE_SLOT, MISSING, SLOTS, load_index
-from xray_core.shardio import MANIFEST_NAME, META_EXTENSION, ROI_EXTENSION, idx_name_for
+from xray_core.shardio import IMAGE_EXTENSIONS, MANIFEST_NAME, META_EXTENSION, ROI_EXTENSION, idx_name_for
 from xray_pretrain.data.decode import decode_labels
 from xray_pretrain.data.heap import release_freed_heap
 
 FORMAT_VERSION = 1
 IMAGE_FORMATS = ("png16", "jpg", "jp2")
+TAR_BLOCK = 512  # a tar member's data follows its 512-byte header
+
+
+class CorruptSample(ValueError):
+    """One sample's stored bytes are unusable (short read, an idx entry that does not point at its
+    member, undecodable labels or json, an image that does not decode). Loaders skip and replace such
+    samples (`data.badsamples`); `shard` and `key` name it."""
+
+    def __init__(self, message: str, shard: str = "", key: str = ""):
+        super().__init__(message)
+        self.shard, self.key = shard, key
 
 
 class ShardFolder:
@@ -151,6 +162,25 @@ def open_file_budget() -> int:
 MAX_FD_TARGET = 1 << 20
 
 
+def _member_header_problem(header: bytes, member: str, size: int) -> str | None:
+    """Why `header` (512 bytes) is not the ustar header of `member` with `size` data bytes, or None."""
+    if len(header) < TAR_BLOCK:
+        return None  # the short read is reported instead
+    stored_sum = header[148:156].split(b"\0")[0].strip()
+    computed = sum(header[:148]) + 8 * 32 + sum(header[156:])
+    if not stored_sum or not stored_sum.isdigit() or int(stored_sum, 8) != computed:
+        return "no tar header before the idx offset (the idx disagrees with the tar: rebuild it with `xray-shard index`)"
+    name = header[:100].split(b"\0")[0].decode(errors="replace")
+    prefix = header[345:500].split(b"\0")[0].decode(errors="replace") if header[257:262] == b"ustar" else ""
+    name = f"{prefix}/{name}" if prefix else name
+    stored_size = header[124:136].split(b"\0")[0].strip()
+    if len(member) < 100 and name != member:  # longer names live in pax/GNU records, not checked here
+        return f"the idx offset points at member {name!r} (the idx disagrees with the tar: rebuild it with `xray-shard index`)"
+    if not stored_size.isdigit() or int(stored_size, 8) != size:
+        return f"the tar member holds {stored_size.decode(errors='replace')!r} (octal) bytes, the idx says {size}"
+    return None
+
+
 class ShardReader:
     """Reads samples with `os.pread` on tar descriptors kept open in an LRU as large as the process's
     descriptor budget (`open_file_budget`), so a training run opens each tar about once per process.
@@ -168,21 +198,30 @@ class ShardReader:
 
     def read(self, tar_path: str, record: np.void, only: tuple[str, ...] | None = None) -> dict[str, bytes]:
         """Component name -> bytes for one index record (`shardindex.record_dtype`); `only`: just these
-        components (e.g. the json, without the image)."""
+        components (e.g. the json, without the image).
+
+        Each member is read with the tar header before it (same pread), and the header must name
+        this member with this size: an idx that disagrees with its tar (shifted offsets, another
+        tar's idx) or a tar cut short raises `CorruptSample` instead of handing on foreign bytes."""
         fd = self._fd(tar_path)
+        key = record["key"].decode()
         base, rel, size = int(record["base"]), record["rel"], record["size"]
         out = {}
         for slot, name in enumerate(SLOTS):  # "image" whatever its format, then roi.png ...
             if rel[slot] == MISSING or (only is not None and name not in only):
                 continue
             offset, length = base + int(rel[slot]), int(size[slot])
-            data = os.pread(fd, length, offset)
-            if len(data) != length:
-                raise OSError(
-                    f"short read in {tar_path} for {record['key'].decode()}.{name}: wanted {length} bytes "
-                    f"at {offset}, got {len(data)}; the tar changed after indexing (re-run `xray-shard index`)"
+            data = os.pread(fd, length + TAR_BLOCK, offset - TAR_BLOCK)
+            member = f"{key}.{IMAGE_EXTENSIONS[record['image']] if slot == IMAGE_SLOT else name}"
+            problem = _member_header_problem(data[:TAR_BLOCK], member, length)
+            if len(data) != length + TAR_BLOCK:
+                problem = (
+                    f"short read: wanted {length} bytes at {offset}, got {max(0, len(data) - TAR_BLOCK)} "
+                    "(tar truncated, or changed after indexing)"
                 )
-            out[name] = data
+            if problem:
+                raise CorruptSample(f"{tar_path}:{key}: {member}: {problem}", Path(tar_path).name, key)
+            out[name] = data[TAR_BLOCK:]
         self.num_reads += 1
         return out
 
@@ -222,6 +261,7 @@ class StoredSample:
     mean: float  # the folder's intensity statistics, fractions of full scale
     std: float
     meta: bytes | None = None  # the sample's json (report text, ids) for tasks that need it
+    shard: str = ""  # the tar's file name (for messages about this sample)
 
 
 class SplitTable:
@@ -248,13 +288,26 @@ class SplitTable:
         return self.records[folder][index]["key"].decode()
 
     def read(self, reader: ShardReader, folder: int, index: int) -> StoredSample:
-        """Sample `index` of `folder`: its bytes through `reader` (preads, no image decode)."""
+        """Sample `index` of `folder`: its bytes through `reader` (preads, no image decode), checked
+        as far as that costs nothing next to the image decode: every member where the idx says,
+        labels.npy of the manifest's length, a json that parses. Raises `CorruptSample` otherwise."""
         record = self.records[folder][index]
         source = self.folders[folder]
         tar_path = source.tar_paths[record["shard"]]
         components = reader.read(tar_path, record)
         key = record["key"].decode()
-        folder_labels = decode_labels(components, len(source.label_names), f"{tar_path}:{key}")
+        where = f"{tar_path}:{key}"
+        try:
+            folder_labels = decode_labels(components, len(source.label_names), where)
+        except Exception as error:  # np.load raises several types for damaged bytes
+            message = str(error) if str(error).startswith(where) else _reason(where, "labels.npy", error)
+            raise CorruptSample(message, Path(tar_path).name, key) from error
+        meta = components.get(META_EXTENSION)
+        try:
+            if not isinstance(json.loads(meta if meta is not None else b"null"), dict):
+                raise ValueError("missing, or not a JSON object")
+        except ValueError as error:
+            raise CorruptSample(_reason(where, "json", error), Path(tar_path).name, key) from error
         return StoredSample(
             key=key,
             image=components[SLOTS[IMAGE_SLOT]],
@@ -262,7 +315,8 @@ class SplitTable:
             labels=self.labels(folder, folder_labels),
             mean=source.intensity_mean,
             std=source.intensity_std,
-            meta=components.get(META_EXTENSION),
+            meta=meta,
+            shard=Path(tar_path).name,
         )
 
     def intensities(self) -> list[dict]:
@@ -329,6 +383,10 @@ def key_prefixes(keys: np.ndarray) -> np.ndarray:
     head = np.zeros((len(keys), 8), dtype=np.uint8)
     head[:, : min(8, width)] = raw[:, :8]
     return head.view(">u8").ravel().astype(np.uint64)
+
+
+def _reason(where: str, component: str, error: Exception) -> str:
+    return f"{where}: {component}: {type(error).__name__}: {error}"
 
 
 def open_folders(paths: list[str]) -> list[ShardFolder]:
