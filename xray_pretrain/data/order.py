@@ -185,7 +185,7 @@ class GlobalOrder:
         return int(folders[0]), int(indices[0])
 
 
-BLOCK_POSITIONS = 4096  # most positions a rank locates at once (one vectorized call: ~2 ms, ~0.7 MB)
+BLOCK_POSITIONS = 4096  # most positions a rank locates at once (one vectorized call: ~5 ms, ~0.7 MB)
 
 
 class RankShare:
