@@ -5,7 +5,7 @@ the LR schedule (with each parameter group's LR scale), checkpoint/resume, weigh
 validation, model selection and the final test, image cadence, throughput and MFU. What is specific
 to a task (its model, parameter groups, loss, metrics) comes from `xray_pretrain.tasks`.
 
-Set-up order: resume point -> loaders (the task sees the label names) -> steps from epochs ->
+Set-up order: resume point (the task takes back its inference state) -> loaders (the task sees the label names) -> steps from epochs ->
 model (+ `init.weights`) -> optimizer -> DeepSpeed -> state (weights, optimizer, data position,
 RNG, best-so-far).
 
@@ -80,6 +80,10 @@ class Trainer:
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.task = build_task(cfg)
         resume_point = self._resume_point()
+        if resume_point is not None:  # what the task fitted to the data (e.g. a tokenizer) is kept
+            self.task.restore_inference_state(
+                checkpoint.read_inference_info(resume_point.root, resume_point.tag)
+            )
         init_source = self._init_source()
         self.train_loader, self.val_loader = self._build_loaders(resume_point)
         self.data_info = self._data_info()
