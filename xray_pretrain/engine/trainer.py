@@ -28,11 +28,12 @@ import torch
 from xray_pretrain.collectives import all_reduce_mean
 from xray_pretrain.config import RunConfig, save_resolved_config
 from xray_pretrain.engine import checkpoint, init_weights, preempt
-from xray_pretrain.engine.dist import DistContext, init_distributed
+from xray_pretrain.engine.dist import DistContext, init_distributed, release_distributed
 from xray_pretrain.engine.ds_config import build_ds_config
 from xray_pretrain.engine.health import Health
 from xray_pretrain.engine.monitor import RunMonitor
 from xray_pretrain.engine.optim import build_optimizer, lr_at, set_lr
+from xray_pretrain.engine.peers import PeerWatch
 from xray_pretrain.engine.runinfo import run_info, with_start_history
 from xray_pretrain.engine.selection import Selection
 from xray_pretrain.models import mfu
@@ -58,18 +59,25 @@ class StepResult:
 
 
 def train(cfg: RunConfig) -> dict:
-    """Train `cfg.task` for `cfg.train.steps` optimizer steps; returns a summary (rank 0's view)."""
-    trainer = Trainer(cfg)
+    """Train `cfg.task` for `cfg.train.steps` optimizer steps; returns a summary (rank 0's view).
+    A lost rank or launcher ends the run with a message naming it (engine/peers.py)."""
+    ctx = init_distributed(cfg.train.dist_timeout_s)
     try:
-        return trainer.run()
+        with PeerWatch(ctx, cfg.train.dist_timeout_s) as watch:
+            trainer = Trainer(cfg, ctx)
+            watch.follow(lambda: trainer.state.step)
+            try:
+                return trainer.run()
+            finally:
+                trainer.monitor.close()
     finally:
-        trainer.monitor.close()
+        release_distributed(ctx)
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, ctx: DistContext):
         self.cfg = cfg
-        self.ctx: DistContext = init_distributed()
+        self.ctx = ctx
         if cfg.train.precision == "fp16" and self.ctx.device.type != "cuda":
             raise ValueError(
                 "train.precision=fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16): use bf16 or fp32"
