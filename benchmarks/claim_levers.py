@@ -233,11 +233,19 @@ def load_encoder(work: Path, name: str, which: str, drop_path: float = 0.0):
 
 @torch.no_grad()
 def encoder_features(encoder, images: torch.Tensor, blocks: str) -> np.ndarray:
-    """(N, D) mean-pooled final-norm patch tokens (`blocks=last`), or (N, D * depth) the mean-pooled
-    tokens after every block, each layer-normed (`blocks=all`: a head over several blocks)."""
+    """(N, D) mean-pooled final-norm patch tokens (`blocks=last`), (N, 4 D) their means over the grid's
+    quadrants (`grid`), or (N, D * depth) the mean-pooled tokens after every block, each layer-normed
+    (`blocks=all`: a head over several blocks)."""
     encoder.eval()
     if blocks == "last":
         return torch.cat([encoder(chunk)[:, 1:].mean(1) for chunk in images.split(64)]).numpy()
+    if blocks == "grid":  # final tokens averaged over the 4 quadrants of the token grid: (N, 4 D)
+        rows, cols = encoder.grid_size
+        grids = [
+            encoder(chunk)[:, 1:].transpose(1, 2).reshape(len(chunk), -1, rows, cols)
+            for chunk in images.split(64)
+        ]
+        return torch.cat([F.adaptive_avg_pool2d(g, 2).flatten(1) for g in grids]).numpy()
     captured: list[torch.Tensor] = []
     hooks = [b.register_forward_hook(lambda m, i, o: captured.append(o)) for b in encoder.blocks]
     feats = []
@@ -276,6 +284,16 @@ def mean_auroc(probs_NC, labels_NC) -> float:
     return classification_metrics(probs_NC, labels_NC, names, [None] * len(names))["mean_auroc"]
 
 
+def per_class_auroc(probs_SNC, labels_NC) -> list[float]:
+    """AUROC per class, averaged over the seeds."""
+    from sklearn.metrics import roc_auc_score
+
+    return [
+        round(float(np.mean([roc_auc_score(labels_NC[:, c], p[:, c]) for p in probs_SNC])), 4)
+        for c in range(labels_NC.shape[1])
+    ]
+
+
 @dataclass
 class FinetuneRecipe:
     """Gradient fine-tuning: `frozen` first blocks frozen (0 = full; the stem with them), the rest at
@@ -289,13 +307,15 @@ class FinetuneRecipe:
     layer_decay: float = 0.75
     weight_decay: float = 0.05
     drop_path: float = 0.1
+    probe_norm: bool = False  # head = parameter-free BatchNorm + linear (std 0.01), as the linear probe
 
 
 def finetune(recipe: FinetuneRecipe, lr: float, encoder, image_hw, data: Data, rows: list[int], seed: int):
     """Train one classifier; returns (val probs, test probs)."""
     torch.manual_seed(seed)
     model = ClassificationModel(encoder, len(data.label_names), pool="mean", num_frozen_blocks=recipe.frozen,
-                                head_init_std=HEAD_INIT_STD["finetune"])  # fmt: skip
+                                probe_norm=recipe.probe_norm,
+                                head_init_std=HEAD_INIT_STD["linear" if recipe.probe_norm else "finetune"])  # fmt: skip
     depth = len(encoder.blocks)
     groups = layer_decay_groups(list(model.named_parameters()), lambda n: layer_of(n, depth), depth + 1,
                                 recipe.weight_decay, recipe.layer_decay)  # fmt: skip
@@ -331,8 +351,10 @@ FINETUNE_RECIPES = {
     "partial2": FinetuneRecipe(frozen=2, lrs=(1e-3, 3e-3), epochs=60),
     "full": FinetuneRecipe(frozen=0, lrs=(1e-3, 3e-3), epochs=40),
     "full_low": FinetuneRecipe(frozen=0, lrs=(3e-4, 1e-3), epochs=40, layer_decay=0.5),
+    "full_hi": FinetuneRecipe(frozen=0, lrs=(1e-2, 3e-2), epochs=60),
+    "full_bn": FinetuneRecipe(frozen=0, lrs=(1e-3, 3e-3), epochs=60, probe_norm=True),
 }
-PROBE_RECIPES = {"probe": "last", "multiprobe": "all"}
+PROBE_RECIPES = {"probe": "last", "multiprobe": "all", "gridprobe": "grid"}
 
 
 def downstream(work: Path, name: str, recipe: str, fraction: float, data: Data) -> dict:
@@ -374,6 +396,7 @@ def downstream(work: Path, name: str, recipe: str, fraction: float, data: Data) 
         "num_test": len(y_test),
         "pretrained": [round(mean_auroc(p, y_test), 4) for p in a],
         "random": [round(mean_auroc(p, y_test), 4) for p in b],
+        "per_class": {init: per_class_auroc(p, y_test) for init, p in (("pretrained", a), ("random", b))},
         "gap_ci95": [round(gap["lo"], 4), round(gap["hi"], 4)], "gap": round(gap["gap"], 4),
         "chosen": chosen, **clock.read(),
     }  # fmt: skip
