@@ -44,7 +44,8 @@ from xray_pretrain.data.decode import decode_image, decode_roi, estimate_roi
 from xray_pretrain.data.loader import train_augment
 from xray_pretrain.data.shards import ShardFolder, ShardReader, SplitTable
 from xray_pretrain.engine.optim import build_optimizer, lr_at, set_lr
-from xray_pretrain.models import ClassificationModel, build_encoder
+from xray_pretrain.models import ClassificationModel, block_pooled_features, build_encoder
+from xray_pretrain.models.heads import pool_tokens
 from xray_pretrain.models.param_groups import layer_decay_groups
 from xray_pretrain.tasks.classify import HEAD_INIT_STD, label_fraction_subset, layer_of
 from xray_pretrain.tasks.metrics import classification_metrics, paired_bootstrap_gap
@@ -240,7 +241,7 @@ def encoder_features(encoder, images: torch.Tensor, blocks: str) -> np.ndarray:
     (`blocks=all`: a head over several blocks)."""
     encoder.eval()
     if blocks == "last":
-        return torch.cat([encoder(chunk)[:, 1:].mean(1) for chunk in images.split(64)]).numpy()
+        return torch.cat([pool_tokens(encoder(chunk), "mean") for chunk in images.split(64)]).numpy()
     if blocks == "grid":  # final tokens averaged over the 4 quadrants of the token grid: (N, 4 D)
         rows, cols = encoder.grid_size
         grids = [
@@ -248,16 +249,7 @@ def encoder_features(encoder, images: torch.Tensor, blocks: str) -> np.ndarray:
             for chunk in images.split(64)
         ]
         return torch.cat([F.adaptive_avg_pool2d(g, 2).flatten(1) for g in grids]).numpy()
-    captured: list[torch.Tensor] = []
-    hooks = [b.register_forward_hook(lambda m, i, o: captured.append(o)) for b in encoder.blocks]
-    feats = []
-    for chunk in images.split(64):
-        captured.clear()
-        encoder(chunk)
-        feats.append(torch.cat([F.layer_norm(o, o.shape[-1:])[:, 1:].mean(1) for o in captured], dim=1))
-    for h in hooks:
-        h.remove()
-    return torch.cat(feats).numpy()
+    return torch.cat([block_pooled_features(encoder, chunk) for chunk in images.split(64)]).numpy()
 
 
 def fit_logistic(x_train, y_train, x_val, y_val, x_test) -> tuple[np.ndarray, dict]:

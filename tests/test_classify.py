@@ -15,7 +15,7 @@ from xray_pretrain.collectives import gather_samples
 from xray_pretrain.config import load_config
 from xray_pretrain.data.shards import ShardFolder, ShardReader, SplitTable
 from xray_pretrain.engine.optim import build_optimizer, set_lr
-from xray_pretrain.models import build_encoder
+from xray_pretrain.models import block_pooled_features, build_encoder
 from xray_pretrain.tasks import DataInfo
 from xray_pretrain.tasks.classify import ClassifyTask, label_fraction_subset
 from xray_pretrain.tasks.metrics import choose_thresholds, classification_metrics, paired_bootstrap_gap
@@ -205,3 +205,19 @@ def test_random_init_is_the_pretraining_runs_step_zero_encoder():
     torch.manual_seed(0)
     encoder = build_encoder(cfg.model).state_dict()
     assert all(torch.equal(encoder[k], mae_encoder[k]) for k in mae_encoder)
+
+
+def test_block_pooled_features_concatenate_every_blocks_mean_token_and_end_with_the_encoders_own():
+    from xray_pretrain.models.heads import pool_tokens
+
+    cfg = load_config("tiny_cpu", ["data.shards=[x]", "model.image_size=[32,32]", "model.patch_size=8"])
+    torch.manual_seed(0)
+    encoder = build_encoder(cfg.model).eval()
+    images = torch.randn(3, 1, 32, 32)
+    features = block_pooled_features(encoder, images)
+    width = encoder.embed_dim
+    assert features.shape == (3, width * len(encoder.blocks))
+    # The final norm is at its init, so the last block's column block is the encoder's pooled output.
+    assert torch.allclose(features[:, -width:], pool_tokens(encoder(images), "mean"), atol=1e-5)
+    assert not torch.allclose(features[:, :width], features[:, -width:])
+    assert all(not block._forward_hooks for block in encoder.blocks)  # hooks removed
