@@ -162,10 +162,12 @@ def _check_labels(comps, meta, label_names, where) -> tuple[list[str], np.ndarra
 
 
 def _check_meta(comps, key, manifest, split, where) -> tuple[list[str], dict]:
+    if "json" not in comps:
+        return [f"{where}: no json member"], {}
     try:
         meta = json.loads(comps["json"])
-    except (KeyError, ValueError) as error:
-        return [f"{where}: json missing or invalid ({error})"], {}
+    except ValueError as error:
+        return [f"{where}: json invalid ({error})"], {}
     problems = []
     allowed = (
         JSON_KEYS
@@ -213,8 +215,14 @@ def _check_index(tar_path: Path) -> tuple[list[str], list]:
     except Exception as error:  # tarfile raises several types for a damaged tar
         return [f"{tar_path.name}: unreadable tar ({type(error).__name__}: {error})"], indexed
     if [(s.key, s.components) for s in indexed] != [(s.key, s.components) for s in scanned]:
-        return [
-            f"{idx_path.name}: does not match the tar's members/offsets (re-run `xray-shard index`)"
+        in_tar = {s.key: s.components for s in scanned}
+        differing = [s.key for s in indexed if in_tar.get(s.key) != s.components]
+        named = [
+            f"{tar_path.name}:{key}: the idx entry does not match the tar's members/offsets (re-run `xray-shard index`)"
+            for key in differing[:MAX_PROBLEMS_PER_SHARD]
+        ]
+        return named or [
+            f"{idx_path.name}: does not match the tar's members/offsets (order; re-run `xray-shard index`)"
         ], indexed
     return [], indexed
 
@@ -270,8 +278,14 @@ def _check_shard_quick(
         problems.append(f"{entry['name']}: {len(records)} samples, manifest says {entry.get('num_samples')}")
     keys = records["key"]
     totals.splits[entry["split"]] = totals.splits.get(entry["split"], 0) + len(records)
-    image_ext = FORMAT_EXTENSION.get(manifest.get("image_format"))
     present = records["rel"] != MISSING  # (N, slots)
+    ends = np.where(present, records["base"][:, None] + records["rel"] + records["size"], 0).max(axis=1)
+    for row in np.flatnonzero(ends > tar_path.stat().st_size)[:MAX_PROBLEMS_PER_SHARD]:
+        problems.append(
+            f"{entry['name']}:{keys[row].decode()}: data past the end of the {tar_path.stat().st_size}-byte "
+            "tar (truncated tar, or an idx of another tar)"
+        )
+    image_ext = FORMAT_EXTENSION.get(manifest.get("image_format"))
     image_ok = present[:, IMAGE_SLOT] & (records["image"] == IMAGE_EXTENSIONS.index(image_ext))
     for row in np.flatnonzero(~image_ok | ~present.all(axis=1)):
         where = f"{entry['name']}:{keys[row].decode()}"

@@ -42,6 +42,7 @@ from xray_core.shardio import (
     META_EXTENSION,
     ROI_EXTENSION,
     idx_line_error,
+    idx_name_for,
     idx_path_for,
     idx_sample_lines,
     split_member_name,
@@ -73,8 +74,8 @@ def record_dtype(key_width: int) -> np.dtype:
     )
 
 
-def _stat_key(path: Path) -> list[int]:
-    st = path.stat()
+def _stat_key(path: str | Path) -> list[int]:
+    st = os.stat(path)
     return [st.st_size, st.st_mtime_ns, st.st_ino]
 
 
@@ -105,7 +106,7 @@ def shard_records(idx_path: Path, shard_row: int, tar_size: int, folder: Path) -
     """Records of one shard (`record_dtype` with this shard's longest key), offsets checked against the tar (a bad idx is caught here, not as an
     undecodable image deep inside a worker). Vectorized over the shard's members."""
     keys, counts, exts, offsets, sizes = parse_idx(idx_path)  # per member (M of them), but keys
-    bad = (offsets < TAR_BLOCK) | (offsets % TAR_BLOCK != 0) | (offsets + sizes > tar_size)
+    bad = (offsets < TAR_BLOCK) | (offsets % TAR_BLOCK != 0)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         key = keys[int(np.searchsorted(np.cumsum(counts), i, side="right"))]
@@ -113,6 +114,16 @@ def shard_records(idx_path: Path, shard_row: int, tar_size: int, folder: Path) -
             f"{idx_path}: {key}.{exts[i]} has data offset {offsets[i]} (size {sizes[i]}), impossible in a "
             f"{tar_size}-byte tar; rebuild the index: `xray-shard index {folder}`"
         )
+    # Members past the tar's end: the tar was cut short (a copy or a disk that failed). The samples
+    # before the cut are intact, so the index keeps every record and the loaders skip the lost ones
+    # when they read them (a short read), naming each.
+    past_end = offsets + sizes > tar_size
+    if past_end.any():
+        lost = np.unique(np.searchsorted(np.cumsum(counts), np.flatnonzero(past_end), side="right"))
+        log.warning(
+            "%s: %d sample(s) from %s on lie past the end of its %d-byte tar (truncated?); loaders skip "
+            "them: run `xray-shard verify %s`", idx_path, len(lost), keys[int(lost[0])], tar_size, folder,
+        )  # fmt: skip
     keys = [key.encode() for key in keys]
     records = np.zeros(len(keys), dtype=record_dtype(max(map(len, keys), default=1)))
     if not keys:
@@ -237,15 +248,17 @@ def read_index(folder: str | Path) -> tuple[dict, np.ndarray] | None:
 
 
 def is_current(folder: Path, header: dict, manifest: dict) -> bool:
-    """True when the index was built from the folder's present manifest, idx files and tar sizes."""
+    """True when the index was built from the folder's present manifest, idx files and tar sizes.
+    Two stats per shard on string paths (every rank runs this: pathlib would triple its cost)."""
+    base = str(folder)
     try:
-        if header["manifest_stat"] != _stat_key(folder / MANIFEST_NAME):
+        if header["manifest_stat"] != _stat_key(os.path.join(base, MANIFEST_NAME)):
             return False
         if sorted(s["name"] for s in header["shards"]) != sorted(e["name"] for e in manifest["shards"]):
             return False
         for shard in header["shards"]:
-            tar = folder / shard["name"]
-            if shard["idx_stat"] != _stat_key(idx_path_for(tar)) or shard["tar_size"] != tar.stat().st_size:
+            tar = os.path.join(base, shard["name"])
+            if shard["idx_stat"] != _stat_key(idx_name_for(tar)) or shard["tar_size"] != os.stat(tar).st_size:
                 return False
     except (OSError, KeyError):
         return False

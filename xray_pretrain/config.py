@@ -14,6 +14,7 @@ this module only assembles them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.resources
 import json
@@ -77,12 +78,15 @@ class TrainConfig:
     ds_config: str | None = None  # default: the packaged configs/deepspeed/zero{zero_stage}.json
     seed: int = 0
     compile: bool = False  # torch.compile the model
+    max_bad_steps: int = 5  # non-finite steps in a row (each skipped) before the run stops
 
     def validate(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"train.zero_stage must be 0-3, got {self.zero_stage}")
+        if self.max_bad_steps < 1:
+            raise ValueError(f"train.max_bad_steps must be >= 1, got {self.max_bad_steps}")
         if min(self.global_batch, self.micro_batch, self.steps) < 1:
             raise ValueError("train.global_batch, train.micro_batch and train.steps must be >= 1")
         if self.epochs is not None and self.epochs <= 0:
@@ -311,10 +315,10 @@ def _coerce(value, hint, key: str, where: str):
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is float and isinstance(value, str):
-        try:  # YAML 1.1 reads "3e-4" (no dot) as a string
-            return float(value)
-        except ValueError:
-            pass
+        with contextlib.suppress(ValueError):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            value = float(value)
+    if hint is float and isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where}: {key} must be finite, got {value}")
     if hint in (int, float, str, bool):
         is_bool_for_int = hint is int and isinstance(value, bool)  # bool is an int subclass in Python
         if not isinstance(value, hint) or is_bool_for_int:

@@ -7,6 +7,10 @@ one line. Heavy imports (DeepSpeed, DALI, pydicom) happen inside `run`.
 from __future__ import annotations
 
 import argparse
+import sys
+
+# The run stopped on its own (non-finite steps, too many corrupt samples): summary "stopped" says why.
+EXIT_STOPPED = 1
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,13 +48,23 @@ def train_and_report(cfg) -> int:
     check_run(cfg)  # bad inputs fail here, before DeepSpeed, a process group or the run folder
 
     from xray_pretrain.engine import preempt
+    from xray_pretrain.engine.health import json_safe, non_finite_fields
     from xray_pretrain.engine.trainer import train
 
     summary = train(cfg)
     if summary["preempted"]:
         print(f"preempted: checkpoint at step {summary['steps']}; rerun to continue", flush=True)
         return preempt.PREEMPTED_EXIT_CODE
+    # JSON has no NaN: a diverged loss is written as null and named in "non_finite".
+    summary = {**json_safe(summary), "non_finite": non_finite_fields(summary)}
     if is_rank0():
-        (Path(cfg.log.out_dir) / "train_summary.json").write_text(json.dumps(summary, indent=2))
-        print(json.dumps(summary))
-    return 0
+        text = json.dumps(summary, indent=2, allow_nan=False)
+        (Path(cfg.log.out_dir) / "train_summary.json").write_text(text)
+        print(json.dumps(summary, allow_nan=False))
+        if summary.get("stopped"):
+            print(
+                f"training stopped at step {summary['steps']}: {summary['stopped']}",
+                file=sys.stderr,
+                flush=True,
+            )
+    return EXIT_STOPPED if summary.get("stopped") else 0

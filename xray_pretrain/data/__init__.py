@@ -9,6 +9,7 @@
 - wds.py      CPU backend: torch DataLoader
 - dali.py     NVIDIA DALI backend (GPU decode; CPU-only pipelines where there is no GPU)
 - loader.py   `build_train_loader` / `build_val_loader`: backend choice, one batch contract
+- badsamples.py  corrupt samples: skipped, replaced by position, counted (both backends)
 
 Importing this package imports neither torch nor DALI.
 """

@@ -30,6 +30,9 @@ class DataConfig:
     num_workers: wds: DataLoader worker processes, 0 = load in the training process; dali: DALI's CPU
         threads (at least 1; the host feed itself runs in the training process).
     crop_scale / crop_ratio: random resized crop, area fraction and aspect relative to the image's.
+    max_bad_fraction: corrupt training samples (skipped and replaced by position, see
+        `data.badsamples`) allowed, as a fraction of the samples read (at least one epoch); above it
+        the run stops naming the last one.
     hflip: random horizontal flip (off by default: it moves the heart to the other side).
     brightness / contrast: jitter amounts (factors drawn from 1 +- amount); 0 = off.
     """
@@ -42,6 +45,7 @@ class DataConfig:
     val_num_samples: int = 64
     backend: str = "auto"
     num_workers: int = 2
+    max_bad_fraction: float = 0.001
     crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])
     crop_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333])
     hflip: bool = False
@@ -75,6 +79,8 @@ class DataConfig:
                 "data.backend=dali but nvidia.dali is not importable: install nvidia-dali-cuda130 "
                 "or set data.backend=wds (or auto)"
             )
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
         self._validate_augment()

@@ -35,11 +35,12 @@ import numpy as np
 import torch
 
 from xray_pretrain.data.augment import FULL_VIEW, AugmentParams, TrainAugment, crop_box_pixels
-from xray_pretrain.data.decode import decode_image, encode_roi_png, estimate_roi
+from xray_pretrain.data.badsamples import load_or_replace
+from xray_pretrain.data.decode import decode_image, decode_roi, encode_roi_png, estimate_roi, verify_image
 from xray_pretrain.data.decode import image_size as encoded_image_size
 from xray_pretrain.data.order import RankShare, TrainBatchSampler
 from xray_pretrain.data.reports import ItemTable
-from xray_pretrain.data.shards import ShardReader
+from xray_pretrain.data.shards import CorruptSample, ShardReader
 
 FULL_SCALE_16 = 65535.0
 GEOMETRY_OUTPUTS = ("encoded", "roi_encoded", "image_hw", "anchor", "shape", "flip", "mean", "std", "labels")
@@ -65,25 +66,70 @@ class HostFeed:
     """The external-source callback: reads one batch's samples and their per-sample parameters.
 
     Called by DALI ahead of consumption (prefetch) with `BatchInfo.iteration`, so it depends only on
-    the batch number, never on how far the consumer has got.
+    the batch number (`first` + iteration), never on how far the consumer has got.
+
+    Corrupt samples (`badsamples.py`): with a `seed` (training) an item one of whose views fails the
+    host's checks (`SplitTable.read`, the image header, or membership of `known_bad`: items that made
+    DALI's decoder fail before, see `DaliBatches`) is replaced whole by position; without one
+    (validation) it raises. `fed[number]` holds what was fed per batch: each item's (folder, index)
+    and key, and the skips.
     """
 
-    def __init__(self, items: ItemTable, rows_for: RowsFor, jitter: bool):
-        self.items, self.rows_for = items, rows_for
+    def __init__(
+        self, items: ItemTable, rows_for: RowsFor, jitter: bool, *, seed: int | None = None,
+        first: int = 0, known_bad: dict[tuple[int, int], tuple[str, str]] | None = None,
+    ):  # fmt: skip
+        self.items, self.rows_for, self.seed, self.first = items, rows_for, seed, first
         self.outputs = GEOMETRY_OUTPUTS + (JITTER_OUTPUTS if jitter else ())
         self.reader = ShardReader()
+        self.known_bad = known_bad if known_bad is not None else {}  # item -> (shard, key) that failed
+        self.fed: dict[int, dict] = {}
 
     def __call__(self, batch_info) -> tuple[list[np.ndarray], ...]:
+        number = self.first + batch_info.iteration
         columns: dict[str, list[np.ndarray]] = {name: [] for name in self.outputs}
-        for row in self.rows_for(batch_info.iteration):
-            inputs = self.sample_inputs(row)
-            for name in self.outputs:
-                columns[name].append(inputs[name])
+        fed = {"items": [], "keys": [], "bad": []}
+        rows = self.rows_for(number)
+        for start in range(0, len(rows), self.items.num_views):  # the views of an item are adjacent
+            views, (folder, index), bad = self.checked_item(rows[start : start + self.items.num_views])
+            fed["items"].append((folder, index))
+            fed["keys"].append(self.items.key(folder, index))
+            fed["bad"] += bad
+            for inputs in views:
+                for name in self.outputs:
+                    columns[name].append(inputs[name])
+        self.fed[number] = fed
         return tuple(columns[name] for name in self.outputs)
 
-    def sample_inputs(self, row: Row) -> dict[str, np.ndarray]:
-        sample = self.items.views[row.view].read(self.reader, row.folder, row.index)
-        height, width = encoded_image_size(sample.image)
+    def checked_item(self, rows: list[Row]) -> tuple[list[dict], tuple[int, int], list[dict]]:
+        """(inputs per view, (folder, index) fed, skip records) for one item, replaced when corrupt."""
+
+        def load(folder: int, index: int) -> tuple[list[dict], tuple[int, int]]:
+            if (folder, index) in self.known_bad:
+                shard, key = self.known_bad[folder, index]
+                raise CorruptSample(
+                    f"{shard}:{key}: image does not decode (DALI, confirmed by Pillow)", shard, key
+                )
+            return [self.sample_inputs(row, folder, index) for row in rows], (folder, index)
+
+        first = rows[0]
+        if self.seed is None:
+            return (*load(first.folder, first.index), [])
+        size = self.items.folder_sizes[first.folder]
+        (views, fed), bad = load_or_replace(load, first.folder, first.index, first.position, self.seed, size)
+        return views, fed, bad
+
+    def sample_inputs(self, row: Row, folder: int, index: int) -> dict[str, np.ndarray]:
+        """View `row.view` of item (`folder`, `index`) with `row`'s augmentation."""
+        sample = self.items.views[row.view].read(self.reader, folder, index)
+        try:
+            height, width = encoded_image_size(sample.image)
+        except Exception as error:  # Pillow raises several types for a damaged header
+            raise CorruptSample(
+                f"{sample.shard}:{sample.key}: image header unreadable ({type(error).__name__}: {error})",
+                sample.shard,
+                sample.key,
+            ) from error
         roi_png = sample.roi
         if roi_png is None:  # rare (tars from elsewhere): the estimator needs the decoded image
             roi_png = encode_roi_png(estimate_roi(decode_image(sample.image)))
@@ -101,6 +147,23 @@ class HostFeed:
             "std": np.array([sample.std], dtype=np.float32),
             "labels": sample.labels,
         }
+
+    def undecodable(self, number: int) -> dict[tuple[int, int], tuple[str, str]]:
+        """The items fed in batch `number` with a view that Pillow cannot decode either (after DALI
+        failed on the batch): (folder, index) -> (shard, key) of that view."""
+        found = {}
+        for folder, index in self.fed.get(number, {}).get("items", []):
+            for view in self.items.views:
+                sample = view.read(self.reader, folder, index)
+                try:
+                    verify_image(sample.image)
+                    decode_image(sample.image)
+                    if sample.roi is not None:
+                        decode_roi(sample.roi)
+                except Exception:  # what exactly failed is DALI's message; Pillow only finds the item
+                    found[folder, index] = (sample.shard, sample.key)
+                    break
+        return found
 
 
 def build_pipeline(
@@ -182,8 +245,10 @@ class DaliBatches:
         num_workers: int,
         device: str,
         jitter: bool,
+        seed: int | None = None,
     ):
-        self.items, self.rows_for, self.num_batches = items, rows_for, num_batches
+        """`seed`: replace corrupt items by position (training); None: raise (validation)."""
+        self.items, self.rows_for, self.num_batches, self.seed = items, rows_for, num_batches, seed
         self.batch_size, self.image_size = batch_size, tuple(image_size)  # items per batch
         self.num_threads = max(1, num_workers)  # DALI's CPU thread pool plays the workers' part
         self.device_id = resolve_device_id(device)
@@ -191,39 +256,68 @@ class DaliBatches:
         self.jitter = jitter
 
     def __iter__(self) -> Iterator[dict]:
+        """Batches from 0. When DALI's decoder fails on a batch (bytes that pass the host's checks
+        but do not decode), the items of that batch that Pillow cannot decode either join
+        `known_bad`, and a fresh pipeline restarts at that batch with them replaced by position (the
+        same replacement the wds backend makes); a failure no item explains is raised."""
         if self.num_batches == 0:
             return
+        known_bad: dict[tuple[int, int], tuple[str, str]] = {}
+        number = 0
+        while True:
+            feed = HostFeed(
+                self.items, self.rows_for, self.jitter, seed=self.seed, first=number, known_bad=known_bad
+            )
+            try:
+                for out in self._outputs(feed):
+                    yield self._batch(out, feed.fed.pop(number), self.rows_for(number))
+                    number += 1
+                return
+            except RuntimeError as error:
+                found = {
+                    item: named for item, named in feed.undecodable(number).items() if item not in known_bad
+                }
+                if self.seed is None or not found:
+                    keys = feed.fed.get(number, {}).get("keys")
+                    raise RuntimeError(f"DALI failed on batch {number} (keys {keys}): {error}") from error
+                known_bad.update(found)
+
+    def _outputs(self, feed: HostFeed):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-        num_views = self.items.num_views
         pipe = build_pipeline(
-            HostFeed(self.items, self.rows_for, self.jitter),
-            batch_size=self.batch_size * num_views,
+            feed,
+            batch_size=self.batch_size * self.items.num_views,
             image_size=self.image_size,
             device_id=self.device_id,
             num_threads=self.num_threads,
         )
         pipe.build()
-        outputs = DALIGenericIterator(
+        return DALIGenericIterator(
             [pipe], ["image", "roi", "labels"], last_batch_policy=LastBatchPolicy.PARTIAL
         )
-        for number, out in enumerate(outputs):
-            rows = [row for row in self.rows_for(number) if row.view == 0]  # one per item
-            (dense,) = out
-            image, roi = dense["image"], dense["roi"]  # (B * views, 1, H, W), views of an item adjacent
-            if num_views > 1:
-                image, roi = (x.reshape(len(rows), num_views, *x.shape[1:]) for x in (image, roi))
-            batch = {
-                "image": image,
-                "roi": roi,
-                "labels": dense["labels"][::num_views],
-                "key": [self.items.key(row.folder, row.index) for row in rows],
-                "position": torch.tensor([row.position for row in rows], dtype=torch.int64),
-                "weight": torch.tensor([row.weight for row in rows], dtype=torch.float32),
-            }
-            if self.items.texts is not None:  # '' for padding rows, as the wds backend
-                batch["report"] = [self.items.text(r.folder, r.index) if r.weight > 0 else "" for r in rows]
-            yield batch
+
+    def _batch(self, out, fed: dict, rows: list[Row]) -> dict:
+        """The batch contract from one pipeline output and what the host fed for it."""
+        num_views = self.items.num_views
+        rows = [row for row in rows if row.view == 0]  # one per item
+        (dense,) = out
+        image, roi = dense["image"], dense["roi"]  # (B * views, 1, H, W), views of an item adjacent
+        if num_views > 1:
+            image, roi = (x.reshape(len(rows), num_views, *x.shape[1:]) for x in (image, roi))
+        batch = {
+            "image": image,
+            "roi": roi,
+            "labels": dense["labels"][::num_views],
+            "key": fed["keys"],
+            "position": torch.tensor([row.position for row in rows], dtype=torch.int64),
+            "weight": torch.tensor([row.weight for row in rows], dtype=torch.float32),
+            "bad": fed["bad"],
+        }
+        if self.items.texts is not None:  # '' for padding rows, as the wds backend
+            texts = [self.items.text(*item) for item in fed["items"]]
+            batch["report"] = [text if row.weight > 0 else "" for text, row in zip(texts, rows)]
+        return batch
 
 
 class TrainSchedule:
@@ -280,6 +374,7 @@ def dali_train_batches(
         num_workers=num_workers,
         device=device,
         jitter=augment.brightness > 0 or augment.contrast > 0,
+        seed=seed,
     )
 
 

@@ -31,6 +31,15 @@ def decode_image(data: bytes) -> np.ndarray:
     return array.astype(np.float32) / np.float32(_FULL_SCALE[mode])
 
 
+def verify_image(data: bytes) -> None:
+    """Raise when a stored image's bytes are damaged where a decoder may not notice: PNG checksums
+    every chunk, but Pillow's decode skips the image-data checksums that libpng (DALI) enforces, so
+    both backends check them here (about 5% of a png16 decode's time). Other formats: no-op."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+
+
 def image_size(data: bytes) -> tuple[int, int]:
     """(H, W) of an encoded image from its header only (no pixel decode)."""
     with Image.open(io.BytesIO(data)) as image:

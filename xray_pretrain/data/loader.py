@@ -15,9 +15,10 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from xray_pretrain.data.augment import TrainAugment
+from xray_pretrain.data.badsamples import BadSampleTally
 from xray_pretrain.data.config import DataConfig, dali_available
 from xray_pretrain.data.order import (
     GlobalOrder,
@@ -81,9 +82,10 @@ class TrainLoader:
     global_batch: int
     start_position: int
     report_counts: dict | None = None  # report task: items, and images left out and why (`reports.py`)
+    bad: BadSampleTally = field(default_factory=BadSampleTally)  # corrupt samples this rank skipped
 
     def __iter__(self) -> Iterator[dict]:
-        return iter(self.batches)
+        return self.bad.watch(self.batches)
 
 
 @dataclass

@@ -22,12 +22,23 @@ from pathlib import Path
 import numpy as np
 
 from xray_core.shardindex import IMAGE_SLOT, MISSING, SLOTS, load_index
-from xray_core.shardio import MANIFEST_NAME, META_EXTENSION, ROI_EXTENSION, idx_path_for
+from xray_core.shardio import IMAGE_EXTENSIONS, MANIFEST_NAME, META_EXTENSION, ROI_EXTENSION, idx_name_for
 from xray_pretrain.data.decode import decode_labels
 from xray_pretrain.data.heap import release_freed_heap
 
 FORMAT_VERSION = 1
 IMAGE_FORMATS = ("png16", "jpg", "jp2")
+TAR_BLOCK = 512  # a tar member's data follows its 512-byte header
+
+
+class CorruptSample(ValueError):
+    """One sample's stored bytes are unusable (short read, an idx entry that does not point at its
+    member, undecodable labels or json, an image that does not decode). Loaders skip and replace such
+    samples (`data.badsamples`); `shard` and `key` name it."""
+
+    def __init__(self, message: str, shard: str = "", key: str = ""):
+        super().__init__(message)
+        self.shard, self.key = shard, key
 
 
 class ShardFolder:
@@ -83,13 +94,16 @@ class ShardFolder:
         shards = m.get("shards")
         if not isinstance(shards, list):
             raise ValueError(f"{where}: 'shards' must be a list")
+        # One directory listing instead of two stats per shard (10k shards: ~20 ms instead of ~1 s).
+        present = {item.name for item in os.scandir(self.path) if item.is_file()}
         for entry in shards:
-            tar = self.path / entry["name"]
-            if not tar.is_file():
-                raise ValueError(f"{where}: shard {entry['name']} is listed but {tar} does not exist")
-            if not idx_path_for(tar).is_file():
+            if entry["name"] not in present:
                 raise ValueError(
-                    f"{self.path}: {idx_path_for(tar).name} is missing (loaders read samples through the "
+                    f"{where}: shard {entry['name']} is listed but {self.path / entry['name']} does not exist"
+                )
+            if idx_name_for(entry["name"]) not in present:
+                raise ValueError(
+                    f"{self.path}: {idx_name_for(entry['name'])} is missing (loaders read samples through the "
                     f"DALI index); run `xray-shard index {self.path}`"
                 )
 
@@ -102,7 +116,8 @@ class ShardFolder:
         beside the shards when absent or stale, then memory-mapped: every process shares one copy."""
         if self._index is None:
             self._index = load_index(self.path, self.manifest)
-            self.tar_paths = [str(self.path / shard["name"]) for shard in self._index[0]["shards"]]
+            base = str(self.path)
+            self.tar_paths = [os.path.join(base, shard["name"]) for shard in self._index[0]["shards"]]
         return self._index
 
     def split_samples(self, split: str) -> np.ndarray:
@@ -147,6 +162,25 @@ def open_file_budget() -> int:
 MAX_FD_TARGET = 1 << 20
 
 
+def _member_header_problem(header: bytes, member: str, size: int) -> str | None:
+    """Why `header` (512 bytes) is not the ustar header of `member` with `size` data bytes, or None."""
+    if len(header) < TAR_BLOCK:
+        return None  # the short read is reported instead
+    stored_sum = header[148:156].split(b"\0")[0].strip()
+    computed = sum(header[:148]) + 8 * 32 + sum(header[156:])
+    if not stored_sum or not stored_sum.isdigit() or int(stored_sum, 8) != computed:
+        return "no tar header before the idx offset (the idx disagrees with the tar: rebuild it with `xray-shard index`)"
+    name = header[:100].split(b"\0")[0].decode(errors="replace")
+    prefix = header[345:500].split(b"\0")[0].decode(errors="replace") if header[257:262] == b"ustar" else ""
+    name = f"{prefix}/{name}" if prefix else name
+    stored_size = header[124:136].split(b"\0")[0].strip()
+    if len(member) < 100 and name != member:  # longer names live in pax/GNU records, not checked here
+        return f"the idx offset points at member {name!r} (the idx disagrees with the tar: rebuild it with `xray-shard index`)"
+    if not stored_size.isdigit() or int(stored_size, 8) != size:
+        return f"the tar member holds {stored_size.decode(errors='replace')!r} (octal) bytes, the idx says {size}"
+    return None
+
+
 class ShardReader:
     """Reads samples with `os.pread` on tar descriptors kept open in an LRU as large as the process's
     descriptor budget (`open_file_budget`), so a training run opens each tar about once per process.
@@ -164,21 +198,30 @@ class ShardReader:
 
     def read(self, tar_path: str, record: np.void, only: tuple[str, ...] | None = None) -> dict[str, bytes]:
         """Component name -> bytes for one index record (`shardindex.record_dtype`); `only`: just these
-        components (e.g. the json, without the image)."""
+        components (e.g. the json, without the image).
+
+        Each member is read with the tar header before it (same pread), and the header must name
+        this member with this size: an idx that disagrees with its tar (shifted offsets, another
+        tar's idx) or a tar cut short raises `CorruptSample` instead of handing on foreign bytes."""
         fd = self._fd(tar_path)
+        key = record["key"].decode()
         base, rel, size = int(record["base"]), record["rel"], record["size"]
         out = {}
         for slot, name in enumerate(SLOTS):  # "image" whatever its format, then roi.png ...
             if rel[slot] == MISSING or (only is not None and name not in only):
                 continue
             offset, length = base + int(rel[slot]), int(size[slot])
-            data = os.pread(fd, length, offset)
-            if len(data) != length:
-                raise OSError(
-                    f"short read in {tar_path} for {record['key'].decode()}.{name}: wanted {length} bytes "
-                    f"at {offset}, got {len(data)}; the tar changed after indexing (re-run `xray-shard index`)"
+            data = os.pread(fd, length + TAR_BLOCK, offset - TAR_BLOCK)
+            member = f"{key}.{IMAGE_EXTENSIONS[record['image']] if slot == IMAGE_SLOT else name}"
+            problem = _member_header_problem(data[:TAR_BLOCK], member, length)
+            if len(data) != length + TAR_BLOCK:
+                problem = (
+                    f"short read: wanted {length} bytes at {offset}, got {max(0, len(data) - TAR_BLOCK)} "
+                    "(tar truncated, or changed after indexing)"
                 )
-            out[name] = data
+            if problem:
+                raise CorruptSample(f"{tar_path}:{key}: {member}: {problem}", Path(tar_path).name, key)
+            out[name] = data[TAR_BLOCK:]
         self.num_reads += 1
         return out
 
@@ -218,6 +261,7 @@ class StoredSample:
     mean: float  # the folder's intensity statistics, fractions of full scale
     std: float
     meta: bytes | None = None  # the sample's json (report text, ids) for tasks that need it
+    shard: str = ""  # the tar's file name (for messages about this sample)
 
 
 class SplitTable:
@@ -244,13 +288,26 @@ class SplitTable:
         return self.records[folder][index]["key"].decode()
 
     def read(self, reader: ShardReader, folder: int, index: int) -> StoredSample:
-        """Sample `index` of `folder`: its bytes through `reader` (preads, no image decode)."""
+        """Sample `index` of `folder`: its bytes through `reader` (preads, no image decode), checked
+        as far as that costs nothing next to the image decode: every member where the idx says,
+        labels.npy of the manifest's length, a json that parses. Raises `CorruptSample` otherwise."""
         record = self.records[folder][index]
         source = self.folders[folder]
         tar_path = source.tar_paths[record["shard"]]
         components = reader.read(tar_path, record)
         key = record["key"].decode()
-        folder_labels = decode_labels(components, len(source.label_names), f"{tar_path}:{key}")
+        where = f"{tar_path}:{key}"
+        try:
+            folder_labels = decode_labels(components, len(source.label_names), where)
+        except Exception as error:  # np.load raises several types for damaged bytes
+            message = str(error) if str(error).startswith(where) else _reason(where, "labels.npy", error)
+            raise CorruptSample(message, Path(tar_path).name, key) from error
+        meta = components.get(META_EXTENSION)
+        try:
+            if not isinstance(json.loads(meta if meta is not None else b"null"), dict):
+                raise ValueError("missing, or not a JSON object")
+        except ValueError as error:
+            raise CorruptSample(_reason(where, "json", error), Path(tar_path).name, key) from error
         return StoredSample(
             key=key,
             image=components[SLOTS[IMAGE_SLOT]],
@@ -258,7 +315,8 @@ class SplitTable:
             labels=self.labels(folder, folder_labels),
             mean=source.intensity_mean,
             std=source.intensity_std,
-            meta=components.get(META_EXTENSION),
+            meta=meta,
+            shard=Path(tar_path).name,
         )
 
     def intensities(self) -> list[dict]:
@@ -294,27 +352,41 @@ class SplitTable:
 
     def first_by_key(self, num_samples: int) -> np.ndarray:
         """(folder, index) int64 rows (n, 2) of the first `num_samples` samples in sorted-key order
-        (folder, then index, break ties), found by partial selection: one O(split) partition of the
-        keys, a sort of the chosen rows only, never of the whole split."""
+        (folder, then index, break ties). O(split), never a sort of the whole split: the keys' first 8
+        bytes (`key_prefixes`) are partitioned to find the n-th smallest prefix; only rows whose
+        prefix is at most that one can be among the first n, and only they are sorted by full key."""
         starts = np.cumsum([0, *self.folder_sizes])
         num = min(num_samples, int(starts[-1]))
         if num == 0:
             return np.zeros((0, 2), dtype=np.int64)
-        keys = (
-            self.records[0]["key"]
-            if len(self.records) == 1
-            else np.concatenate([r["key"] for r in self.records])
-        )
-        if num < len(keys):  # everything tied with the num-th key competes for the last places
-            chosen = np.flatnonzero(keys <= np.partition(keys, num - 1)[num - 1])
+        prefixes = np.concatenate([key_prefixes(records["key"]) for records in self.records])
+        if num < len(prefixes):  # everything tied with the n-th prefix competes for the last places
+            chosen = np.flatnonzero(prefixes <= np.partition(prefixes, num - 1)[num - 1])
         else:
-            chosen = np.arange(len(keys))
+            chosen = np.arange(len(prefixes))
+        del prefixes
         folder = np.searchsorted(starts, chosen, side="right") - 1
         index = chosen - starts[folder]
-        ranked = np.lexsort((index, folder, keys[chosen]))[:num]
-        del keys
+        # chosen ascends, so its rows come folder by folder: gather each folder's keys in that order
+        keys = np.concatenate([r["key"][index[folder == f]] for f, r in enumerate(self.records)])
+        ranked = np.lexsort((index, folder, keys))[:num]
         release_freed_heap()
         return np.stack([folder[ranked], index[ranked]], axis=1).astype(np.int64)
+
+
+def key_prefixes(keys: np.ndarray) -> np.ndarray:
+    """(n,) uint64: the first 8 bytes of each key (bytes dtype, NUL-padded) read big-endian, so
+    prefixes order as the keys do wherever the prefixes differ. A uint64 partition is ~50x faster
+    than one over bytes, which numpy sorts rather than selects."""
+    width = keys.dtype.itemsize
+    raw = np.ascontiguousarray(keys).view(np.uint8).reshape(len(keys), width)
+    head = np.zeros((len(keys), 8), dtype=np.uint8)
+    head[:, : min(8, width)] = raw[:, :8]
+    return head.view(">u8").ravel().astype(np.uint64)
+
+
+def _reason(where: str, component: str, error: Exception) -> str:
+    return f"{where}: {component}: {type(error).__name__}: {error}"
 
 
 def open_folders(paths: list[str]) -> list[ShardFolder]:

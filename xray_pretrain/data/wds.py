@@ -9,7 +9,8 @@ reads. Each worker opens its own tar descriptors lazily (after the fork) and kee
 Batch contract (both backends): `image` float32 (B, 1, H, W) normalized; `roi` uint8 (B, 1, H, W)
 0/1; `labels` float32 (B, C) NaN unknown; `key` list[str]; `position` int64 (B,) global stream
 positions (validation: index in the sorted validation list); `weight` float32 (B,) 1.0, 0.0 for
-validation padding rows.
+validation padding rows; `bad` list[dict] training samples skipped as corrupt (`badsamples.py`),
+removed from the batch by the train loader.
 
 Report task (`loader.py`'s `reports`): rows are report items; `report` list[str] (B) of the items'
 texts (`report.studies.report_text` of `report.section`), '' for padding rows. With
@@ -27,9 +28,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from xray_pretrain.data.augment import FULL_VIEW, AugmentParams, TrainAugment, transform_sample
-from xray_pretrain.data.decode import decode_image, decode_roi, estimate_roi
+from xray_pretrain.data.badsamples import load_or_replace
+from xray_pretrain.data.decode import decode_image, decode_roi, estimate_roi, verify_image
 from xray_pretrain.data.reports import ItemTable
-from xray_pretrain.data.shards import ShardReader, SplitTable
+from xray_pretrain.data.shards import CorruptSample, ShardReader, SplitTable
 
 
 def load_item(
@@ -42,8 +44,17 @@ def load_item(
 ) -> dict:
     """Read, decode and transform one sample into its batch row (no batch dimension)."""
     sample = table.read(reader, folder, index)
-    image_HW = decode_image(sample.image)
-    roi_hw = decode_roi(sample.roi) if sample.roi is not None else estimate_roi(image_HW)
+    try:
+        verify_image(sample.image)
+        image_HW = decode_image(sample.image)
+        roi_hw = decode_roi(sample.roi) if sample.roi is not None else None
+    except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError ... for damaged bytes
+        raise CorruptSample(
+            f"{sample.shard}:{sample.key}: image or roi.png does not decode ({type(error).__name__}: {error})",
+            sample.shard,
+            sample.key,
+        ) from error
+    roi_hw = roi_hw if roi_hw is not None else estimate_roi(image_HW)
     image_1HW, roi_1HW = transform_sample(image_HW, roi_hw, params, image_size, sample.mean, sample.std)
     return {"image": image_1HW, "roi": roi_1HW, "labels": sample.labels, "key": sample.key}
 
@@ -81,10 +92,14 @@ class TrainDataset(Dataset):
         self.reader = ShardReader()
 
     def __getitem__(self, row: tuple[int, int, int]) -> dict:
+        """A corrupt sample is replaced by position (`badsamples.load_or_replace`) and reported in "bad"."""
         position, folder, index = row
         params = [self.augment.sample(self.seed, position, view) for view in range(self.items.num_views)]
-        item = load_row(self.items, self.reader, folder, index, params, self.image_size)
-        return {**item, "position": int(position), "weight": 1.0}
+        item, bad = load_or_replace(  # a report item is replaced whole (all its views)
+            lambda f, i: load_row(self.items, self.reader, f, i, params, self.image_size),
+            folder, index, position, self.seed, self.items.folder_sizes[folder],
+        )  # fmt: skip
+        return {**item, "position": int(position), "weight": 1.0, "bad": bad}
 
 
 class ValDataset(Dataset):
@@ -115,6 +130,7 @@ def collate(items: list[dict]) -> dict:
         "key": [it["key"] for it in items],
         "position": torch.tensor([it["position"] for it in items], dtype=torch.int64),
         "weight": torch.tensor([it["weight"] for it in items], dtype=torch.float32),
+        "bad": [record for it in items for record in it.get("bad", ())],  # see data/badsamples.py
     }
     if "report" in items[0]:
         batch["report"] = [it["report"] for it in items]

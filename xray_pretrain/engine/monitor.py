@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from xray_pretrain.engine.health import json_safe
+
 
 class RunMonitor:
     """Rank 0 writes; other ranks get a monitor whose methods do nothing (so callers never branch)."""
@@ -45,7 +47,8 @@ class RunMonitor:
             return
         for name, value in values.items():
             self._writer.add_scalar(name, value, step)
-        self._jsonl.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
+        row = json_safe({"step": step, "time": time.time(), **values})  # NaN / inf as null: valid JSON
+        self._jsonl.write(json.dumps(row, allow_nan=False) + "\n")
         self._jsonl.flush()
 
     def image(self, step: int, name: str, image_HW_u8: np.ndarray) -> Path | None:

@@ -10,13 +10,16 @@ import math
 
 import torch
 
+from xray_pretrain.engine.health import GuardedAdamW
+
 
 def build_optimizer(groups: list[dict], lr: float, betas: tuple[float, float]):
+    """AdamW that skips non-finite steps (`health.GuardedAdamW`)."""
     params = [p for g in groups for p in g["params"]]
     if not params:
         raise ValueError("the model has no trainable parameters")
     fused = torch.cuda.is_available() and all(p.is_cuda for p in params)
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
+    return GuardedAdamW(groups, lr=lr, betas=betas, fused=fused or None)
 
 
 def lr_at(step: int, *, peak_lr: float, warmup_steps: int, total_steps: int, min_lr: float) -> float:

@@ -5,7 +5,7 @@ the LR schedule (with each parameter group's LR scale), checkpoint/resume, weigh
 validation, model selection and the final test, image cadence, throughput and MFU. What is specific
 to a task (its model, parameter groups, loss, metrics) comes from `xray_pretrain.tasks`.
 
-Set-up order: resume point -> loaders (the task sees the label names) -> steps from epochs ->
+Set-up order: resume point (the task takes back its inference state) -> loaders (the task sees the label names) -> steps from epochs ->
 model (+ `init.weights`) -> optimizer -> DeepSpeed -> state (weights, optimizer, data position,
 RNG, best-so-far).
 
@@ -30,6 +30,7 @@ from xray_pretrain.config import RunConfig, save_resolved_config
 from xray_pretrain.engine import checkpoint, init_weights, preempt
 from xray_pretrain.engine.dist import DistContext, init_distributed
 from xray_pretrain.engine.ds_config import build_ds_config
+from xray_pretrain.engine.health import Health
 from xray_pretrain.engine.monitor import RunMonitor
 from xray_pretrain.engine.optim import build_optimizer, lr_at, set_lr
 from xray_pretrain.engine.runinfo import run_info, with_start_history
@@ -79,6 +80,10 @@ class Trainer:
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.task = build_task(cfg)
         resume_point = self._resume_point()
+        if resume_point is not None:  # what the task fitted to the data (e.g. a tokenizer) is kept
+            self.task.restore_inference_state(
+                checkpoint.read_inference_info(resume_point.root, resume_point.tag)
+            )
         init_source = self._init_source()
         self.train_loader, self.val_loader = self._build_loaders(resume_point)
         self.data_info = self._data_info()
@@ -92,6 +97,8 @@ class Trainer:
         if cfg.train.compile:
             self.engine.compile()
         self.selection = Selection(*self.task.selection) if self.task.selection else None
+        self.health = Health(self.guarded_optimizer, cfg.train.max_bad_steps, cfg.data.max_bad_fraction)
+        self.guarded_optimizer.device = self.ctx.device
         self.state = self._load(resume_point)
         if self.ctx.is_main:
             info = run_info(cfg, self.ctx.world_size, self.accum, ds_config, self.ctx.device)
@@ -131,6 +138,7 @@ class Trainer:
         self.peak_lr = cfg.optim.lr(cfg.train.global_batch)
         groups = self.task.param_groups(model, cfg.optim.weight_decay)
         optimizer = build_optimizer(groups, self.peak_lr, tuple(cfg.optim.betas))
+        self.guarded_optimizer = optimizer  # DeepSpeed wraps it; it skips non-finite steps (health.py)
         ds_config = build_ds_config(cfg, self.ctx.world_size)
         if resume_point is not None and resume_point.world_size not in (None, self.ctx.world_size):
             print(f"resuming a {resume_point.world_size}-rank checkpoint on {self.ctx.world_size} ranks: "
@@ -215,6 +223,7 @@ class Trainer:
             checkpoint.restore_rng_state(client["rng"])
         if self.selection is not None and client.get("selection"):
             self.selection = Selection.from_state(client["selection"])
+        self.health.restore(client)
         assert int(client["samples_seen"]) == point.samples_seen, (
             "complete.json disagrees with the checkpoint"
         )
@@ -232,10 +241,15 @@ class Trainer:
         last_val: dict = {}
         image_path = None
         stop = False
+        unhealthy = None  # why the run stopped early (non-finite steps, corrupt samples), else None
         while state.step < cfg.train.steps:
             result = self._train_step(batches)
             state.step += 1
             state.samples_seen += cfg.train.global_batch
+            unhealthy = self._check_health()
+            if unhealthy:
+                self._log_step(result)
+                break
             done = state.step == cfg.train.steps
             if state.step % cfg.log.every == 0 or state.step == 1 or done:
                 self._log_step(result)
@@ -245,7 +259,13 @@ class Trainer:
                 image_path = self._preview() or image_path
             stop = not done and preempt.agreed_to_stop(self.ctx.device)  # same answer on every rank
             if state.step % cfg.checkpoint.every == 0 or done or stop:
-                self._save_checkpoint()
+                if not self.health.weights_finite(self.ctx.device):
+                    unhealthy = f"the weights are not finite at step {state.step}: no checkpoint written"
+                    break
+                if self.health.num_bad_in_row and not (done or stop):  # a diverging run keeps `latest`
+                    print(f"step {state.step}: checkpoint skipped (the step was non-finite)", flush=True)
+                else:
+                    self._save_checkpoint()
             if stop:
                 break
         summary = {
@@ -257,13 +277,15 @@ class Trainer:
             "samples_seen": state.samples_seen,
             "first_loss": state.first_loss,
             "last_loss": state.last_loss,
+            **self.health.state(),
+            "stopped": unhealthy,
             "checkpoint_dir": str(self.ckpt_dir),
             "tensorboard_dir": str(self.monitor.tb_dir),
             **last_val,
         }
         if self.task.preview_name:
             summary[f"{self.task.preview_name}_image"] = str(image_path) if image_path else None
-        if self.selection is not None and not stop:  # the test split is scored once, at the very end
+        if self.selection is not None and not stop and not unhealthy:  # the test split: once, at the end
             summary["best_step"] = self.selection.best_step
             summary["test"] = self._test_best()
         return summary
@@ -288,10 +310,25 @@ class Trainer:
             batch = next(batches)
             wait_s += time.perf_counter() - t0
             loss, task_logs = self.task.training_loss(self.engine, batch, self.ctx.device, self.dtype)
+            self.health.note_micro_batch(batch, loss)
             self.engine.backward(loss)
             self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
             loss_sum += loss.detach().float()
         return StepResult(loss_sum, task_logs, time.perf_counter() - t_start, wait_s)
+
+    def _check_health(self) -> str | None:
+        """Agree with all ranks on this step's health (health.py); log skips; why to stop, or None."""
+        state = self.state
+        bad_step, num_new_bad = self.health.end_step(self.engine, self.train_loader.bad.take_new())
+        if bad_step or num_new_bad:  # at once; otherwise with the other scalars (`_log_step`)
+            self.monitor.scalars(state.step, self.health.scalars())
+        if bad_step:
+            print(f"step {state.step}: non-finite loss or gradients, step skipped "
+                  f"({self.health.num_bad_in_row} in a row)", flush=True)  # fmt: skip
+        return self.health.stop_message(
+            state.step, state.samples_seen, self.train_loader.num_samples_per_epoch, self.train_loader.bad.last,
+            lambda: next(iter(checkpoint.complete_tags(self.ckpt_dir)[-1:]), None),
+        )  # fmt: skip
 
     def _log_step(self, result: StepResult) -> None:
         cfg, state = self.cfg, self.state
@@ -307,6 +344,7 @@ class Trainer:
             "perf/images_per_s": cfg.train.global_batch / result.step_s,
             "perf/data_wait_s": wait_mean,
             "perf/step_s": result.step_s,
+            **self.health.scalars(),
             **{f"train/{k}": float(v) for k, v in result.task_logs.items()},
         }
         if self.flops_per_sample:
@@ -353,6 +391,7 @@ class Trainer:
             "first_loss": state.first_loss,
             "last_loss": state.last_loss,
             "rng": checkpoint.rng_state(),
+            **self.health.state(),
             "selection": self.selection.state() if self.selection else None,
         }
 

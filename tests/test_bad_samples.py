@@ -1,0 +1,234 @@
+"""Corrupt data inside shards (issue 11, item 3): every kind injected for real into a copy of the
+phantom shards; each backend skips, names, counts and replaces by position; verify names each one;
+above data.max_bad_fraction the run stops naming shard and key; a resumed run equals a straight one.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_CONFIG, base_overrides
+from data_fixtures import needs_dali
+
+from data_tools.cli import main as shard_main
+from data_tools.verify import verify
+from xray_core.shardio import ShardTarWriter, read_idx, read_sample
+from xray_pretrain.data.config import DataConfig
+from xray_pretrain.data.loader import build_train_loader
+from xray_pretrain.data.order import GlobalOrder
+from xray_pretrain.data.shards import SplitTable, open_folders
+
+MICRO = 8
+EPOCH_BATCHES = 16  # 128 positions of the 129-sample train split
+# sample index in the train tar -> the corruption injected there, and what the skip must say
+CORRUPTIONS = {
+    3: ("image bytes flipped inside the PNG data", "does not decode"),
+    10: ("no json member", "json"),
+    20: ("json bytes that do not parse", "json"),
+    30: ("labels.npy of 3 values for 5 labels", "labels.npy has 3 values"),
+    40: ("idx offset of the image moved one block on", "idx disagrees with the tar"),
+    128: ("tar cut inside the last sample's image", "short read"),
+}
+
+
+def corrupt_copy(phantom_shards: Path, out: Path) -> tuple[Path, dict[str, int]]:
+    """A copy of the phantom shards with every corruption of CORRUPTIONS in its train tar; returns
+    (folder, {corrupt key: sample index})."""
+    shutil.copytree(phantom_shards, out)
+    tar = out / "csv-train-000000.tar"
+    with open(tar, "rb") as f:
+        samples = [(s.key, read_sample(f, s)) for s in read_idx(tar.with_suffix(".idx"))]
+    assert len(samples) == 129
+    for i, (key, comps) in enumerate(samples):
+        if i == 3:
+            png = bytearray(comps["png"])
+            png[len(png) // 2 : len(png) // 2 + 4] = bytes(
+                b ^ 0xFF for b in png[len(png) // 2 : len(png) // 2 + 4]
+            )
+            comps["png"] = bytes(png)
+        elif i == 10:
+            del comps["json"]
+        elif i == 20:
+            comps["json"] = b'{"key": "' + key.encode() + b'", "labels": {'
+        elif i == 30:
+            buffer = io.BytesIO()
+            np.save(buffer, np.zeros(3, np.float32))
+            comps["labels.npy"] = buffer.getvalue()
+    writer = ShardTarWriter(tar)  # the tar rewritten as a writer would have, then damaged in place
+    for key, comps in samples:
+        writer.write_sample(key, comps)
+    writer.close()
+    idx = tar.with_suffix(".idx")
+    lines = idx.read_text().splitlines()
+    fields = lines[1 + 40].split()
+    fields[1] = str(int(fields[1]) + 512)  # still block-aligned, inside the tar: only the header tells
+    lines[1 + 40] = " ".join(fields)
+    idx.write_text("\n".join(lines) + "\n")
+    last_image_offset = int(lines[1 + 128].split()[1])
+    with open(tar, "r+b") as f:
+        f.truncate(last_image_offset + 100)
+    return out, {samples[i][0]: i for i in CORRUPTIONS}
+
+
+@pytest.fixture(scope="module")
+def corrupt(phantom_shards, tmp_path_factory) -> tuple[Path, dict[str, int]]:
+    return corrupt_copy(phantom_shards, tmp_path_factory.mktemp("corrupt") / "shards")
+
+
+def epoch_batches(folder: Path, backend: str, start: int = 0, num: int = EPOCH_BATCHES):
+    cfg = DataConfig(shards=[str(folder)], backend=backend, num_workers=1)
+    loader = build_train_loader(
+        cfg, image_size=(64, 64), micro_batch=MICRO, accum_steps=1, rank=0, world_size=1, seed=0,
+        start_position=start,
+    )  # fmt: skip
+    stream = iter(loader)
+    batches = list(itertools.islice(stream, num))
+    return loader, batches
+
+
+def expected_bad_positions(folder: Path, bad_keys: dict[str, int], num_positions: int) -> dict[int, str]:
+    table = SplitTable(open_folders([str(folder)]), "train")
+    order = GlobalOrder(table.folder_sizes, None, seed=0)
+    located = (order.locate(p) for p in range(num_positions))
+    return {p: table.key(*fi) for p, fi in enumerate(located) if table.key(*fi) in bad_keys}
+
+
+@pytest.mark.parametrize("backend", ["wds", pytest.param("dali", marks=needs_dali)])
+def test_each_corruption_is_skipped_named_and_replaced_by_position(corrupt, backend, caplog):
+    folder, bad_keys = corrupt
+    with caplog.at_level("WARNING", logger="xray_pretrain.data.badsamples"):
+        loader, batches = epoch_batches(folder, backend)
+    expected = expected_bad_positions(folder, bad_keys, EPOCH_BATCHES * MICRO)
+    assert len(expected) >= len(CORRUPTIONS) - 1  # one sample's epoch-0 position lies past 16 batches
+    assert loader.bad.num_bad == len(expected)
+    assert all(len(b["key"]) == MICRO and b["image"].shape[0] == MICRO for b in batches)  # same batch size
+    assert all("bad" not in b for b in batches)  # taken out of the batch by the loader
+    keys = [k for b in batches for k in b["key"]]
+    positions = [int(p) for b in batches for p in b["position"]]
+    assert positions == list(range(EPOCH_BATCHES * MICRO))
+    table = SplitTable(open_folders([str(folder)]), "train")
+    order = GlobalOrder(table.folder_sizes, None, seed=0)
+    for position, key in zip(positions, keys):
+        if position in expected:  # replaced by an intact sample of the folder
+            assert key not in bad_keys
+        else:  # nothing else lost or moved
+            assert key == table.key(*order.locate(position))
+    logged = [r.getMessage() for r in caplog.records]
+    for position, key in expected.items():
+        reason = CORRUPTIONS[bad_keys[key]][1]
+        if backend == "dali" and bad_keys[key] == 3:
+            reason = "does not decode"  # found by DALI's decoder, confirmed with Pillow
+        line = next(m for m in logged if f"csv-train-000000.tar:{key} at position {position}" in m)
+        assert reason in line, line
+    assert np.isfinite(torch.cat([b["image"] for b in batches]).numpy()).all()
+
+
+@pytest.mark.parametrize("backend", ["wds", pytest.param("dali", marks=needs_dali)])
+def test_resumed_stream_reads_the_same_replacements(corrupt, backend):
+    folder, _ = corrupt
+    _, straight = epoch_batches(folder, backend)
+    _, resumed = epoch_batches(folder, backend, start=8 * MICRO, num=EPOCH_BATCHES - 8)
+    for a, b in zip(straight[8:], resumed):
+        assert a["key"] == b["key"]
+        torch.testing.assert_close(a["image"], b["image"], rtol=0, atol=0)
+
+
+@needs_dali
+def test_both_backends_replace_with_the_same_samples(corrupt):
+    folder, _ = corrupt
+    _, wds = epoch_batches(folder, "wds")
+    _, dali = epoch_batches(folder, "dali")
+    assert [b["key"] for b in wds] == [b["key"] for b in dali]
+
+
+def test_verify_names_every_corruption_by_shard_and_key(corrupt, capsys):
+    folder, bad_keys = corrupt
+    problems = verify(folder)
+    for key in bad_keys:
+        assert any(p.startswith(f"csv-train-000000.tar:{key}: ") for p in problems), (key, problems)
+    assert shard_main(["verify", str(folder)]) == 1
+    assert "problem(s)" in capsys.readouterr().err
+
+
+def _train(folder: Path, out: Path, overrides: list[str]) -> dict:
+    from xray_pretrain.config import load_config
+    from xray_pretrain.engine.trainer import train
+
+    base = [o for o in base_overrides(out, folder) if not o.startswith("data.num_workers")]
+    cfg = load_config(TINY_CONFIG, [*base, "data.num_workers=0", "train.global_batch=16", "train.micro_batch=8",
+                                    "log.every=1", "log.val_every=100", "log.image_every=100", *overrides])  # fmt: skip
+    return train(cfg)
+
+
+@pytest.mark.slow
+def test_training_counts_skips_resumes_equal_and_stops_above_the_limit(corrupt, tmp_path, one_cpu_thread):
+    from conftest import copy_checkpoint
+
+    from xray_pretrain.engine.export import consolidated_state_dict
+
+    folder, bad_keys = corrupt
+    steps = ["train.steps=8", "checkpoint.every=4", "data.max_bad_fraction=0.1"]
+    straight = _train(folder, tmp_path / "straight", steps)
+    expected = expected_bad_positions(folder, bad_keys, 8 * 16)
+    assert straight["stopped"] is None and straight["num_bad_samples"] == len(expected) >= 5
+    rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["data/bad_samples"] for r in rows if r["step"] == 8 and "data/bad_samples" in r] == [
+        len(expected)
+    ]
+
+    copy_checkpoint(tmp_path / "straight", "step00000004", tmp_path / "resumed")
+    resumed = _train(folder, tmp_path / "resumed", [*steps, "checkpoint.resume=auto"])
+    assert resumed["num_bad_samples"] == straight["num_bad_samples"]
+    a = consolidated_state_dict(tmp_path / "straight" / "checkpoints", "step00000008")
+    b = consolidated_state_dict(tmp_path / "resumed" / "checkpoints", "step00000008")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
+
+    # 0.01 of one 129-sample epoch allows 1 skip: the second one stops the run, named.
+    stopped = _train(
+        folder, tmp_path / "limit", ["train.steps=8", "checkpoint.every=100", "data.max_bad_fraction=0.01"]
+    )
+    second = sorted(expected)[1]
+    assert stopped["steps"] == second // 16 + 1 and stopped["num_bad_samples"] == 2
+    assert f"csv-train-000000.tar:{expected[second]}" in stopped["stopped"]
+    assert "data.max_bad_fraction=0.01" in stopped["stopped"]
+
+
+@pytest.mark.parametrize("backend", ["wds", pytest.param("dali", marks=needs_dali)])
+def test_a_report_pair_with_one_corrupt_view_is_replaced_whole(tmp_path, backend):
+    """Two-view report items: a damaged lateral image replaces the whole study (frontal, lateral and
+    text of another one), never a frontal paired with a stranger's lateral."""
+    from data_fixtures import write_shard_folder
+    from test_report_loaders import study_meta, train_batches
+
+    from xray_pretrain.data.reports import ReportSpec
+
+    fixture = write_shard_folder(
+        tmp_path, splits={"train": 12, "val": 6}, size_hw=(40, 32), seed=3, meta_fn=study_meta
+    )
+    lateral = next(k for k in fixture.keys("train") if fixture.samples[k].meta == study_meta(4, "train"))
+    tar = next(
+        p
+        for p in tmp_path.glob("*-train-*.tar")
+        if any(s.key == lateral for s in read_idx(p.with_suffix(".idx")))
+    )
+    offset, size = next(s for s in read_idx(tar.with_suffix(".idx")) if s.key == lateral).components["png"]
+    data = bytearray(tar.read_bytes())
+    data[offset + size // 2 : offset + size // 2 + 4] = bytes(
+        b ^ 0xFF for b in data[offset + size // 2 : offset + size // 2 + 4]
+    )
+    tar.write_bytes(bytes(data))
+    frontal_of = {s.meta["study"]: k for k, s in fixture.samples.items() if s.meta["view"] == "PA"}
+    loader, batches = train_batches(tmp_path, ReportSpec("findings", 2), backend, 4)
+    assert loader.bad.num_bad >= 1 and loader.bad.last["key"] == lateral
+    for batch in batches:
+        assert batch["image"].shape[1] == 2 and frontal_of["train-s2"] not in batch["key"]
+        for key, text in zip(batch["key"], batch["report"]):
+            assert text == f"finding {fixture.samples[key].meta['study']}"  # the replacement's own text

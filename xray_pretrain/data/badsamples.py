@@ -1,0 +1,105 @@
+"""Corrupt samples inside shards: skipped where they are read, replaced by position, counted, bounded.
+
+A training sample whose stored bytes are unusable (`shards.CorruptSample`: a tar cut short, an idx
+entry that does not point at its member, labels.npy of the wrong shape, a missing or unparsable json,
+an image that does not decode) is skipped by the backend that reads it (wds worker or DALI host feed).
+Its slot in the batch is filled by a replacement drawn from the same folder by a generator seeded
+with (seed, position, attempt) only, so the global batch keeps its size and a resumed run, on any
+world size or backend, reads exactly what an uninterrupted run read. The batch row keeps the
+position's augmentation; its `key` is the replacement's.
+
+Each skip travels with its batch as a record (`batch["bad"]`: position, shard, key, reason) to the
+training process, where `BadSampleTally` logs one line per skip naming shard and key and counts them.
+The engine sums the counts over ranks every step (TensorBoard `data/bad_samples`, the run summary's
+`num_bad_samples`) and stops the run once they exceed `data.max_bad_fraction` (`exceeded`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
+
+from xray_pretrain.data.order import TAG_REPLACE, seeded_rng
+from xray_pretrain.data.shards import CorruptSample
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 16  # replacements tried for one position before the run stops (all of them corrupt)
+Item = TypeVar("Item")
+
+
+def replacement_index(seed: int, position: int, attempt: int, folder_size: int) -> int:
+    """Sample index (within the same folder) that replaces the `attempt`-th corrupt read at `position`."""
+    return int(seeded_rng(seed, TAG_REPLACE, position, attempt).integers(folder_size))
+
+
+def load_or_replace(
+    load: Callable[[int, int], Item], folder: int, index: int, position: int, seed: int, folder_size: int
+) -> tuple[Item, list[dict]]:
+    """(`load(folder, index)`, []) or, when that raises `CorruptSample`, the first replacement that
+    loads, with one record per corrupt sample met. Raises CorruptSample after MAX_ATTEMPTS replacements."""
+    bad: list[dict] = []
+    for attempt in range(MAX_ATTEMPTS + 1):
+        try:
+            return load(folder, index), bad
+        except CorruptSample as error:
+            reason = str(error).split(f"{error.key}: ", 1)[-1] if error.key else str(error)  # once
+            if all(record["key"] != error.key for record in bad):  # a draw may repeat in a small folder
+                bad.append(
+                    {"position": int(position), "shard": error.shard, "key": error.key, "reason": reason}
+                )
+            index = replacement_index(seed, position, attempt, folder_size)
+    raise CorruptSample(
+        f"position {position}: the sample and {MAX_ATTEMPTS} replacements are all corrupt, the last: "
+        f"{bad[-1]['reason']}; check the folder with `xray-shard verify`",
+        bad[-1]["shard"],
+        bad[-1]["key"],
+    )
+
+
+class BadSampleTally:
+    """This rank's skipped samples, taken from the batches as the trainer consumes them."""
+
+    def __init__(self):
+        self.num_bad = 0  # skips seen by this process
+        self.num_reported = 0  # of which already handed to `take_new`
+        self.last: dict | None = None  # the latest record (names shard and key in a stop message)
+
+    def watch(self, batches: Iterable[dict]) -> Iterator[dict]:
+        """The batches, each with its "bad" records logged and counted (and removed from the batch)."""
+        for batch in batches:
+            for record in batch.pop("bad", None) or []:
+                self.note(record, batch)
+            yield batch
+
+    def note(self, record: dict, batch: dict) -> None:
+        positions = [int(p) for p in batch["position"]]
+        row = positions.index(record["position"]) if record["position"] in positions else None
+        replacement = batch["key"][row] if row is not None else "?"
+        log.warning(
+            "corrupt sample skipped: %s:%s at position %d, replaced by %s (%s)",
+            record["shard"], record["key"], record["position"], replacement, record["reason"],
+        )  # fmt: skip
+        self.num_bad += 1
+        self.last = record
+
+    def take_new(self) -> int:
+        """Skips since the previous call."""
+        num_new, self.num_reported = self.num_bad - self.num_reported, self.num_bad
+        return num_new
+
+
+def exceeded(num_bad: int, samples_read: int, samples_per_epoch: int, max_fraction: float) -> bool:
+    """True when `num_bad` skips (all ranks, whole run) exceed `max_fraction` of the samples read, counted
+    as at least one epoch: early in a run one bad sample in the first batch is not yet a fraction."""
+    return num_bad > max_fraction * max(samples_read, samples_per_epoch)
+
+
+def stop_message(num_bad: int, samples_read: int, max_fraction: float, last: dict | None) -> str:
+    named = f"; the last: {last['shard']}:{last['key']} ({last['reason']})" if last else ""
+    return (
+        f"{num_bad} corrupt samples skipped in {samples_read} read, more than data.max_bad_fraction="
+        f"{max_fraction} allows{named}. `xray-shard verify FOLDER` lists every damaged sample: re-convert "
+        "or repair those shards, or raise data.max_bad_fraction"
+    )
