@@ -46,8 +46,8 @@ from xray_pretrain.data.shards import ShardFolder, ShardReader, SplitTable
 from xray_pretrain.engine.optim import build_optimizer, lr_at, set_lr
 from xray_pretrain.models import ClassificationModel, block_pooled_features, build_encoder
 from xray_pretrain.models.heads import pool_tokens
-from xray_pretrain.models.param_groups import layer_decay_groups
-from xray_pretrain.tasks.classify import HEAD_INIT_STD, label_fraction_subset, layer_of
+from xray_pretrain.models.param_groups import encoder_layer_decay_groups
+from xray_pretrain.tasks.classify import HEAD_INIT_STD, label_fraction_subset
 from xray_pretrain.tasks.metrics import classification_metrics, paired_bootstrap_gap
 from xray_pretrain.tasks.pretrain import PretrainTask
 
@@ -310,9 +310,7 @@ def finetune(recipe: FinetuneRecipe, lr: float, encoder, image_hw, data: Data, r
     model = ClassificationModel(encoder, len(data.label_names), pool="mean", num_frozen_blocks=recipe.frozen,
                                 probe_norm=recipe.probe_norm,
                                 head_init_std=HEAD_INIT_STD["linear" if recipe.probe_norm else "finetune"])  # fmt: skip
-    depth = len(encoder.blocks)
-    groups = layer_decay_groups(list(model.named_parameters()), lambda n: layer_of(n, depth), depth + 1,
-                                recipe.weight_decay, recipe.layer_decay)  # fmt: skip
+    groups = encoder_layer_decay_groups(model, recipe.weight_decay, recipe.layer_decay)
     optimizer = build_optimizer(groups, lr, (0.9, 0.999))
     augment = TrainAugment(crop_scale=(0.7, 1.0), crop_ratio=(0.9, 1.1), brightness=0.1, contrast=0.1)
     steps_per_epoch = math.ceil(len(rows) / recipe.batch)
