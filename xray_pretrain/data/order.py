@@ -36,6 +36,10 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+# Which order a checkpoint's `samples_seen` is a position of; change it whenever the order changes, so
+# a resume across the change says that this epoch's remaining samples differ from the planned ones.
+ORDER_VERSION = "feistel-1"  # before 2026-12-03: whole-epoch Fisher-Yates shuffles (no version saved)
+
 # Tags keep the seeded streams independent of each other (SeedSequence([seed, tag, ...])).
 TAG_EPOCH_SHUFFLE = 0
 TAG_FOLDER_DRAW = 1

@@ -27,6 +27,7 @@ import torch
 
 from xray_pretrain.collectives import all_reduce_mean
 from xray_pretrain.config import RunConfig, save_resolved_config
+from xray_pretrain.data.order import ORDER_VERSION
 from xray_pretrain.engine import checkpoint, init_weights, preempt
 from xray_pretrain.engine.dist import DistContext, init_distributed, release_distributed
 from xray_pretrain.engine.ds_config import build_ds_config
@@ -232,6 +233,14 @@ class Trainer:
         if self.selection is not None and client.get("selection"):
             self.selection = Selection.from_state(client["selection"])
         self.health.restore(client)
+        written_with = client.get("data_order", "older than " + ORDER_VERSION)
+        if written_with != ORDER_VERSION and self.ctx.is_main:
+            print(
+                f"checkpoint {point.tag} was written with the data order {written_with}: resuming at sample "
+                f"{point.samples_seen} of the order {ORDER_VERSION}, so some samples of the current epoch are "
+                "seen twice or not at all (later epochs are exact)",
+                flush=True,
+            )
         assert int(client["samples_seen"]) == point.samples_seen, (
             "complete.json disagrees with the checkpoint"
         )
@@ -395,6 +404,7 @@ class Trainer:
         return {
             "step": state.step,
             "samples_seen": state.samples_seen,
+            "data_order": ORDER_VERSION,
             "world_size": self.ctx.world_size,
             "first_loss": state.first_loss,
             "last_loss": state.last_loss,
