@@ -221,7 +221,7 @@ def test_embed_a_pretraining_run(zero2_run, phantom_shards, tmp_path):
 def test_predict_refuses_a_pretraining_checkpoint(zero2_run, capsys):
     out, _ = zero2_run
     assert cli_main(["predict", "--checkpoint", str(out / "checkpoints"), "x.png"]) == 2
-    assert "not a classifier checkpoint" in capsys.readouterr().err
+    assert "not a classifier or report generator checkpoint (task=pretrain)" in capsys.readouterr().err
 
 
 def test_finetune_refuses_the_pretraining_task(tmp_path, capsys):

@@ -51,6 +51,7 @@ def test_wheel_holds_every_package_and_the_packaged_configs(wheel):
         "xray_pretrain/commands/pretrain.py",
         "xray_pretrain/configs/tiny_cpu.yaml",
         "xray_pretrain/configs/vitl_1280.yaml",
+        "xray_pretrain/configs/report_phantom.yaml",
         "xray_pretrain/configs/deepspeed/zero1.json",
         "xray_pretrain/configs/deepspeed/zero2.json",
         "xray_pretrain/configs/deepspeed/zero3.json",
@@ -109,3 +110,19 @@ def test_installed_wheel_shards_and_trains_from_any_folder(wheel, tmp_path):
     )  # fmt: skip
     summary = json.loads((work / "run" / "train_summary.json").read_text())
     assert summary["steps"] == 2 and (work / "run" / "checkpoints" / "latest").is_file()
+    # A report generator (random init: init.weights is tested elsewhere) and a report for a phantom
+    # DICOM, all from the wheel. ZeRO-1: inference consolidates weights with DeepSpeed's zero_to_fp32,
+    # which cannot read a ZeRO-0 checkpoint.
+    run(
+        "-m", "xray_pretrain.cli", "finetune", "--config", "report_phantom", "data.shards=[shards]",
+        "model.image_size=[32,32]", "model.patch_size=8", "train.epochs=null", "train.steps=1",
+        "train.global_batch=4", "train.micro_batch=4", "train.zero_stage=1", "log.out_dir=report",
+        "log.progress=false", "data.num_workers=0", "report.meteor=false", "report.decoder_dim=16",
+        "report.decoder_heads=2", "report.decoder_depth=1",
+    )  # fmt: skip
+    assert json.loads((work / "report" / "metrics.json").read_text())["test"]["test_num_reports"] > 0
+    dicom = next((work / "phantoms").rglob("*.dcm"))
+    line = json.loads(
+        run("-m", "xray_pretrain.cli", "predict", "--checkpoint", "report", str(dicom)).splitlines()[-1]
+    )
+    assert line["task"] == "report" and line["file"] == str(dicom)

@@ -3,7 +3,9 @@
 phantom DICOMs (`xray-shard synth`) -> shards (`xray-shard convert`) -> 2-rank ZeRO-2 MAE pre-training
 under the `deepspeed` launcher (CPU ranks on gloo) -> export as a timm model folder (loaded back with
 timm alone) -> classifiers on the phantom findings, pre-trained vs random init, scored on held-out
-phantoms of a second synth seed (`xray_pretrain.demo_classify`) -> `summary.json`.
+phantoms of a second synth seed (`xray_pretrain.demo_classify`) -> a report generator fine-tuned from
+the pre-training run on the phantoms' templated findings, scored against the most-common-report
+baseline and on other studies' images -> `summary.json`.
 """
 
 from __future__ import annotations
@@ -14,9 +16,12 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 DEFAULT_CONFIG = "tiny_cpu"  # a packaged config (xray_pretrain/configs/), found from any folder
+REPORT_CONFIG = "report_phantom"  # the report stage's packaged config
+REPORT_KEYS = ("bleu_4", "meteor", "rouge_l", "cider")  # summary["report"] (and its baseline)
 # Phantoms hold no real patients, so a fixed, public salt is fine here (real data: --salt SECRET).
 DEMO_SALT = "xray-pretrain-demo-phantoms"
 
@@ -94,12 +99,12 @@ def run(args) -> int:
     times = {}
 
     workers = os.cpu_count() or 1
-    t = _step(f"1/5 synthesize {args.num_images} + {args.num_test_images} held-out phantom DICOMs -> {out}")
+    t = _step(f"1/6 synthesize {args.num_images} + {args.num_test_images} held-out phantom DICOMs -> {out}")
     synthesize(phantoms, num_images=args.num_images, size=args.size, seed=args.seed, num_workers=workers)
     synthesize(test_phantoms, args.num_test_images, size=args.size, seed=args.seed + 1, num_workers=workers)
     times["synth_s"] = time.perf_counter() - t
 
-    t = _step(f"2/5 convert to WebDataset shards -> {shards}, {test_shards}")
+    t = _step(f"2/6 convert to WebDataset shards -> {shards}, {test_shards}")
     options = dict(
         source="csv", dataset="phantom", image_format="png16", long_side=args.long_side, salt=DEMO_SALT
     )
@@ -107,27 +112,121 @@ def run(args) -> int:
     convert(test_phantoms, test_shards, **options)
     times["convert_s"] = time.perf_counter() - t
 
-    t = _step(f"3/5 pre-train the MAE on {args.ranks} CPU ranks, ZeRO-{args.zero_stage} -> {run_dir}")
+    t = _step(f"3/6 pre-train the MAE on {args.ranks} CPU ranks, ZeRO-{args.zero_stage} -> {run_dir}")
     run_dir.mkdir(parents=True)
     launch_training(args.config, overrides, args.ranks, out / "train.log")
     times["train_s"] = time.perf_counter() - t
     train_summary = json.loads((run_dir / "train_summary.json").read_text())
 
-    t = _step(f"4/5 export the encoder -> {export_dir}")
+    t = _step(f"4/6 export the encoder -> {export_dir}")
     export_config = export_encoder(run_dir / "checkpoints", export_dir)
     export_config["load"] = _timm_load(export_dir)
     times["export_s"] = time.perf_counter() - t
 
-    t = _step(f"5/5 classifiers on the findings, pre-trained vs random init, tested on {test_shards}")
+    t = _step(f"5/6 classifiers on the findings, pre-trained vs random init, tested on {test_shards}")
     classify = compare(run_dir, shards, test_shards, recipe)
     (out / "classify.json").write_text(json.dumps(classify, indent=2))
     times["classify_s"] = time.perf_counter() - t
 
+    t = _step(f"6/6 fine-tune a report generator from the pre-training run -> {out / 'report'}")
+    report = report_stage(run_dir, shards, out / "report", args.ranks, args.seed)
+    times["report_s"] = time.perf_counter() - t
+
     summary = _summary(train_summary, manifest, export_config, shards, export_dir, times)
     summary["classify"] = classify["classify"]
+    summary["report"] = report
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     _print_where(summary, out)
     return 0
+
+
+def report_stage(pretrain_run: Path, shards: Path, out: Path, num_ranks: int, seed: int) -> dict:
+    """Fine-tune `report_phantom` from `pretrain_run` under the deepspeed launcher (selected on
+    validation BLEU-4, test scored once into metrics.json), then its two controls on the same test
+    split: every image given the training split's most common report, and the generator fed other
+    studies' images. Returns summary["report"]."""
+    overrides = [f"data.shards=[{shards}]", f"log.out_dir={out}", f"init.weights={pretrain_run}",
+                 f"train.seed={seed}", "log.progress=false"]  # fmt: skip
+    out.mkdir(parents=True)
+    launch_training(REPORT_CONFIG, overrides, num_ranks, out / "train.log", command="finetune")
+    test = json.loads((out / "metrics.json").read_text())["test"]
+    report = {key: test[f"test_{key}"] for key in REPORT_KEYS}
+    report.update(report_controls(out, shards))
+    print(
+        "  test: " + ", ".join(f"{k} {_fmt(report[k])}" for k in REPORT_KEYS)
+        + "\n  most common training report: " + ", ".join(f"{k} {_fmt(report['baseline'][k])}" for k in REPORT_KEYS)
+        + f"\n  other studies' images: cider {_fmt(report['shuffled_cider'])}",
+        flush=True,
+    )  # fmt: skip
+    return report
+
+
+def _fmt(value) -> str:
+    return "null" if value is None else f"{value:.3f}"
+
+
+def report_controls(report_run: Path, shards: Path) -> dict:
+    """The controls a report generator must beat on the test split: `baseline` (BLEU-4, METEOR,
+    ROUGE-L, CIDEr of the training split's most common report given to every item) and
+    `shuffled_cider` (CIDEr of the run's best checkpoint fed another study's images: what it writes
+    without reading the image it is asked about)."""
+    import torch
+
+    from xray_pretrain.data.loader import build_val_loader
+    from xray_pretrain.data.reports import train_report_texts
+    from xray_pretrain.data.shards import SplitTable, open_folders
+    from xray_pretrain.inference import load_trained
+    from xray_pretrain.report.metrics import score_reports
+
+    trained = load_trained(report_run, device="cpu", tasks=("report",))
+    task, cfg, rcfg = trained.task, trained.cfg, trained.cfg.report
+    train_texts = train_report_texts(
+        SplitTable(open_folders([str(shards)]), "train"), rcfg.section, rcfg.views
+    )
+    most_common = Counter(task.tokenizer.clean(t) for t in train_texts).most_common(1)[0][0]
+    loader = build_val_loader(
+        cfg.data, image_size=tuple(trained.info["image_size"]), micro_batch=cfg.train.micro_batch,
+        rank=0, world_size=1, whole_split=True, split="test", reports=cfg.loader_reports(),
+    )  # fmt: skip
+    rows = {"key": [], "image": [], "reference": []}
+    for batch in loader:
+        real = batch["weight"] > 0
+        rows["key"] += [k for k, r in zip(batch["key"], real.tolist()) if r]
+        rows["image"] += list(batch["image"][real])
+        rows["reference"] += [t for t, r in zip(batch["report"], real.tolist()) if r]
+    references = [task.tokenizer.clean(r) for r in rows["reference"]]
+    baseline = score_reports(references, [most_common] * len(references), meteor=rcfg.meteor)
+    other = other_study_order(rows["key"], SplitTable(open_folders([str(shards)]), "test"))
+    images = torch.stack([rows["image"][i] for i in other])
+    generated = []
+    for start in range(0, len(images), cfg.train.micro_batch):
+        generated += task.generate(trained.model, images[start : start + cfg.train.micro_batch])
+    shuffled = score_reports(references, generated, meteor=False)
+    return {"baseline": {key: baseline[key] for key in REPORT_KEYS}, "shuffled_cider": shuffled["cider"]}
+
+
+def other_study_order(keys: list[str], table) -> list[int]:
+    """For item i (of `keys`), the index of an item of another study: items sorted by study, each
+    takes the item as many places on as the largest study has images (so never its own study)."""
+    from xray_pretrain.data.shards import ShardReader
+
+    reader = ShardReader()
+    try:
+        study_of = {
+            table.key(f, i): str(table.metadata(reader, f, i).get("study") or table.key(f, i))
+            for f, size in enumerate(table.folder_sizes)
+            for i in range(size)
+        }
+    finally:
+        reader.close()
+    by_study = sorted(range(len(keys)), key=lambda i: (study_of[keys[i]], keys[i]))
+    shift = max(Counter(study_of[k] for k in keys).values())
+    other = [0] * len(keys)
+    for place, item in enumerate(by_study):
+        other[item] = by_study[(place + shift) % len(keys)]
+    if any(study_of[keys[i]] == study_of[keys[j]] for i, j in enumerate(other)):
+        raise ValueError("the test split has too few studies to feed every item another study's images")
+    return other
 
 
 def _timm_load(export_dir: Path) -> str:
@@ -186,6 +285,9 @@ def _print_where(summary: dict, out: Path) -> None:
     )
     for key in shown:
         print(f"  {key:22s} {summary[key]}")
+    report = summary["report"]
+    print(f"  {'report cider':22s} {_fmt(report['cider'])} (most common report {_fmt(report['baseline']['cider'])}, "
+          f"other studies' images {_fmt(report['shuffled_cider'])})")  # fmt: skip
     for key, value in summary["classify"].items():
         print(f"  classify.{key:13s} {value}")
     print(f"  {'seconds':22s} {summary['seconds']}")

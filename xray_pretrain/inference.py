@@ -1,8 +1,9 @@
-"""Use a trained classifier: load a checkpoint, evaluate it on shards, predict raw files, embed samples.
+"""Use a fine-tuned model (classifier or report generator): load a checkpoint, evaluate it on shards,
+predict raw files, embed samples, export it.
 
 A checkpoint folder carries what inference needs without the training shards (`inference.json`:
-label names, the thresholds chosen on validation, intensity mean/std, image size, the conversion
-options), and its weights are consolidated from any ZeRO stage. One process (no launcher): the
+label names and the thresholds chosen on validation, or the report tokenizer; intensity mean/std,
+image size, the conversion options), and its weights are consolidated from any ZeRO stage. One process (no launcher): the
 commands `evaluate`, `predict` and `embed` run here.
 
 Raw files (`predict`) go through the same steps as a shard sample and its loader: decode with
@@ -30,13 +31,16 @@ CSV_SUFFIX = ".csv"
 
 
 @dataclass
-class Classifier:
-    model: torch.nn.Module  # ClassificationModel in eval mode, on `device`
-    task: object  # the ClassifyTask, labels bound
+class TrainedModel:
+    model: torch.nn.Module  # the task's model (ClassificationModel, ReportGenerator) in eval mode
+    task: object  # the task, with what inference.json restored (label names, tokenizer)
     cfg: object  # the run's RunConfig
     info: dict  # inference.json
     path: Path  # the checkpoint folder loaded
     device: torch.device
+
+
+INFERENCE_TASKS = ("classify", "report")  # the fine-tuned tasks evaluate and predict serve
 
 
 def resolve_inference_checkpoint(path: Path) -> tuple[Path, str]:
@@ -55,7 +59,11 @@ def resolve_inference_checkpoint(path: Path) -> tuple[Path, str]:
     return checkpoint.resolve_checkpoint(path)
 
 
-def load_classifier(path: Path, device: str | None = None) -> Classifier:
+def load_trained(
+    path: Path, device: str | None = None, tasks: tuple[str, ...] = INFERENCE_TASKS
+) -> TrainedModel:
+    """A fine-tuned checkpoint of one of `tasks`: its model with consolidated weights (any ZeRO stage)
+    and its task with what inference.json holds (a classifier's labels, a report model's tokenizer)."""
     from xray_pretrain.config import config_from_dict
     from xray_pretrain.engine.export import consolidated_state_dict
     from xray_pretrain.tasks import build_task
@@ -64,11 +72,12 @@ def load_classifier(path: Path, device: str | None = None) -> Classifier:
     folder = root / tag
     cfg = config_from_dict(json.loads((folder / checkpoint.CONFIG_NAME).read_text()))
     info_path = folder / checkpoint.INFERENCE_NAME
-    if cfg.task != "classify" or not info_path.is_file():
-        raise ValueError(f"{folder} is not a classifier checkpoint (task={cfg.task}); use `finetune` first")
+    if cfg.task not in tasks or not info_path.is_file():
+        wanted = " or ".join({"classify": "classifier", "report": "report generator"}[t] for t in tasks)
+        raise ValueError(f"{folder} is not a {wanted} checkpoint (task={cfg.task}); use `finetune` first")
     info = json.loads(info_path.read_text())
     task = build_task(cfg)
-    task.bind_labels(info["label_names"], info["label_names"])
+    task.restore_inference_state(info)
     model = task.build_model()
     # DeepSpeed's consolidation prints progress: keep stdout for results (predict's JSON lines).
     with contextlib.redirect_stdout(sys.stderr):
@@ -78,7 +87,12 @@ def load_classifier(path: Path, device: str | None = None) -> Classifier:
     except RuntimeError as err:
         raise ValueError(f"{folder} does not match the model its config builds: {err}") from err
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return Classifier(model.to(target).eval(), task, cfg, info, folder, target)
+    return TrainedModel(model.to(target).eval(), task, cfg, info, folder, target)
+
+
+def load_classifier(path: Path, device: str | None = None) -> TrainedModel:
+    """A classifier checkpoint (export, embed): `load_trained` refusing any other task."""
+    return load_trained(path, device, tasks=("classify",))
 
 
 # ---- export ----------------------------------------------------------------------------------------
@@ -86,7 +100,8 @@ TIMM_POOLS = {"cls": "token", "mean": "avg"}  # timm's avg pools the patch token
 
 
 def export_checkpoint(path: Path, out_dir: Path, dtype: str = "fp32") -> dict:
-    """`xray-pretrain export`: a classifier checkpoint exports encoder + head, any other its encoder.
+    """`xray-pretrain export`: a classifier checkpoint exports encoder + head, a report generator its
+    encoder + decoder + tokenizer, any other its encoder.
     `path` as :func:`resolve_inference_checkpoint` (a run folder means its `best`)."""
     from xray_pretrain.engine.export import check_dtype, export_encoder
 
@@ -95,6 +110,8 @@ def export_checkpoint(path: Path, out_dir: Path, dtype: str = "fp32") -> dict:
     saved = json.loads((root / tag / checkpoint.CONFIG_NAME).read_text())
     if saved.get("task") == "classify":
         return export_classifier(root / tag, out_dir, dtype)
+    if saved.get("task") == "report":
+        return export_report(root / tag, out_dir, dtype)
     return export_encoder(root / tag, out_dir, dtype)
 
 
@@ -124,19 +141,90 @@ def export_classifier(path: Path, out_dir: Path, dtype: str = "fp32") -> dict:
     return write_export(model.encoder, out_dir, data, dtype, head, provenance, run_metrics(root.parent))
 
 
+REPORT_DECODER_WEIGHTS = "report_decoder.safetensors"
+
+
+def export_report(path: Path, out_dir: Path, dtype: str = "fp32") -> dict:
+    """A fine-tuned report generator: its encoder as :func:`engine.export.write_export` writes it (timm
+    loads that part alone), plus the report tokenizer (`tokenizer.json`) and the decoder's weights
+    (`report_decoder.safetensors`, ReportGenerator names without `encoder.`), both described in the
+    model card; the decoder's sizes and the decoding options go into config.json."""
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+
+    from xray_pretrain.config import PRECISION_DTYPES
+    from xray_pretrain.engine.export import CARD_FILE, write_export
+    from xray_pretrain.engine.model_card import pretraining_data, run_metrics
+
+    root, tag = resolve_inference_checkpoint(path)
+    saved = json.loads((root / tag / checkpoint.CONFIG_NAME).read_text())
+    data = pretraining_data(saved["data"]["shards"])  # a missing manifest fails before consolidation
+    trained = load_trained(root / tag, device="cpu", tasks=("report",))
+    model, info, tokenizer = trained.model, trained.info, trained.task.tokenizer
+    data["normalization"] = dict(data["normalization"], **info["intensity"])  # what predict feeds it
+    report = {k: info.get(k) for k in ("views", "section", "beam_size", "length_penalty", "block_trigrams")}
+    report["decoder"] = asdict(model.cfg)
+    provenance = {
+        "checkpoint": str(path),
+        "checkpoint_tag": tag,
+        "run_config": trained.cfg.to_dict(),
+        "report": report,
+    }
+    summary = write_export(model.encoder, out_dir, data, dtype, None, provenance, run_metrics(root.parent))
+    tokenizer_file = tokenizer.save(out_dir).name
+    decoder = {
+        name: tensor.detach().to(PRECISION_DTYPES[dtype]).contiguous()
+        for name, tensor in model.state_dict().items()
+        if not name.startswith("encoder.")
+    }
+    save_file(decoder, Path(out_dir) / REPORT_DECODER_WEIGHTS, metadata={"tag": tag})
+    with open(Path(out_dir) / CARD_FILE, "a") as card:
+        card.write(
+            report_card_section(tokenizer, report, tokenizer_file, sum(v.numel() for v in decoder.values()))
+        )
+    summary["files"] += [tokenizer_file, REPORT_DECODER_WEIGHTS]
+    summary["report"] = dict(report, tokenizer_words=len(tokenizer.words))
+    return summary
+
+
+def report_card_section(tokenizer, report: dict, tokenizer_file: str, num_decoder_params: int) -> str:
+    """The model card's account of the report generator's extra files."""
+    decoder = report["decoder"]
+    views = "a study's frontal and lateral images" if report["views"] == 2 else "one image"
+    return (
+        "\n## Report generation\n\n"
+        f"This encoder is the image half of a radiology report generator that reads {views} and writes "
+        f"the `{report['section']}` section. The other half is in this folder too (timm loads only the encoder):\n\n"
+        f"- `{tokenizer_file}`: the report tokenizer, built from the training split's reports: R2Gen's "
+        f"`{tokenizer.variant}` cleaning, {len(tokenizer.words)} words seen at least {tokenizer.min_count} times "
+        f"(others map to `<unk>`), at most {tokenizer.max_length} ids with `<bos>`/`<eos>`; load it with "
+        "`xray_pretrain.report.tokenizer.ReportTokenizer.load(FOLDER)`.\n"
+        f"- `{REPORT_DECODER_WEIGHTS}`: the Transformer decoder ({num_decoder_params:,} parameters; width "
+        f"{decoder['dim']}, {decoder['depth']} blocks, {decoder['num_heads']} heads, cross-attention over the "
+        f"encoder's patch tokens pooled to {decoder['feature_grid'] or 'the full grid'}), in "
+        "`xray_pretrain.models.report.ReportGenerator` names without `encoder.`; sizes under "
+        "`xray_pretrain.report.decoder` in config.json.\n"
+        f"- Decoding: beam {report['beam_size']}, length penalty {report['length_penalty']}, trigram blocking "
+        f"{'on' if report['block_trigrams'] else 'off'}. The fine-tuning run's checkpoint writes reports with "
+        "`xray-pretrain predict --checkpoint RUN FILE`.\n"
+    )
+
+
 # ---- evaluate --------------------------------------------------------------------------------------
 def evaluate(
-    classifier: Classifier, split: str, shards: list[str] | None, out: Path, overrides: list[str] = ()
+    trained: TrainedModel, split: str, shards: list[str] | None, out: Path, overrides: list[str] = ()
 ) -> dict:
     """Metrics of the whole `split` (of the run's validation folders, or of `shards`) into `out`
-    (JSON) and one row per sample into `out` with .csv (key, label, probability per class).
-    Thresholds: the ones validation chose for this checkpoint."""
+    (JSON) and one row per sample (a report model: per report item) into `out` with .csv: a
+    classifier's key, label and probability per class (thresholds for F1: the ones validation chose
+    for this checkpoint); a report model's key, reference (cleaned, as scored) and generated report."""
     import yaml
 
     from xray_pretrain.config import set_value
     from xray_pretrain.data.loader import build_val_loader
 
-    cfg = classifier.cfg
+    cfg = trained.cfg
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep:
@@ -146,26 +234,28 @@ def evaluate(
         cfg.data.shards, cfg.data.val_shards = list(shards), None
     cfg.data.validate()
     loader = build_val_loader(
-        cfg.data, image_size=tuple(classifier.info["image_size"]), micro_batch=cfg.train.micro_batch,
-        rank=0, world_size=1, device=classifier.device.type, whole_split=True, split=split,
+        cfg.data, image_size=tuple(trained.info["image_size"]), micro_batch=cfg.train.micro_batch,
+        rank=0, world_size=1, device=trained.device.type, whole_split=True, split=split,
+        reports=cfg.loader_reports(),
     )  # fmt: skip
     if loader.num_samples == 0:
         raise ValueError(f"no {split!r} samples in {cfg.data.resolved_val_shards}")
-    task = classifier.task
-    task.bind_labels(classifier.info["label_names"], loader.label_names)
-    rows = task.predict(classifier.model, loader, classifier.device, torch.float32)
-    metrics = task.metrics(rows, {"thresholds": classifier.info["thresholds"]})
-    result = {
-        "checkpoint": str(classifier.path),
-        "split": split,
-        "shards": cfg.data.resolved_val_shards,
-        "thresholds": dict(zip(task.label_names, classifier.info["thresholds"] or [])),
-        "metrics": {k.removeprefix("val_"): v for k, v in metrics.items()},
-    }
+    result = {"checkpoint": str(trained.path), "split": split, "shards": cfg.data.resolved_val_shards}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    task = trained.task
+    if cfg.task == "report":
+        rows = task.predict_rows(trained.model, loader, trained.device, torch.float32)
+        metrics = task.metrics(rows["reference"], rows["generated"])
+        write_reports_csv(out.with_suffix(CSV_SUFFIX), task, rows)
+    else:
+        task.bind_labels(trained.info["label_names"], loader.label_names)
+        rows = task.predict(trained.model, loader, trained.device, torch.float32)
+        metrics = task.metrics(rows, {"thresholds": trained.info["thresholds"]})
+        result["thresholds"] = dict(zip(task.label_names, trained.info["thresholds"] or []))
+        write_predictions_csv(out.with_suffix(CSV_SUFFIX), task.label_names, rows)
+    result["metrics"] = {k.removeprefix("val_"): v for k, v in metrics.items()}
     out.write_text(json.dumps(result, indent=2))
-    write_predictions_csv(out.with_suffix(CSV_SUFFIX), task.label_names, rows)
     return result
 
 
@@ -177,6 +267,16 @@ def write_predictions_csv(path: Path, label_names: list[str], rows: dict[str, li
         for key, targets, probs in zip(rows["key"], rows["targets"], rows["probabilities"]):
             labels = ["" if np.isnan(t) else int(t) for t in targets]
             writer.writerow([key, *labels, *(f"{p:.6f}" for p in probs)])
+
+
+def write_reports_csv(path: Path, task, rows: dict[str, list]) -> None:
+    """key (a study's frontal image for two views), reference (cleaned: the text the scores compare
+    against), generated."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["key", "reference", "generated"])
+        for key, reference, generated in zip(rows["key"], rows["reference"], rows["generated"]):
+            writer.writerow([key, task.tokenizer.clean(reference), generated])
 
 
 # ---- predict ---------------------------------------------------------------------------------------
@@ -216,22 +316,49 @@ def preprocess_file(path: Path, info: dict) -> torch.Tensor:
     return transform_image(unit, box, tuple(info["image_size"]), FULL_VIEW, mean, std)
 
 
+def predict_inputs(trained: TrainedModel, arguments: list[str]) -> list[list[Path]]:
+    """Each command-line argument's image files: one, or `FRONTAL,LATERAL` for a model trained on a
+    study's two views (report.views=2). A mismatch is a usage error, raised before any file is read."""
+    num_views = int(trained.info.get("views", 1))
+    inputs = []
+    for argument in map(str, arguments):
+        is_one_file = num_views == 1 and ("," not in argument or Path(argument).exists())
+        parts = [argument] if is_one_file else argument.split(",")
+        if len(parts) != num_views or not all(parts):
+            raise ValueError(
+                f"{argument}: this {trained.cfg.task} model reads one image per argument; a FRONTAL,LATERAL "
+                "pair needs a report model trained with report.views=2"
+                if num_views == 1
+                else f"{argument}: this report model reads a study's two views: give FRONTAL,LATERAL in one argument"
+            )
+        inputs.append([Path(p) for p in parts])
+    return inputs
+
+
 @torch.no_grad()
-def predict_file(classifier: Classifier, path: Path) -> dict:
-    """One JSON-able line: probabilities per label and the labels at or above their thresholds
-    (0.5 for a label validation could not score), or the reason the file could not be read."""
+def predict_file(trained: TrainedModel, paths: list[Path]) -> dict:
+    """One JSON-able line for one input (`paths`: its image, or its frontal and lateral images): a
+    classifier's probabilities per label and the labels at or above their thresholds (0.5 for a label
+    validation could not score), a report model's generated report, or why a file could not be read."""
     from xray_core.images import SkipInput
 
-    try:
-        image_1HW = preprocess_file(path, classifier.info)
-    except (SkipInput, OSError, ValueError) as error:
-        return {"file": str(path), "error": str(error) or type(error).__name__}
-    logits = classifier.model(image_1HW[None].to(classifier.device))
-    probs = torch.sigmoid(logits.float())[0].tolist()
-    names = classifier.info["label_names"]
-    thresholds = classifier.info.get("thresholds") or [None] * len(names)
+    name = ",".join(map(str, paths))
+    images = []
+    for path in paths:
+        try:
+            images.append(preprocess_file(path, trained.info))
+        except (SkipInput, OSError, ValueError) as error:
+            reason = str(error) or type(error).__name__
+            return {"file": name, "error": reason if len(paths) == 1 else f"{path}: {reason}"}
+    # (1, 1, H, W), or (1, V, 1, H, W) for a study's views
+    batch = (images[0] if len(images) == 1 else torch.stack(images))[None].to(trained.device)
+    if trained.cfg.task == "report":
+        return {"file": name, "task": "report", "report": trained.task.generate(trained.model, batch)[0]}
+    probs = torch.sigmoid(trained.model(batch).float())[0].tolist()
+    names = trained.info["label_names"]
+    thresholds = trained.info.get("thresholds") or [None] * len(names)
     return {
-        "file": str(path),
+        "file": name,
         "task": "classify",
         "probabilities": {n: round(p, 6) for n, p in zip(names, probs)},
         "positive": [n for n, p, t in zip(names, probs, thresholds) if p >= (0.5 if t is None else t)],

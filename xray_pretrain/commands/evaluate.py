@@ -1,15 +1,22 @@
 """`xray-pretrain evaluate --checkpoint DIR [--split test|val] [--shards DIR ...] --out FILE.json
-[section.key=value ...]`: a classifier's metrics on a whole split, plus a per-sample CSV beside the JSON.
+[section.key=value ...]`: a fine-tuned model's metrics on a whole split, plus a CSV beside the JSON:
+a classifier's per-sample labels and probabilities, a report model's key, reference and generated report.
 
 DIR: a run folder (its `best`), its checkpoints folder (latest) or one step folder. `--shards`
 evaluates on other shard folders (an external test set; labels matched by name). Thresholds for F1
-are the ones validation chose for that checkpoint.
+are the ones validation chose for that checkpoint; reports are scored with pycocoevalcap against the
+full cleaned references (METEOR null without Java).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+SHOWN = {  # the metrics printed (the JSON file has them all)
+    "classify": ("mean_auroc", "mean_ap", "mean_f1", "num_samples"),
+    "report": ("bleu_4", "meteor", "rouge_l", "cider", "num_reports"),
+}
 
 
 def add_arguments(parser) -> None:
@@ -21,8 +28,10 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from xray_pretrain.inference import evaluate, load_classifier
+    from xray_pretrain.inference import evaluate, load_trained
 
-    result = evaluate(load_classifier(args.checkpoint), args.split, args.shards, args.out, args.overrides)
-    print(json.dumps({k: result["metrics"][k] for k in ("mean_auroc", "mean_ap", "mean_f1", "num_samples")}))
+    trained = load_trained(args.checkpoint)
+    result = evaluate(trained, args.split, args.shards, args.out, args.overrides)
+    shown = SHOWN[trained.cfg.task]
+    print(json.dumps({k: result["metrics"][k] for k in shown}))
     return 0

@@ -21,6 +21,8 @@ frontal image's.
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
 import signal
 
 import numpy as np
@@ -145,8 +147,21 @@ def _ignore_stop_signals(_worker_id: int) -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
+def _kill_workers_at_exit() -> None:
+    """Python's exit ends daemonic children (DataLoader workers) with SIGTERM and waits for them.
+    These ignore SIGTERM, and a DataLoader still referenced at exit (the traceback of an uncaught
+    error holds its frames) would make that wait endless: SIGKILL them first (atexit runs this
+    before multiprocessing's own handler, registered earlier)."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
 def make_dataloader(dataset: Dataset, batch_sampler, num_workers: int, pin_memory: bool) -> DataLoader:
     """A DataLoader that keeps its workers (persistent) and returns batches in sampler order."""
+    if num_workers > 0:
+        atexit.unregister(_kill_workers_at_exit)  # once, however many loaders
+        atexit.register(_kill_workers_at_exit)
     return DataLoader(
         dataset,
         batch_sampler=batch_sampler,

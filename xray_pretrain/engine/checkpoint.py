@@ -90,6 +90,12 @@ def read_resume_point(path: Path) -> ResumePoint:
     return ResumePoint(root, tag, info.get("world_size"), int(info.get("samples_seen", 0)))
 
 
+def read_inference_info(root: Path, tag: str) -> dict:
+    """A checkpoint's inference.json ({} for one written before it existed)."""
+    path = Path(root) / tag / INFERENCE_NAME
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def ensure_universal(point: ResumePoint, rank: int) -> ResumePoint:
     """The same checkpoint in DeepSpeed's universal format (converted once, by rank 0), so that a run
     can resume with a different number of ranks: ZeRO optimizer partitions are tied to the world size

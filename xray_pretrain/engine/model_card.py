@@ -101,6 +101,10 @@ def model_card(summary: dict, data: dict, metrics: dict, provenance: dict, out_d
     from timm.models._hub import generate_readme
 
     is_timm = summary["format"] == "timm"
+    is_fine_tuned = bool(summary["head"]) or provenance.get("run_config", {}).get("task") in (
+        "classify",
+        "report",
+    )
     encoder = provenance["encoder"]
     H, W = encoder["image_size"]
     token = encoder["patch_size"] * (4 if encoder["stem"] == "hierarchical" else 1)
@@ -128,7 +132,7 @@ def model_card(summary: dict, data: dict, metrics: dict, provenance: dict, out_d
     }
     sections = [
         generate_readme(card, f"xray_pretrain {summary['architecture']} ({H}x{W})", task_name=task),
-        _data_section(data, "Fine-tuning data" if summary["head"] else "Pre-training data"),
+        _data_section(data, "Fine-tuning data" if is_fine_tuned else "Pre-training data"),
         _config_section(summary, provenance),
         _metrics_section(metrics),
         LIMITS,
@@ -209,7 +213,7 @@ def _config_section(summary: dict, provenance: dict) -> str:
     lines = ["## Configuration\n", f"- export dtype: {provenance['dtype']}, format: {summary['format']}"]
     if provenance.get("checkpoint_tag"):
         lines.append(f"- checkpoint: {provenance['checkpoint_tag']}")
-    task_sections = ("classify",) if run.get("task") == "classify" else ("mask",)
+    task_sections = (run["task"],) if run.get("task") in ("classify", "report") else ("mask",)
     for section in ("model", *task_sections, "optim", "train"):
         if section in run:
             values = ", ".join(f"{k}={v}" for k, v in run[section].items())

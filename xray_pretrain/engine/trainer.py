@@ -5,7 +5,7 @@ the LR schedule (with each parameter group's LR scale), checkpoint/resume, weigh
 validation, model selection and the final test, image cadence, throughput and MFU. What is specific
 to a task (its model, parameter groups, loss, metrics) comes from `xray_pretrain.tasks`.
 
-Set-up order: resume point -> loaders (the task sees the label names) -> steps from epochs ->
+Set-up order: resume point (the task takes back its inference state) -> loaders (the task sees the label names) -> steps from epochs ->
 model (+ `init.weights`) -> optimizer -> DeepSpeed -> state (weights, optimizer, data position,
 RNG, best-so-far).
 
@@ -27,12 +27,14 @@ import torch
 
 from xray_pretrain.collectives import all_reduce_mean
 from xray_pretrain.config import RunConfig, save_resolved_config
+from xray_pretrain.data.order import ORDER_VERSION
 from xray_pretrain.engine import checkpoint, init_weights, preempt
-from xray_pretrain.engine.dist import DistContext, init_distributed
+from xray_pretrain.engine.dist import DistContext, init_distributed, release_distributed
 from xray_pretrain.engine.ds_config import build_ds_config
 from xray_pretrain.engine.health import Health
 from xray_pretrain.engine.monitor import RunMonitor
 from xray_pretrain.engine.optim import build_optimizer, lr_at, set_lr
+from xray_pretrain.engine.peers import PeerWatch
 from xray_pretrain.engine.runinfo import run_info, with_start_history
 from xray_pretrain.engine.selection import Selection
 from xray_pretrain.models import mfu
@@ -58,18 +60,25 @@ class StepResult:
 
 
 def train(cfg: RunConfig) -> dict:
-    """Train `cfg.task` for `cfg.train.steps` optimizer steps; returns a summary (rank 0's view)."""
-    trainer = Trainer(cfg)
+    """Train `cfg.task` for `cfg.train.steps` optimizer steps; returns a summary (rank 0's view).
+    A lost rank or launcher ends the run with a message naming it (engine/peers.py)."""
+    ctx = init_distributed(cfg.train.dist_timeout_s)
     try:
-        return trainer.run()
+        with PeerWatch(ctx, cfg.train.dist_timeout_s) as watch:
+            trainer = Trainer(cfg, ctx)
+            watch.follow(lambda: trainer.state.step)
+            try:
+                return trainer.run()
+            finally:
+                trainer.monitor.close()
     finally:
-        trainer.monitor.close()
+        release_distributed(ctx)
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, ctx: DistContext):
         self.cfg = cfg
-        self.ctx: DistContext = init_distributed()
+        self.ctx = ctx
         if cfg.train.precision == "fp16" and self.ctx.device.type != "cuda":
             raise ValueError(
                 "train.precision=fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16): use bf16 or fp32"
@@ -80,6 +89,10 @@ class Trainer:
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.task = build_task(cfg)
         resume_point = self._resume_point()
+        if resume_point is not None:  # what the task fitted to the data (e.g. a tokenizer) is kept
+            self.task.restore_inference_state(
+                checkpoint.read_inference_info(resume_point.root, resume_point.tag)
+            )
         init_source = self._init_source()
         self.train_loader, self.val_loader = self._build_loaders(resume_point)
         self.data_info = self._data_info()
@@ -219,6 +232,14 @@ class Trainer:
         if self.selection is not None and client.get("selection"):
             self.selection = Selection.from_state(client["selection"])
         self.health.restore(client)
+        written_with = client.get("data_order", "older than " + ORDER_VERSION)
+        if written_with != ORDER_VERSION and self.ctx.is_main:
+            print(
+                f"checkpoint {point.tag} was written with the data order {written_with}: resuming at sample "
+                f"{point.samples_seen} of the order {ORDER_VERSION}, so some samples of the current epoch are "
+                "seen twice or not at all (later epochs are exact)",
+                flush=True,
+            )
         assert int(client["samples_seen"]) == point.samples_seen, (
             "complete.json disagrees with the checkpoint"
         )
@@ -382,6 +403,7 @@ class Trainer:
         return {
             "step": state.step,
             "samples_seen": state.samples_seen,
+            "data_order": ORDER_VERSION,
             "world_size": self.ctx.world_size,
             "first_loss": state.first_loss,
             "last_loss": state.last_loss,

@@ -12,9 +12,10 @@ tokens) -> logits. Two head forms, as MAE fine-tunes and probes:
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .vit import ViTEncoder, run_blocks
+from .vit import LAYER_NORM_EPS, ViTEncoder, run_blocks
 
 POOLS = ("cls", "mean")
 
@@ -22,6 +23,26 @@ POOLS = ("cls", "mean")
 def pool_tokens(tokens_BND: torch.Tensor, pool: str) -> torch.Tensor:
     """(B, 1 + L, D) encoder tokens (cls first) -> (B, D): the cls token, or the patch tokens' mean."""
     return tokens_BND[:, 0] if pool == "cls" else tokens_BND[:, 1:].mean(dim=1)
+
+
+@torch.no_grad()
+def block_pooled_features(encoder: ViTEncoder, images_BCHW: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, D * depth) frozen features for a head on pooled tokens of several blocks:
+    each block's output, layer-normed without affine parameters, averaged over the patch tokens,
+    concatenated in block order. Goes through ``encoder.forward`` (its hooks fire); the caller picks
+    eval mode. With the final norm at its init (weight 1, bias 0) the last D columns equal the
+    mean-pooled encoder output."""
+    outputs: list[torch.Tensor] = []
+    hooks = [block.register_forward_hook(lambda _m, _i, out: outputs.append(out)) for block in encoder.blocks]
+    try:
+        encoder(images_BCHW)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    pooled = [
+        F.layer_norm(x_BND, x_BND.shape[-1:], eps=LAYER_NORM_EPS)[:, 1:].mean(dim=1) for x_BND in outputs
+    ]
+    return torch.cat(pooled, dim=1)
 
 
 class ClassificationModel(nn.Module):

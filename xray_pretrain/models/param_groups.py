@@ -58,3 +58,27 @@ def layer_decay_groups(
         )
         group["params"].append(param)
     return [groups[k] for k in sorted(groups)]
+
+
+def encoder_layer_of(name: str, depth: int) -> int:
+    """MAE/BEiT layer id of a parameter of a model holding the ViT as `encoder`: 0 for the stem and
+    tokens, i + 1 for block i, depth + 1 for the encoder's final norm and everything on top of it (a
+    classifier head, a report decoder)."""
+    if name.startswith(("encoder.patch_embed", "encoder.cls_token")):
+        return 0
+    if name.startswith("encoder.blocks."):
+        return int(name.split(".")[2]) + 1
+    return depth + 1
+
+
+def encoder_layer_decay_groups(model: nn.Module, weight_decay: float, decay: float) -> list[dict]:
+    """`layer_decay_groups` for a model with a ViT `encoder` (`encoder_layer_of`): what sits on top
+    of the encoder trains at the full LR, block i of `depth` at `decay ** (depth - i)` of it."""
+    depth = len(model.encoder.blocks)
+    return layer_decay_groups(
+        list(model.named_parameters()),
+        lambda name: encoder_layer_of(name, depth),
+        num_layers=depth + 1,
+        weight_decay=weight_decay,
+        decay=decay,
+    )

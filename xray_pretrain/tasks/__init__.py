@@ -1,8 +1,9 @@
 """Tasks: a model built from config, a batch turned into (loss, logs), a loader evaluated into metrics.
 
 The engine (`xray_pretrain.engine`) knows nothing task-specific; it only uses the `Task` protocol
-below. Order of calls: `select_train_samples` (while the train loader is built), `bind_data` (label
-names known), `build_model`, `param_groups`, then the loop (`training_loss`, `evaluate`, ...).
+below. Order of calls: `restore_inference_state` (a resumed run only: its checkpoint's inference.json),
+`select_train_samples` (while the train loader is built), `bind_data` (label names known),
+`build_model`, `param_groups`, then the loop (`training_loss`, `evaluate`, ...).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ class Task(Protocol):
     val_whole_split: bool  # validate on the whole val split (downstream metrics) or data.val_num_samples
     init_new_prefixes: tuple[str, ...]  # model keys `init.weights` may lack (created by the task)
     init_unused_prefixes: tuple[str, ...]  # source keys `init.weights` may leave unused
+
+    def restore_inference_state(self, info: dict) -> None: ...
 
     def select_train_samples(self, table): ...
 
@@ -69,4 +72,8 @@ def build_task(cfg) -> Task:
         from xray_pretrain.tasks.classify import ClassifyTask
 
         return ClassifyTask(cfg)
+    if cfg.task == "report":
+        from xray_pretrain.tasks.report import ReportTask
+
+        return ReportTask(cfg)
     raise ValueError(f"unknown task {cfg.task!r}")

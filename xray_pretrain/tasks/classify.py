@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from xray_pretrain.collectives import gather_samples
 from xray_pretrain.data.shards import ShardReader, SplitTable
 from xray_pretrain.models import ClassificationModel, build_encoder
-from xray_pretrain.models.param_groups import layer_decay_groups
+from xray_pretrain.models.param_groups import encoder_layer_decay_groups
 from xray_pretrain.tasks.metrics import choose_thresholds, classification_metrics
 
 HEAD_INIT_STD = {"linear": 0.01, "finetune": 2e-5, "partial": 2e-5}  # MAE's probe / fine-tune inits
@@ -55,15 +55,6 @@ def label_fraction_subset(table: SplitTable, fraction: float, seed: int) -> Spli
     return table.subset(keep)
 
 
-def layer_of(name: str, depth: int) -> int:
-    """MAE/BEiT layer id: 0 stem and tokens, i + 1 for block i, depth + 1 for the final norm and head."""
-    if name.startswith(("encoder.patch_embed", "encoder.cls_token")):
-        return 0
-    if name.startswith("encoder.blocks."):
-        return int(name.split(".")[2]) + 1
-    return depth + 1
-
-
 class ClassifyTask:
     preview_name = None
     selection = ("val_mean_auroc", "max")
@@ -82,6 +73,11 @@ class ClassifyTask:
         self._fitted: dict = {}
 
     # ---- data ------------------------------------------------------------------------------------
+    def restore_inference_state(self, info: dict) -> None:
+        """The checkpoint's label names (inference; a resumed run binds the shards' again in bind_data,
+        its thresholds come back with the selection state)."""
+        self.bind_labels(info["label_names"], info["label_names"])
+
     def select_train_samples(self, table: SplitTable) -> SplitTable:
         if self.ccfg.label_fraction >= 1:
             return table
@@ -132,14 +128,7 @@ class ClassifyTask:
         )
 
     def param_groups(self, model, weight_decay: float) -> list[dict]:
-        depth = len(model.encoder.blocks)
-        return layer_decay_groups(
-            list(model.named_parameters()),
-            lambda name: layer_of(name, depth),
-            num_layers=depth + 1,
-            weight_decay=weight_decay,
-            decay=self.ccfg.layer_decay,
-        )
+        return encoder_layer_decay_groups(model, weight_decay, self.ccfg.layer_decay)
 
     # ---- training and evaluation -----------------------------------------------------------------
     def training_loss(self, model, batch, device, dtype):

@@ -139,3 +139,54 @@ def bootstrap_interval(
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(value_RS.mean(1), [tail, 100 - tail])
     return float(low), float(high)
+
+
+def _auroc_rows(probs_RN: np.ndarray, y_RN: np.ndarray) -> np.ndarray:
+    """AUROC of each row (R,) from scores and 0/1 labels (R, N), by the rank-sum (Mann-Whitney)
+    formula with tied scores sharing their mean rank; NaN for a row with one kind of label."""
+    from scipy.stats import rankdata
+
+    ranks_RN = rankdata(probs_RN, axis=1)
+    num_pos_R = y_RN.sum(axis=1)
+    num_neg_R = y_RN.shape[1] - num_pos_R
+    rank_sum_R = (ranks_RN * y_RN).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auroc_R = (rank_sum_R - num_pos_R * (num_pos_R + 1) / 2) / (num_pos_R * num_neg_R)
+    return np.where((num_pos_R > 0) & (num_neg_R > 0), auroc_R, np.nan)
+
+
+def paired_bootstrap_gap(
+    probs_a_SNC: np.ndarray,
+    probs_b_SNC: np.ndarray,
+    labels_NC: np.ndarray,
+    num_resamples: int = 1000,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Mean-AUROC gap of model a over model b on one test set, with a paired bootstrap 95% interval.
+
+    probs_*_SNC: (S, N, C) test probabilities of S runs (seeds) of each model; labels_NC: (N, C) 0/1,
+    every label known. A model's score is its mean AUROC over the C classes, averaged over its S runs;
+    the gap is a's score minus b's. Each resample draws N test images with replacement, the same
+    images for both models (paired), so the interval reflects test-set sampling, the seeds' spread
+    being averaged in. Returns {"gap", "lo", "hi"} (2.5th and 97.5th percentiles of the resampled gap).
+    """
+    if np.isnan(labels_NC).any():
+        raise ValueError("paired_bootstrap_gap needs every test label known (no NaN)")
+    if probs_a_SNC.shape != probs_b_SNC.shape or probs_a_SNC.shape[1:] != labels_NC.shape:
+        raise ValueError(
+            f"shapes disagree: a {probs_a_SNC.shape}, b {probs_b_SNC.shape}, labels {labels_NC.shape}"
+        )
+    num_samples = labels_NC.shape[0]
+    rows_RN = np.random.default_rng(seed).integers(0, num_samples, size=(num_resamples, num_samples))
+    rows_RN = np.concatenate([np.arange(num_samples)[None], rows_RN])  # row 0: the test set itself
+    gap_R = np.zeros(len(rows_RN))
+    for c in range(labels_NC.shape[1]):
+        y_RN = labels_NC[rows_RN, c]
+        for s in range(probs_a_SNC.shape[0]):
+            diff_R = _auroc_rows(probs_a_SNC[s, rows_RN, c], y_RN) - _auroc_rows(
+                probs_b_SNC[s, rows_RN, c], y_RN
+            )
+            gap_R += diff_R / (labels_NC.shape[1] * probs_a_SNC.shape[0])
+    resampled_R = gap_R[1:][~np.isnan(gap_R[1:])]
+    lo, hi = np.percentile(resampled_R, [2.5, 97.5])
+    return {"gap": float(gap_R[0]), "lo": float(lo), "hi": float(hi)}

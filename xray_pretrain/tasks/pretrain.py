@@ -39,6 +39,9 @@ class PretrainTask:
         self.cfg = cfg
         self.seed = cfg.train.seed
 
+    def restore_inference_state(self, info: dict) -> None:
+        pass  # nothing beyond the weights: the MAE is built from its config alone
+
     def select_train_samples(self, table):
         return table  # every image: no labels needed
 

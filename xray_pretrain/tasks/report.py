@@ -1,14 +1,15 @@
 """Radiology report generation: ViT encoder -> Transformer decoder, scored with pycocoevalcap.
 
-Written against the Task protocol on main (build_model, training_loss, evaluate, preview_image,
-flops_per_sample) plus the attributes of the generalized protocol (selection, val_whole_split,
-init prefixes, fitted/inference state); docs/report_generation.md says how it is wired.
+`task: report` of the engine (`tasks.build_task`); the commands finetune / evaluate / predict /
+export serve it through `xray_pretrain.inference`. docs/report_generation.md maps each Task protocol
+member to what this task does.
 
 Batch contract it reads (the loaders' report mode): ``image`` (B, 1, H, W) for ``report.views=1`` or
 (B, 2, 1, H, W) frontal then lateral for ``views=2``; ``report`` list of B strings, the raw text of
 ``report.section`` (:func:`xray_pretrain.report.studies.report_text`); ``key``, ``position``,
 ``weight`` (0 for padding rows) as for every task. Tokenization happens here, not in the loaders:
-the tokenizer belongs to the run (built from the training reports, saved with every checkpoint).
+the tokenizer belongs to the run (built from the training reports in `select_train_samples`, saved
+in every checkpoint's inference.json, taken back by a resumed run in `restore_inference_state`).
 """
 
 from __future__ import annotations
@@ -18,34 +19,17 @@ from collections.abc import Iterable
 
 import torch
 
-from xray_pretrain.collectives import all_ranks_true
+from xray_pretrain.collectives import all_ranks_true, gather_samples
+from xray_pretrain.data.reports import train_report_texts
+from xray_pretrain.data.shards import SplitTable
+from xray_pretrain.models import build_encoder
+from xray_pretrain.models.param_groups import encoder_layer_decay_groups
 from xray_pretrain.models.report import GenerationOptions, ReportDecoderConfig, ReportGenerator
-from xray_pretrain.models.vit import ViTEncoder
 from xray_pretrain.report.clinical import ChexbertLabeler
 from xray_pretrain.report.metrics import TRUNCATED_SUFFIX, r2gen_truncated_references, score_reports
 from xray_pretrain.report.tokenizer import BOS_ID, EOS_ID, PAD_ID, ReportTokenizer
 
 log = logging.getLogger(__name__)
-
-
-def build_encoder(model_cfg) -> ViTEncoder:
-    """The `model` section's encoder (MAEConfig), as the MAE builds its own."""
-    embed_dim, depth, num_heads = model_cfg.encoder_dims()
-    return ViTEncoder(
-        image_size=model_cfg.image_hw(), patch_size=model_cfg.patch_size, in_chans=model_cfg.in_chans,
-        embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=model_cfg.mlp_ratio,
-        stem=model_cfg.stem, attn=model_cfg.attn,
-        grad_ckpt_every=model_cfg.grad_ckpt_every if model_cfg.grad_ckpt else 0,
-    )  # fmt: skip
-
-
-def _gather(rows: dict[str, list]) -> dict[str, list]:
-    """Every rank's rows, concatenated in rank order (the rows themselves without a process group)."""
-    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
-        return rows
-    parts: list = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(parts, rows)
-    return {name: [v for part in parts for v in part[name]] for name in rows}
 
 
 def _on_rank0(compute):
@@ -81,6 +65,24 @@ class ReportTask:
         self._labeler: ChexbertLabeler | None = None  # built at the first evaluation that needs it
 
     # ---- data ------------------------------------------------------------------------------------
+    def select_train_samples(self, table: SplitTable) -> SplitTable:
+        """Build the tokenizer from the training items' reports (every rank builds the same one), unless
+        a resumed run already took its checkpoint's (:meth:`restore_inference_state`). The loaders
+        group the table into report items themselves: the table is returned as it is."""
+        if self.tokenizer is None:
+            self.bind_reports(train_report_texts(table, self.rcfg.section, self.rcfg.views))
+        else:
+            log.info("report tokenizer: the resumed checkpoint's (%d words)", len(self.tokenizer.words))
+        return table
+
+    def bind_data(self, info) -> None:
+        pass  # no labels: the tokenizer (select_train_samples) is all the model needs from the data
+
+    def restore_inference_state(self, info: dict) -> None:
+        """A resumed run continues with its checkpoint's tokenizer (inference.json), never a rebuilt
+        one: the vocabulary is tied to the saved embedding and output rows."""
+        self.bind_tokenizer(tokenizer_from_state(info))
+
     def bind_reports(self, train_reports: Iterable[str]) -> ReportTokenizer:
         """Build the tokenizer from the training split's report texts (one per report item)."""
         self.tokenizer = ReportTokenizer.build(
@@ -127,6 +129,9 @@ class ReportTask:
         model.freeze_encoder(rc.freeze_blocks)
         return model
 
+    def param_groups(self, model, weight_decay: float) -> list[dict]:
+        return encoder_layer_decay_groups(model, weight_decay, self.rcfg.layer_decay)
+
     # ---- training and evaluation -----------------------------------------------------------------
     def training_loss(self, model, batch, device, dtype):
         images = batch["image"].to(device, non_blocking=True).to(dtype)
@@ -152,19 +157,17 @@ class ReportTask:
         was_training = module.training
         module.eval()
         rows: dict[str, list] = {"key": [], "position": [], "reference": [], "generated": []}
+        weights: list[float] = []  # padding rows (0) are generated with the rest, scored nowhere
         for batch in loader:
-            generated = self.generate(model, batch["image"].to(device, non_blocking=True).to(dtype))
-            for i, weight in enumerate(batch["weight"].tolist()):
-                if weight == 0:
-                    continue  # padding row: generated with the rest, scored nowhere
-                rows["key"].append(batch["key"][i])
-                rows["position"].append(int(batch["position"][i]))
-                rows["reference"].append(batch["report"][i])
-                rows["generated"].append(generated[i])
+            rows["generated"].extend(
+                self.generate(model, batch["image"].to(device, non_blocking=True).to(dtype))
+            )
+            rows["key"].extend(batch["key"])
+            rows["position"].extend(batch["position"].tolist())
+            rows["reference"].extend(batch["report"])
+            weights.extend(batch["weight"].tolist())
         module.train(was_training)
-        rows = _gather(rows)
-        order = sorted(range(len(rows["position"])), key=rows["position"].__getitem__)
-        return {name: [values[i] for i in order] for name, values in rows.items()}
+        return gather_samples(rows, weights, order_by="position")
 
     def evaluate(self, model, loader, device, dtype, fitted: dict | None = None) -> dict:
         rows = self.predict_rows(model, loader, device, dtype)
@@ -212,3 +215,10 @@ class ReportTask:
 
     def flops_per_sample(self) -> float | None:
         return None  # MFU is reported for pre-training
+
+
+def tokenizer_from_state(info: dict) -> ReportTokenizer:
+    """The tokenizer a report checkpoint's inference.json holds (its ``tokenizer`` entry)."""
+    if not info.get("tokenizer"):
+        raise ValueError("the checkpoint holds no report tokenizer (inference.json has no 'tokenizer')")
+    return ReportTokenizer.from_json(info["tokenizer"], "the checkpoint's inference.json tokenizer")

@@ -22,6 +22,8 @@ class ReportConfig:
     feature_grid: average-pool the encoder's patch grid to [rows, cols] before the decoder reads it
         (1280 px at patch 16 is 80x80 = 6400 tokens per view); null keeps every token.
     freeze_blocks: -1 freezes the whole encoder, k > 0 its stem and first k blocks, 0 nothing.
+    layer_decay: the encoder's block i of depth trains at layer_decay ** (depth - i) of the LR, its stem
+        and tokens at layer_decay ** (depth + 1); the decoder at the full LR (MAE/BEiT; 1 = off).
     decoder_*: the Transformer decoder's width, depth and heads.
     beam_size: 1 = greedy; trigram blocking and the length penalty apply to both.
     select_metric: the validation metric that picks checkpoints/best (higher is better).
@@ -40,6 +42,7 @@ class ReportConfig:
     max_length: int | None = None
     feature_grid: list[int] | None = None
     freeze_blocks: int = 0
+    layer_decay: float = 0.75
     decoder_dim: int = 512
     decoder_depth: int = 3
     decoder_heads: int = 8
@@ -79,5 +82,7 @@ class ReportConfig:
             path = getattr(self, key)
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"report.{key}={path} is not a file")
+        if not 0 < self.layer_decay <= 1:
+            raise ValueError(f"report.layer_decay={self.layer_decay} must be in (0, 1] (1 = no decay)")
         if self.meteor_timeout_s <= 0:
             raise ValueError(f"report.meteor_timeout_s={self.meteor_timeout_s} must be > 0")
