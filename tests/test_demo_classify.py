@@ -54,6 +54,7 @@ def test_bootstrap_interval_of_hand_computed_gaps():
 def test_step0_source_is_the_weights_the_pretraining_run_starts_from(zero2_run, tmp_path, one_cpu_thread):
     """Rebuilt from a 2-rank run's folder, the step-0 weights equal what the engine holds before its
     first step, on the same config (same architecture and train.seed)."""
+    from xray_pretrain.engine.dist import init_distributed, release_distributed
     from xray_pretrain.engine.init_weights import open_source, step0_source
     from xray_pretrain.engine.trainer import Trainer
 
@@ -61,11 +62,13 @@ def test_step0_source_is_the_weights_the_pretraining_run_starts_from(zero2_run, 
     source = step0_source(run_dir)
     cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
     cfg.log.out_dir, cfg.checkpoint.resume, cfg.data.num_workers = str(tmp_path), "none", 0
-    trainer = Trainer(cfg)
+    ctx = init_distributed(cfg.train.dist_timeout_s)
     try:
+        trainer = Trainer(cfg, ctx)
         engine_state = trainer.engine.module.state_dict()
-    finally:
         trainer.monitor.close()
+    finally:
+        release_distributed(ctx)
     assert source.kind == "step0" and set(source.state) == set(engine_state)
     assert all(torch.equal(source.state[k], engine_state[k].cpu()) for k in engine_state)
     final = open_source(run_dir).state  # ... and they are not the trained weights
