@@ -129,8 +129,7 @@ class Trainer:
     def _build_model(self, init_source, resume_point) -> tuple[torch.nn.Module, dict | None]:
         """The task's model, identical on every rank; `init.weights` loaded unless resuming (a resume
         brings its own weights). Returns (model, the init record or None)."""
-        torch.manual_seed(self.cfg.train.seed)
-        model = self.task.build_model()
+        model = init_weights.initial_model(self.task, self.cfg.train.seed)
         if init_source is None or resume_point is not None:
             return model, None
         record = init_weights.initialize(

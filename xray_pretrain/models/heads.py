@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .vit import LAYER_NORM_EPS, ViTEncoder
+from .vit import LAYER_NORM_EPS, ViTEncoder, run_blocks
 
 POOLS = ("cls", "mean")
 
@@ -73,6 +73,7 @@ class ClassificationModel(nn.Module):
         norm = nn.BatchNorm1d(encoder.embed_dim, affine=False, eps=1e-6) if probe_norm else nn.Identity()
         self.head = nn.Sequential(norm, linear)
         self.encoder_frozen = num_frozen_blocks < 0 or num_frozen_blocks >= len(encoder.blocks) + 1
+        self.num_frozen_blocks = len(encoder.blocks) if self.encoder_frozen else num_frozen_blocks
         self._freeze(num_frozen_blocks)
 
     def _freeze(self, num_frozen_blocks: int) -> None:
@@ -103,6 +104,29 @@ class ClassificationModel(nn.Module):
 
     def forward(self, images_BCHW: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images_BCHW))
+
+    @torch.no_grad()
+    def frozen_tokens(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, 1 + L, D), cls first: what the frozen part of the model outputs, which
+        no training step changes (the whole encoder, final norm included, when it is frozen; else the
+        stem and the first ``num_frozen_blocks`` blocks). :meth:`forward_frozen` finishes the pass:
+        in eval mode ``forward(x) == forward_frozen(frozen_tokens(x))``, so many heads trained on the
+        same images need this computed once."""
+        if self.encoder_frozen:
+            return self.encoder(images_BCHW)
+        if self.num_frozen_blocks < 1:
+            raise ValueError("frozen_tokens needs a frozen stem and block (partial or linear mode)")
+        x_BND = self.encoder.embed_tokens(self.encoder.patchify(images_BCHW))
+        return run_blocks(self.encoder.blocks[: self.num_frozen_blocks], x_BND, 0)
+
+    def forward_frozen(self, tokens_BND: torch.Tensor) -> torch.Tensor:
+        """(B, 1 + K, D) tokens of :meth:`frozen_tokens` (cls first; any K of the L patch tokens, e.g. a
+        random subset as augmentation) -> logits (B, num_classes), through the trainable rest."""
+        if not self.encoder_frozen:
+            blocks = self.encoder.blocks[self.num_frozen_blocks :]
+            ckpt_every = self.encoder.grad_ckpt_every if self.training else 0
+            tokens_BND = self.encoder.norm(run_blocks(blocks, tokens_BND, ckpt_every))
+        return self.head(pool_tokens(tokens_BND, self.pool))
 
     @torch.no_grad()
     def folded_head(self) -> tuple[torch.Tensor, torch.Tensor]:
