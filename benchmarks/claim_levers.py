@@ -48,7 +48,7 @@ from xray_pretrain.models import ClassificationModel, block_pooled_features, bui
 from xray_pretrain.models.heads import pool_tokens
 from xray_pretrain.models.param_groups import encoder_layer_decay_groups
 from xray_pretrain.tasks.classify import HEAD_INIT_STD, label_fraction_subset
-from xray_pretrain.tasks.metrics import classification_metrics, paired_bootstrap_gap
+from xray_pretrain.tasks.metrics import bootstrap_interval, classification_metrics
 from xray_pretrain.tasks.pretrain import PretrainTask
 
 DEMO_SALT = "xray-pretrain-demo-phantoms"
@@ -382,7 +382,9 @@ def downstream(work: Path, name: str, recipe: str, fraction: float, data: Data) 
             chosen[init].append(pick)
     a, b = np.stack(probs["pretrained"]), np.stack(probs["random"])
     np.savez(work / "variants" / name / f"{recipe}_lf{fraction}.npz", pretrained=a, random=b)
-    gap = paired_bootstrap_gap(a, b, y_test)
+    low, high = bootstrap_interval(a, y_test, b, num_resamples=1000)
+    gap = {"gap": float(np.mean([mean_auroc(p, y_test) for p in a]) - np.mean([mean_auroc(p, y_test) for p in b])),
+           "lo": low, "hi": high}  # fmt: skip
     record = {
         "name": name, "recipe": recipe, "lf": fraction, "num_labelled": [len(data.label_rows(fraction, s)) for s in SEEDS],
         "num_test": len(y_test),
