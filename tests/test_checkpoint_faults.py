@@ -287,16 +287,17 @@ def test_resume_into_another_model_names_the_keys_that_differ(shards, reference,
 
 # ---- 8. disk full during a checkpoint save ------------------------------------------------------------
 @contextmanager
-def _limited_disk(ckpts: Path, num_bytes: int):
-    """ENOSPC past `num_bytes` in `ckpts` (a tmpfs; as root), else EFBIG for any file over
-    `num_bytes` // 2 (RLIMIT_FSIZE): either fails step 4's optimizer file. Yields (kind, make_room)."""
-    with small_disk(ckpts, num_bytes) as disk:
+def _limited_disk(ckpts: Path, disk_bytes: int, file_bytes: int, prepare):
+    """ENOSPC past `disk_bytes` in `ckpts` (a tmpfs; as root), else EFBIG for any file over
+    `file_bytes` (RLIMIT_FSIZE); `prepare()` runs before the limit holds. Yields (kind, make_room)."""
+    with small_disk(ckpts, disk_bytes) as disk:
+        prepare()
         if disk is not None:
             yield "tmpfs", lambda: subprocess.run(["mount", "-o", "remount,size=256m", str(disk)], check=True)
             return
         previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         limits = resource.getrlimit(resource.RLIMIT_FSIZE)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (num_bytes // 2, limits[1]))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_bytes, limits[1]))
         try:
             yield "rlimit", lambda: resource.setrlimit(resource.RLIMIT_FSIZE, limits)
         finally:
@@ -309,9 +310,14 @@ def test_disk_full_during_a_save_is_one_clear_error_and_a_rerun_completes(shards
     ckpts = out / "checkpoints"
     step2 = reference / "checkpoints" / STEP2
     size = sum(p.stat().st_size for p in step2.iterdir())
-    with _limited_disk(ckpts, size * 3 // 2) as (kind, make_room):
-        shutil.copytree(step2, ckpts / STEP2)  # a run at step 2 whose next save finds the disk full
+
+    def at_step2():  # a run at step 2 whose next save finds the disk full
+        shutil.copytree(step2, ckpts / STEP2)
         (ckpts / "latest").write_text(STEP2)
+
+    # Room for step 2 and half of another: step 4's optimizer file (the largest) does not fit.
+    limits = (size * 3 // 2, (step2 / OPTIM_FILE).stat().st_size - 1)
+    with _limited_disk(ckpts, *limits, prepare=at_step2) as (kind, make_room):
         with pytest.raises(OSError) as raised:
             train(_config(shards, out, "checkpoint.resume=auto"))
         cause = "No space left on device" if kind == "tmpfs" else "File too large"
@@ -328,3 +334,13 @@ def test_disk_full_during_a_save_is_one_clear_error_and_a_rerun_completes(shards
         summary = train(_config(shards, out, "checkpoint.resume=auto"))
         assert summary["steps"] == 4
         assert_same_parameters(reference, out, STEP4, f"after a full disk ({kind}) and a rerun")
+
+
+def test_a_two_rank_manifest_lists_every_ranks_files_and_verifies(zero2_run):
+    """The shared 2-rank ZeRO-2 run: each rank hashed what it wrote; rank 0's manifest has them all."""
+    ckpts = zero2_run[0] / "checkpoints"
+    tag = (ckpts / "latest").read_text()
+    files = json.loads((ckpts / tag / "manifest.json").read_text())["files"]
+    assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} | {MODEL_FILE} <= set(files)
+    assert set(files) == {p.name for p in (ckpts / tag).iterdir()} - {"manifest.json", "complete.json"}
+    checkpoint.check_intact(ckpts, tag)

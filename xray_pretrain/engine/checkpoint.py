@@ -277,8 +277,13 @@ def save(
     every rank, `latest` unchanged."""
     tag = tag_for_step(step)
     run_id = client_state["run_id"]
+    error = None
     if rank == 0:
-        _remove_stale(ckpt_dir, tag, run_id)
+        try:
+            _remove_stale(ckpt_dir, tag, run_id)
+        except ValueError as err:
+            error = err
+    _raise_if_any_failed(error, ckpt_dir, tag)  # also the barrier: nothing is written before the removal
     records = _write_engine_files(engine, ckpt_dir, tag, client_state, rank)
     error = None
     if rank == 0:
@@ -302,6 +307,7 @@ def save_best(
     partial = f"{BEST_TAG}.partial"
     if rank == 0:
         shutil.rmtree(ckpt_dir / partial, ignore_errors=True)
+    _raise_if_any_failed(None, ckpt_dir, partial)  # the barrier: nothing is written before the removal
     records = _write_engine_files(engine, ckpt_dir, partial, client_state, rank)
     error = None
     if rank == 0:
@@ -338,13 +344,15 @@ def _write_engine_files(engine, ckpt_dir: Path, tag: str, client_state: dict, ra
     return {name: record for files, _ in parts for name, record in files.items()}
 
 
-def _raise_if_any_failed(error: OSError | None, ckpt_dir: Path, tag: str, agreed: bool = False) -> None:
-    """Raise CheckpointWriteError on every rank if any rank's `error` is set (`agreed`: it already
-    is the same on every rank)."""
+def _raise_if_any_failed(error: Exception | None, ckpt_dir: Path, tag: str, agreed: bool = False) -> None:
+    """Raise on every rank if any rank's `error` is set (`agreed`: it already is the same on every
+    rank): an OSError as CheckpointWriteError, anything else as it is."""
     if not agreed:
         error = next((e for e in all_gather_objects(error) if e is not None), None)
     if error is None:
         return
+    if not isinstance(error, OSError):
+        raise error
     cause = f"{error.filename}: {os.strerror(error.errno)}" if error.errno and error.filename else str(error)
     latest = ckpt_dir / LATEST_NAME
     kept = f"`latest` still names {latest.read_text().strip()}" if latest.is_file() else "no checkpoint kept"

@@ -37,13 +37,17 @@ class HashingWriter:
         self._sha256 = hashlib.sha256()
 
     def write(self, data) -> int:
+        """Write all of `data` (an unbuffered file may take part of it per call)."""
         self._sha256.update(data)
-        self.num_bytes += len(data)
+        view = memoryview(data).cast("B")
         try:
-            return self.raw.write(data)
+            while view:
+                view = view[self.raw.write(view) :]
         except OSError as err:
             self.error = self.error or err
             raise
+        self.num_bytes += len(data)
+        return len(data)
 
     def flush(self) -> None:
         self.raw.flush()
@@ -54,11 +58,11 @@ class HashingWriter:
 
 def write_file(path: Path, save) -> dict:
     """`save(file_object)` into `path`, fsynced before it counts; returns {bytes, sha256}."""
-    with open(path, "wb") as raw:
+    # Unbuffered: a failed write raises at that write, never later from a close that flushes a buffer.
+    with open(path, "wb", buffering=0) as raw:
         writer = HashingWriter(raw)
         try:
             save(writer)
-            raw.flush()
             os.fsync(raw.fileno())
         except (OSError, RuntimeError) as err:
             cause = writer.error or err  # torch's zip writer turns a failed write into a RuntimeError

@@ -2,7 +2,8 @@
 
 `check_run` is called by the commands (`pretrain`, `check-config`, ...) right after the config is
 loaded: a missing shard folder, a split with no samples, batch sizes this world size cannot hold,
-an output folder that cannot be written or a resume path that is not there each become one
+an output folder that cannot be written, a resume path that is not there, an output folder holding
+another run's checkpoints (without a resume) or a resume into another model shape each become one
 `ValueError` naming the fix, instead of a traceback after DeepSpeed has started and the run folder
 exists. Reading a manifest is cheap (no idx file is opened here).
 """
