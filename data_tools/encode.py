@@ -217,6 +217,8 @@ def _meta(
         "flags": list(loaded.flags),
         "roi_box": None,
     }
+    if record.view_order is not None:
+        meta["view_order"] = record.view_order
     if options.keep_paths:
         meta.update(source_id=record.source_id, source_path=str(record.source_path))
         meta.update(patient_id=record.patient_id, study_id=record.study_id)

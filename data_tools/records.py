@@ -30,6 +30,9 @@ class Record:
     patient_id: str | None = None
     study_id: str | None = None
     view: str | None = None  # normalized upper-case: PA, AP, LATERAL, LL, ...
+    # Position of this image in its study as the source lists it, for sources that order a study's
+    # images but name no view (R2Gen's IU X-ray `image_path`: its two-view model reads [0] then [1]).
+    view_order: int | None = None
     labels: dict[str, float | None] = field(default_factory=dict)
     report: dict[str, str] | None = None  # {"findings": ..., "impression": ...}
     split: str | None = None  # official split if the dataset has one, else assigned by patient hash

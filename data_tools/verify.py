@@ -55,6 +55,7 @@ JSON_KEYS = {
 }  # fmt: skip
 KEEP_PATHS_KEYS = {"source_id", "source_path", "patient_id", "study_id"}
 ROI_KEYS = {"roi_method", "roi_confidence"}  # since the atlas estimate; older shards lack them
+OPTIONAL_KEYS = {"view_order"}  # only where the source orders a study's images (iu-xray)
 IMAGE_MODES = {"png16": {"I;16", "I;16B", "I;16L"}, "jp2": {"I;16", "I;16B", "I;16L"}, "jpg": {"L"}}
 MANIFEST_KEYS = {
     "format_version", "tool", "tool_version", "command", "dataset", "source", "image_format", "options",
@@ -167,7 +168,10 @@ def _check_meta(comps, key, manifest, split, where) -> tuple[list[str], dict]:
         return [f"{where}: json missing or invalid ({error})"], {}
     problems = []
     allowed = (
-        JSON_KEYS | ROI_KEYS | (KEEP_PATHS_KEYS if manifest.get("options", {}).get("keep_paths") else set())
+        JSON_KEYS
+        | ROI_KEYS
+        | OPTIONAL_KEYS
+        | (KEEP_PATHS_KEYS if manifest.get("options", {}).get("keep_paths") else set())
     )
     if not JSON_KEYS <= set(meta) <= allowed:
         problems.append(

@@ -48,6 +48,7 @@ class FixtureSample:
     image: np.ndarray  # as stored: uint16 (png16, jp2) or uint8 (jpg), (H, W)
     roi: np.ndarray | None  # as stored: uint8 0/255, long side min(128, image long side)
     labels: np.ndarray | None  # float32 in the manifest's label order
+    meta: dict = field(default_factory=dict)  # json keys beyond key/split/size (study, view, report ...)
 
 
 @dataclass
@@ -112,6 +113,7 @@ def encode_npy(array: np.ndarray) -> bytes:
 
 ImageFn = Callable[[np.random.Generator, int, tuple[int, int], str], np.ndarray]
 RoiFn = Callable[[np.ndarray], np.ndarray]
+MetaFn = Callable[[int, str], dict]  # (sample number over all splits, split) -> extra json keys
 
 
 def write_shard_folder(
@@ -128,10 +130,12 @@ def write_shard_folder(
     seed: int = 0,
     image_fn: ImageFn | None = None,
     roi_fn: RoiFn | None = None,
+    meta_fn: MetaFn | None = None,
 ) -> FixtureFolder:
     """Write a shard folder at `root` with `splits` {split: num_samples}; returns paths and arrays.
 
-    image_fn(rng, i, size_hw, image_format) -> stored array; roi_fn(image) -> stored 0/255 mask.
+    image_fn(rng, i, size_hw, image_format) -> stored array; roi_fn(image) -> stored 0/255 mask;
+    meta_fn(i, split) -> json keys added to sample i's json (e.g. dataset, study, view, report).
     Labels of sample i: label j is 1 when (i + j) % 3 == 0, NaN when == 1, else 0.
     """
     root = Path(root)
@@ -148,6 +152,7 @@ def write_shard_folder(
             for _ in range(min(samples_per_shard, num_samples - keys_written)):
                 sample = _make_sample(rng, dataset, split, sample_index, size_hw, image_format, label_names,
                                       make_image, roi_fn, with_roi, with_labels)  # fmt: skip
+                sample.meta = meta_fn(sample_index, split) if meta_fn else {}
                 writer.write_sample(sample.key, _components(sample, image_format, split))
                 folder.samples[sample.key] = sample
                 sample_index += 1
@@ -184,6 +189,7 @@ def _components(sample: FixtureSample, image_format: str, split: str) -> dict[st
         "split": split,
         "size": list(sample.image.shape),
         "original_size": list(sample.image.shape),
+        **sample.meta,
     }
     components["json"] = json.dumps(meta).encode()
     return components

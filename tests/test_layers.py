@@ -20,13 +20,15 @@ ALLOWED = {
     "xray_pretrain.models": set(),
     "xray_pretrain.collectives": set(),
     "xray_pretrain.report": set(),  # tokenizer, metrics, study grouping: no model, data or engine code
-    "xray_pretrain.data": {"xray_core"},
+    "xray_pretrain.data": {"xray_core", "xray_pretrain.report"},  # report items: study grouping
     # A task's config section is a plain dataclass module that the config assembler imports.
     "xray_pretrain.tasks.classify_config": set(),
+    "xray_pretrain.tasks.report_config": {"xray_pretrain.report"},
     "xray_pretrain.config": {
         "xray_pretrain.models",
         "xray_pretrain.data",
         "xray_pretrain.tasks.classify_config",
+        "xray_pretrain.tasks.report_config",
     },
     "xray_pretrain.tasks": {
         "xray_pretrain.models",

@@ -27,15 +27,17 @@ import torch
 import yaml
 
 from xray_pretrain.data.config import DataConfig
+from xray_pretrain.data.reports import ReportSpec
 from xray_pretrain.models import MAEConfig, MaskConfig
 from xray_pretrain.tasks.classify_config import ClassifyConfig
+from xray_pretrain.tasks.report_config import ReportConfig
 
 # train.precision -> the dtype the model computes in (fp16 with DeepSpeed's dynamic loss scaling)
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISIONS = tuple(PRECISION_DTYPES)
-TASKS = ("pretrain", "classify")
+TASKS = ("pretrain", "classify", "report")
 # Each task's own section: set while another task runs, it would silently do nothing.
-TASK_SECTIONS = {"classify": "classify"}
+TASK_SECTIONS = {"classify": "classify", "report": "report"}
 
 
 @dataclass
@@ -155,6 +157,7 @@ class RunConfig:
     mask: MaskConfig = field(default_factory=MaskConfig)
     init: InitConfig = field(default_factory=InitConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -179,6 +182,14 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def loader_reports(self) -> ReportSpec | None:
+        """What the loaders must carry besides images (their `reports` argument): for task=report,
+        each item's text of report.section, over one image or a frontal + lateral pair
+        (report.views); None for the other tasks."""
+        if self.task != "report":
+            return None
+        return ReportSpec(self.report.section, self.report.views)
 
 
 def load_config(

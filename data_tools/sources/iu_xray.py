@@ -17,7 +17,9 @@ Each entry (one report, usually a frontal and a lateral image) is a study; IU X-
 patient id, so each study is its own patient. The report is one string: it goes in findings, with
 an empty impression. There are no labels. Splits: official; a study id found in several splits goes
 to the first of test > val > train (counted in a warning), and an image listed by several entries
-keeps the entry of the first of those splits. Views are not in the annotation: None.
+keeps the entry of the first of those splits. Views are not in the annotation: None; each image's
+position in its entry's `image_path` is kept as `view_order`, so a two-view report model pairs
+[0] then [1] as R2Gen does (whatever the salted keys' order).
 """
 
 from __future__ import annotations
@@ -104,12 +106,14 @@ def iter_records(input_dir: Path, args: argparse.Namespace) -> Iterator[Record |
     def to_record(path: Path, image_id: str) -> Record:
         entry = images[image_id][0]
         study_id = str(entry["id"])
+        listed = [PurePosixPath(p).as_posix() for p in entry["image_path"]]
         return Record(
             source_path=path,
             source_id=relative_id(path, input_dir),
             dataset=DATASET,
             patient_id=study_id,
             study_id=study_id,
+            view_order=listed.index(image_id),  # R2Gen's two-view model reads image_path[0], then [1]
             labels=unknown_labels(),
             report={"findings": " ".join(str(entry.get("report", "")).split()), "impression": ""},
             split=splits[image_id],

@@ -63,9 +63,12 @@ class TrainAugment:
     brightness: float = 0.0
     contrast: float = 0.0
 
-    def sample(self, seed: int, position: int) -> AugmentParams:
-        """The augmentation of global position `position`: a pure function of (seed, position)."""
-        rng = seeded_rng(seed, TAG_AUGMENT, int(position))
+    def sample(self, seed: int, position: int, view: int = 0) -> AugmentParams:
+        """The augmentation of global position `position`: a pure function of (seed, position).
+        `view` > 0: the further images of a multi-view item (a study's lateral), drawn independently
+        (R2Gen transforms each view on its own); view 0 is the single-image stream."""
+        values = (int(position),) if view == 0 else (int(position), int(view))
+        rng = seeded_rng(seed, TAG_AUGMENT, *values)
         top, left, height, width = 0.0, 0.0, 1.0, 1.0  # the fallback, as torchvision's: the whole image
         log_ratio = (math.log(self.crop_ratio[0]), math.log(self.crop_ratio[1]))
         for _ in range(NUM_CROP_ATTEMPTS):

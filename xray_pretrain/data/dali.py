@@ -20,6 +20,10 @@ there, mean difference under 0.1 grey level over the image).
 The roi mask takes the same geometry as the image: stretched to the image's size with nearest
 neighbour, sliced by the same box, resized with nearest neighbour (DALI's NN samples at pixel
 centres exactly as `augment.transform_roi` does), flipped with the image.
+
+Report items with two views (`reports.py`): each item is two pipeline rows, frontal then lateral
+(the pipeline's batch is micro_batch * views); the outputs are regrouped to (B, 2, 1, H, W). Report
+texts never enter the pipeline: the host adds them to each batch from the same rows.
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ from xray_pretrain.data.augment import FULL_VIEW, AugmentParams, TrainAugment, c
 from xray_pretrain.data.decode import decode_image, encode_roi_png, estimate_roi
 from xray_pretrain.data.decode import image_size as encoded_image_size
 from xray_pretrain.data.order import RankShare, TrainBatchSampler
-from xray_pretrain.data.shards import ShardReader, SplitTable
+from xray_pretrain.data.reports import ItemTable
+from xray_pretrain.data.shards import ShardReader
 
 FULL_SCALE_16 = 65535.0
 GEOMETRY_OUTPUTS = ("encoded", "roi_encoded", "image_hw", "anchor", "shape", "flip", "mean", "std", "labels")
@@ -43,13 +48,14 @@ JITTER_OUTPUTS = ("brightness", "contrast")  # fed only when jitter is on (DALI 
 
 @dataclass(frozen=True)
 class Row:
-    """One batch row as the host schedules it."""
+    """One pipeline row as the host schedules it: view `view` of item `index` of `folder`."""
 
     folder: int
     index: int
     params: AugmentParams
     position: int
     weight: float
+    view: int = 0
 
 
 RowsFor = Callable[[int], list[Row]]  # batch number (from 0) -> its rows; raises StopIteration at the end
@@ -62,8 +68,8 @@ class HostFeed:
     the batch number, never on how far the consumer has got.
     """
 
-    def __init__(self, table: SplitTable, rows_for: RowsFor, jitter: bool):
-        self.table, self.rows_for = table, rows_for
+    def __init__(self, items: ItemTable, rows_for: RowsFor, jitter: bool):
+        self.items, self.rows_for = items, rows_for
         self.outputs = GEOMETRY_OUTPUTS + (JITTER_OUTPUTS if jitter else ())
         self.reader = ShardReader()
 
@@ -76,7 +82,7 @@ class HostFeed:
         return tuple(columns[name] for name in self.outputs)
 
     def sample_inputs(self, row: Row) -> dict[str, np.ndarray]:
-        sample = self.table.read(self.reader, row.folder, row.index)
+        sample = self.items.views[row.view].read(self.reader, row.folder, row.index)
         height, width = encoded_image_size(sample.image)
         roi_png = sample.roi
         if roi_png is None:  # rare (tars from elsewhere): the estimator needs the decoded image
@@ -167,7 +173,7 @@ class DaliBatches:
 
     def __init__(
         self,
-        table: SplitTable,
+        items: ItemTable,
         rows_for: RowsFor,
         *,
         num_batches: int | None,
@@ -177,8 +183,8 @@ class DaliBatches:
         device: str,
         jitter: bool,
     ):
-        self.table, self.rows_for, self.num_batches = table, rows_for, num_batches
-        self.batch_size, self.image_size = batch_size, tuple(image_size)
+        self.items, self.rows_for, self.num_batches = items, rows_for, num_batches
+        self.batch_size, self.image_size = batch_size, tuple(image_size)  # items per batch
         self.num_threads = max(1, num_workers)  # DALI's CPU thread pool plays the workers' part
         self.device_id = resolve_device_id(device)
         self.decode_device = "cpu" if self.device_id is None else f"gpu:{self.device_id} (mixed)"
@@ -189,9 +195,10 @@ class DaliBatches:
             return
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
+        num_views = self.items.num_views
         pipe = build_pipeline(
-            HostFeed(self.table, self.rows_for, self.jitter),
-            batch_size=self.batch_size,
+            HostFeed(self.items, self.rows_for, self.jitter),
+            batch_size=self.batch_size * num_views,
             image_size=self.image_size,
             device_id=self.device_id,
             num_threads=self.num_threads,
@@ -201,45 +208,60 @@ class DaliBatches:
             [pipe], ["image", "roi", "labels"], last_batch_policy=LastBatchPolicy.PARTIAL
         )
         for number, out in enumerate(outputs):
-            rows = self.rows_for(number)
+            rows = [row for row in self.rows_for(number) if row.view == 0]  # one per item
             (dense,) = out
-            yield {
-                "image": dense["image"],
-                "roi": dense["roi"],
-                "labels": dense["labels"],
-                "key": [self.table.key(row.folder, row.index) for row in rows],
+            image, roi = dense["image"], dense["roi"]  # (B * views, 1, H, W), views of an item adjacent
+            if num_views > 1:
+                image, roi = (x.reshape(len(rows), num_views, *x.shape[1:]) for x in (image, roi))
+            batch = {
+                "image": image,
+                "roi": roi,
+                "labels": dense["labels"][::num_views],
+                "key": [self.items.key(row.folder, row.index) for row in rows],
                 "position": torch.tensor([row.position for row in rows], dtype=torch.int64),
                 "weight": torch.tensor([row.weight for row in rows], dtype=torch.float32),
             }
+            if self.items.texts is not None:  # '' for padding rows, as the wds backend
+                batch["report"] = [self.items.text(r.folder, r.index) if r.weight > 0 else "" for r in rows]
+            yield batch
 
 
 class TrainSchedule:
     """Batch number -> rows for one rank's training stream (positions from `order.py`)."""
 
-    def __init__(self, share: RankShare, sampler: TrainBatchSampler, augment: TrainAugment, seed: int):
+    def __init__(
+        self, share: RankShare, sampler: TrainBatchSampler, augment: TrainAugment, seed: int, num_views: int
+    ):
         self.share, self.sampler, self.augment, self.seed = share, sampler, augment, seed
+        self.num_views = num_views
 
     def __call__(self, number: int) -> list[Row]:
-        positions = self.sampler.positions(number)
-        return [Row(*self.share.locate(p), self.augment.sample(self.seed, p), p, 1.0) for p in positions]
+        rows = []
+        for p in self.sampler.positions(number):
+            folder, index = self.share.locate(p)
+            for view in range(self.num_views):
+                rows.append(Row(folder, index, self.augment.sample(self.seed, p, view), p, 1.0, view))
+        return rows
 
 
 class ValSchedule:
     """Batch number -> rows of this rank's validation batches; StopIteration after the last."""
 
-    def __init__(self, pairs: np.ndarray, rank_batches: list[list[tuple[int, float]]]):
-        self.pairs, self.rank_batches = pairs, rank_batches
+    def __init__(self, pairs: np.ndarray, rank_batches: list[list[tuple[int, float]]], num_views: int):
+        self.pairs, self.rank_batches, self.num_views = pairs, rank_batches, num_views
 
     def __call__(self, number: int) -> list[Row]:
         if number >= len(self.rank_batches):
             raise StopIteration
         return [
-            Row(*map(int, self.pairs[i]), FULL_VIEW, i, weight) for i, weight in self.rank_batches[number]
+            Row(*map(int, self.pairs[i]), FULL_VIEW, i, weight, view)
+            for i, weight in self.rank_batches[number]
+            for view in range(self.num_views)
         ]
 
 
 def dali_train_batches(
-    table: SplitTable,
+    items: ItemTable,
     share: RankShare,
     sampler: TrainBatchSampler,
     augment: TrainAugment,
@@ -250,8 +272,8 @@ def dali_train_batches(
 ) -> DaliBatches:
     """This rank's infinite training stream on DALI (same positions and augmentation as wds)."""
     return DaliBatches(
-        table,
-        TrainSchedule(share, sampler, augment, seed),
+        items,
+        TrainSchedule(share, sampler, augment, seed, items.num_views),
         num_batches=None,
         batch_size=sampler.micro_batch,
         image_size=image_size,
@@ -262,7 +284,7 @@ def dali_train_batches(
 
 
 def dali_val_batches(
-    table: SplitTable,
+    items: ItemTable,
     pairs: np.ndarray,
     rank_batches: list[list[tuple[int, float]]],
     image_size: tuple[int, int],
@@ -271,8 +293,8 @@ def dali_val_batches(
 ) -> DaliBatches:
     """This rank's validation batches on DALI (no randomness; finite; re-iterable)."""
     return DaliBatches(
-        table,
-        ValSchedule(pairs, rank_batches),
+        items,
+        ValSchedule(pairs, rank_batches, items.num_views),
         num_batches=len(rank_batches),
         batch_size=max((len(b) for b in rank_batches), default=1),
         image_size=image_size,

@@ -4,6 +4,10 @@ Both backends read the same global order (`order.py`), apply the same augmentati
 (`augment.py`) and yield the same batch contract (see `wds.py`), so a run can resume on the other
 backend. `data.backend=auto` picks DALI when it imports, else wds; the choice and the decode device
 are logged.
+
+`reports` (a `ReportSpec`, given for a report task): the loaders order and read report items (one
+image with a report, or a study's frontal + lateral pair; `reports.py`) instead of samples, and
+every batch carries `report`, the items' texts (see `wds.py` for the batch contract).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from xray_pretrain.data.order import (
     located_batches,
     val_rank_batches,
 )
+from xray_pretrain.data.reports import ItemTable, ReportSpec, report_items
 from xray_pretrain.data.shards import ShardFolder, SplitTable, open_folders, union_label_names
 
 log = logging.getLogger(__name__)
@@ -75,6 +80,7 @@ class TrainLoader:
     conversion: dict  # the first folder's `xray-shard convert` options (what preprocessing did)
     global_batch: int
     start_position: int
+    report_counts: dict | None = None  # report task: items, and images left out and why (`reports.py`)
 
     def __iter__(self) -> Iterator[dict]:
         return iter(self.batches)
@@ -90,6 +96,7 @@ class ValLoader:
     num_batches: int
     backend: str
     decode_device: str
+    report_counts: dict | None = None  # report task: items, and images left out and why (`reports.py`)
 
     def __iter__(self) -> Iterator[dict]:
         return iter(self.batches)
@@ -133,22 +140,25 @@ def build_train_loader(
     start_position: int = 0,
     device: str = "cpu",
     select: Callable[[SplitTable], SplitTable] | None = None,
+    reports: ReportSpec | None = None,
 ) -> TrainLoader:
     """This rank's infinite training stream (see `order.py` for which positions it reads).
 
     `select`: restricts the training table (e.g. a task's label fraction); it must be deterministic,
-    since every rank calls it."""
+    since every rank calls it. `reports`: read report items with their text (module docstring)."""
     cfg.validate()
     backend = resolve_backend(cfg.backend, device)
     train_folders, _val_folders, label_names = open_train_and_val(cfg)
     table = SplitTable(train_folders, cfg.train_split, label_names)
     if select is not None:
         table = select(table)
-    if sum(table.folder_sizes) == 0:
+    items = item_table(table, reports)
+    if sum(items.folder_sizes) == 0:
         raise ValueError(
-            f"no {cfg.train_split!r} samples in {cfg.shards}; check data.shards and data.train_split"
+            f"no {cfg.train_split!r} samples{' with a report' if reports else ''} in {cfg.shards}; "
+            "check data.shards and data.train_split"
         )
-    order = GlobalOrder(table.folder_sizes, cfg.weights, seed)
+    order = GlobalOrder(items.folder_sizes, cfg.weights, seed)
     sampler = TrainBatchSampler(
         rank=rank,
         world_size=world_size,
@@ -161,7 +171,7 @@ def build_train_loader(
     if backend == "wds":
         from xray_pretrain.data.wds import TrainDataset, make_dataloader
 
-        dataset = TrainDataset(table, augment, seed, image_size)
+        dataset = TrainDataset(items, augment, seed, image_size)
         rows = _Located(sampler, share)
         batches = make_dataloader(dataset, rows, cfg.num_workers, pin_memory=device.startswith("cuda"))
         decode_device = "cpu"
@@ -169,7 +179,7 @@ def build_train_loader(
         from xray_pretrain.data.dali import dali_train_batches
 
         batches = dali_train_batches(
-            table, share, sampler, augment, seed, image_size, cfg.num_workers, device
+            items, share, sampler, augment, seed, image_size, cfg.num_workers, device
         )
         decode_device = batches.decode_device
     log.info(
@@ -190,6 +200,7 @@ def build_train_loader(
         conversion=dict(table.folders[0].manifest.get("options") or {}),
         global_batch=sampler.global_batch,
         start_position=start_position,
+        report_counts=items.counts if reports else None,
     )
 
 
@@ -203,14 +214,18 @@ def build_val_loader(
     device: str = "cpu",
     whole_split: bool = False,
     split: str | None = None,
+    reports: ReportSpec | None = None,
 ) -> ValLoader:
     """The first data.val_num_samples (`whole_split`: all) samples of `split` (default
     data.val_split) of the validation folders, in sorted-key order, split round-robin over ranks and
-    padded with weight-0 rows so every rank runs the same number of batches. No randomness."""
+    padded with weight-0 rows so every rank runs the same number of batches. No randomness.
+    `reports`: report items (ordered by their first image's key) with their text instead of samples;
+    padding rows carry an empty text."""
     cfg.validate()
     backend = resolve_backend(cfg.backend, device)
     _train_folders, val_folders, label_names = open_train_and_val(cfg)
-    table = SplitTable(val_folders, split or cfg.val_split, label_names)
+    items = item_table(SplitTable(val_folders, split or cfg.val_split, label_names), reports)
+    table = items.table
     pairs = table.first_by_key(sum(table.folder_sizes) if whole_split else cfg.val_num_samples)
     if not whole_split and len(pairs) < cfg.val_num_samples:
         log.warning(
@@ -221,7 +236,7 @@ def build_val_loader(
     if backend == "wds":
         from xray_pretrain.data.wds import ValDataset, make_dataloader
 
-        dataset = ValDataset(table, pairs, image_size)
+        dataset = ValDataset(items, pairs, image_size)
         batches = make_dataloader(
             dataset, rank_batches, cfg.num_workers, pin_memory=device.startswith("cuda")
         )
@@ -229,6 +244,14 @@ def build_val_loader(
     else:
         from xray_pretrain.data.dali import dali_val_batches
 
-        batches = dali_val_batches(table, pairs, rank_batches, image_size, cfg.num_workers, device)
+        batches = dali_val_batches(items, pairs, rank_batches, image_size, cfg.num_workers, device)
         decode_device = batches.decode_device
-    return ValLoader(batches, table.label_names, len(pairs), len(rank_batches), backend, decode_device)
+    return ValLoader(
+        batches, table.label_names, len(pairs), len(rank_batches), backend, decode_device,
+        report_counts=items.counts if reports else None,
+    )  # fmt: skip
+
+
+def item_table(table: SplitTable, reports: ReportSpec | None) -> ItemTable:
+    """What the loaders order: the samples themselves, or (report task) the report items."""
+    return ItemTable([table]) if reports is None else report_items(table, reports)

@@ -10,6 +10,12 @@ Batch contract (both backends): `image` float32 (B, 1, H, W) normalized; `roi` u
 0/1; `labels` float32 (B, C) NaN unknown; `key` list[str]; `position` int64 (B,) global stream
 positions (validation: index in the sorted validation list); `weight` float32 (B,) 1.0, 0.0 for
 validation padding rows.
+
+Report task (`loader.py`'s `reports`): rows are report items; `report` list[str] (B) of the items'
+texts (`report.studies.report_text` of `report.section`), '' for padding rows. With
+`report.views=2`, `image` float32 (B, 2, 1, H, W) and `roi` uint8 (B, 2, 1, H, W), frontal then
+lateral, each view with its own crop (`TrainAugment.sample(..., view=v)`); `labels` and `key` are the
+frontal image's.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from xray_pretrain.data.augment import FULL_VIEW, AugmentParams, TrainAugment, transform_sample
 from xray_pretrain.data.decode import decode_image, decode_roi, estimate_roi
+from xray_pretrain.data.reports import ItemTable
 from xray_pretrain.data.shards import ShardReader, SplitTable
 
 
@@ -41,27 +48,51 @@ def load_item(
     return {"image": image_1HW, "roi": roi_1HW, "labels": sample.labels, "key": sample.key}
 
 
+def load_row(
+    items: ItemTable,
+    reader: ShardReader,
+    folder: int,
+    index: int,
+    params: list[AugmentParams],
+    image_size: tuple[int, int],
+    real: bool = True,
+) -> dict:
+    """One batch row of `items`: its view(s) (params[v] for view v) and, for a report task, its text
+    ('' when not `real`, i.e. a padding row)."""
+    views = [load_item(t, reader, folder, index, p, image_size) for t, p in zip(items.views, params)]
+    row = views[0]
+    if items.num_views > 1:
+        row = {
+            **row,
+            "image": torch.stack([v["image"] for v in views]),
+            "roi": torch.stack([v["roi"] for v in views]),
+        }
+    if items.texts is not None:
+        row["report"] = items.text(folder, index) if real else ""
+    return row
+
+
 class TrainDataset(Dataset):
     """Map-style dataset over located stream rows (global position, folder, index)."""
 
-    def __init__(self, table: SplitTable, augment: TrainAugment, seed: int, image_size: tuple[int, int]):
-        self.table, self.augment = table, augment
+    def __init__(self, items: ItemTable, augment: TrainAugment, seed: int, image_size: tuple[int, int]):
+        self.items, self.augment = items, augment
         self.seed, self.image_size = seed, tuple(image_size)
         self.reader = ShardReader()
 
     def __getitem__(self, row: tuple[int, int, int]) -> dict:
         position, folder, index = row
-        params = self.augment.sample(self.seed, position)
-        item = load_item(self.table, self.reader, folder, index, params, self.image_size)
+        params = [self.augment.sample(self.seed, position, view) for view in range(self.items.num_views)]
+        item = load_row(self.items, self.reader, folder, index, params, self.image_size)
         return {**item, "position": int(position), "weight": 1.0}
 
 
 class ValDataset(Dataset):
     """Map-style dataset over rows (index into `pairs`, weight); no randomness."""
 
-    def __init__(self, table: SplitTable, pairs: np.ndarray, image_size: tuple[int, int]):
+    def __init__(self, items: ItemTable, pairs: np.ndarray, image_size: tuple[int, int]):
         """`pairs`: (n, 2) int (folder, index) rows in validation order."""
-        self.table, self.pairs, self.image_size = table, pairs, tuple(image_size)
+        self.items, self.pairs, self.image_size = items, pairs, tuple(image_size)
         self.reader = ShardReader()
 
     def __len__(self) -> int:
@@ -70,13 +101,14 @@ class ValDataset(Dataset):
     def __getitem__(self, row: tuple[int, float]) -> dict:
         index, weight = row
         folder, sample = self.pairs[index]
-        item = load_item(self.table, self.reader, folder, sample, FULL_VIEW, self.image_size)
+        params = [FULL_VIEW] * self.items.num_views
+        item = load_row(self.items, self.reader, folder, sample, params, self.image_size, real=weight > 0)
         return {**item, "position": int(index), "weight": float(weight)}
 
 
 def collate(items: list[dict]) -> dict:
     """Stack batch rows into the batch contract (see the module docstring)."""
-    return {
+    batch = {
         "image": torch.stack([it["image"] for it in items]),
         "roi": torch.stack([it["roi"] for it in items]),
         "labels": torch.from_numpy(np.stack([it["labels"] for it in items])),
@@ -84,6 +116,9 @@ def collate(items: list[dict]) -> dict:
         "position": torch.tensor([it["position"] for it in items], dtype=torch.int64),
         "weight": torch.tensor([it["weight"] for it in items], dtype=torch.float32),
     }
+    if "report" in items[0]:
+        batch["report"] = [it["report"] for it in items]
+    return batch
 
 
 def _ignore_stop_signals(_worker_id: int) -> None:

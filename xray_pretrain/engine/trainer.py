@@ -167,6 +167,7 @@ class Trainer:
             micro_batch=self.cfg.train.micro_batch,
             rank=self.ctx.rank,
             world_size=self.ctx.world_size,
+            reports=self.cfg.loader_reports(),  # report text (and view pairs) when the task reads them
         )
 
     def _data_info(self) -> DataInfo:

@@ -8,9 +8,11 @@ scored per study). Input is each sample's shard json (``key``, ``dataset``, ``st
 Pairing for two views, per (dataset, study), images in key order:
 - frontal: a PA image, else AP, else FRONTAL (the first by key); lateral: LATERAL, else LL, RL,
   XTABLE_LATERAL;
-- an image without a view fills a missing slot, frontal first. IU X-ray shards carry no view (R2Gen's
-  annotation does not say which image is which), so its pairs are in key order and counted as
-  ``num_pairs_with_unknown_views``; R2Gen itself takes ``image_path[0], image_path[1]`` as listed;
+- an image without a view fills a missing slot, frontal first, in the order of its json
+  ``view_order`` where the source gives one, else by key. IU X-ray shards carry no view (R2Gen's
+  annotation does not say which image is which) but do carry ``view_order`` (the image's place in
+  the annotation's ``image_path``), so its pairs are ``image_path[0], image_path[1]`` as R2Gen
+  feeds them, counted as ``num_pairs_with_unknown_views``;
 - a study without a frontal or a lateral image is skipped (``num_missing_view``), other images of a
   paired study are left out (``num_extra_images``).
 A study without report text in the chosen section is skipped (``num_no_report``). Every input image
@@ -24,7 +26,6 @@ from dataclasses import dataclass
 
 SECTIONS = ("findings", "impression", "both")
 # Views as the shard converter normalizes them (data_tools.sources._common.normalize_view); others
-# (AP_AXIAL, SWIMMERS, LAO, ...) fill neither slot.
 # (AP_AXIAL, SWIMMERS, LAO, ...) fill neither slot. In order of preference.
 FRONTAL_VIEWS = ("PA", "AP", "FRONTAL")
 LATERAL_VIEWS = ("LATERAL", "LL", "RL", "XTABLE_LATERAL")
@@ -108,7 +109,15 @@ def _frontal_lateral(images: list[Mapping]) -> tuple[tuple[str, str] | None, boo
     """((frontal key, lateral key), whether a view-less image filled a slot), or (None, False)."""
     frontal = _preferred(images, FRONTAL_VIEWS)
     lateral = _preferred(images, LATERAL_VIEWS)
-    unknown = [s["key"] for s in images if not s.get("view")]
+    # View-less images fill the slots in the source's own order where it has one (IU X-ray's
+    # image_path: R2Gen feeds [0] then [1]), else by key.
+    viewless = [s for s in images if not s.get("view")]
+    unknown = [
+        s["key"]
+        for s in sorted(
+            viewless, key=lambda s: (s.get("view_order") is None, s.get("view_order") or 0, s["key"])
+        )
+    ]
     used_unknown = False
     if not frontal and unknown:
         frontal, used_unknown = [unknown.pop(0)], True
