@@ -138,8 +138,8 @@ def read_resume_point(path: Path, rank: int = 0, world_size: int = 1) -> ResumeP
 def check_intact(root: Path, tag: str) -> None:
     """Every file of checkpoint `tag` against its manifest (sizes and checksums), for the one-process
     readers (export, init.weights, predict). ValueError naming the damage and the newest checkpoint
-    whose sizes verify."""
-    reason = _damage(root / tag, 0, 1)
+    whose sizes verify. No collective: any one process may call it, with or without a group."""
+    reason = verify_sizes(root / tag) or verify_checksums(root / tag)
     if reason is not None:
         intact = [t for t in _candidates(root) if t != tag and verify_sizes(root / t) is None]
         instead = f"use an earlier one: {root / intact[0]}" if intact else "no other checkpoint is intact"
