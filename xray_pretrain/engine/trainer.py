@@ -49,6 +49,7 @@ class TrainState:
     samples_seen: int = 0  # global data position (sum over ranks)
     first_loss: float | None = None
     last_loss: float | None = None
+    run_id: str = ""  # this run's history (kept on resume): checkpoint pruning touches only its own
 
 
 @dataclass
@@ -94,6 +95,8 @@ class Trainer:
                 checkpoint.read_inference_info(resume_point.root, resume_point.tag)
             )
         init_source = self._init_source()
+        if resume_point is not None:  # after init.weights gave the model its shape
+            checkpoint.check_resume_model(cfg, resume_point.root / resume_point.tag)
         self.train_loader, self.val_loader = self._build_loaders(resume_point)
         self.data_info = self._data_info()
         self.task.bind_data(self.data_info)
@@ -221,11 +224,13 @@ class Trainer:
             return None
         if resume == "auto" and not checkpoint.complete_tags(self.ckpt_dir):
             return None  # nothing to resume yet: a fresh start, as a requeued job expects
-        return checkpoint.read_resume_point(self.ckpt_dir if resume == "auto" else Path(resume))
+        return checkpoint.read_resume_point(
+            self.ckpt_dir if resume == "auto" else Path(resume), self.ctx.rank, self.ctx.world_size
+        )
 
     def _load(self, point: checkpoint.ResumePoint | None) -> TrainState:
         if point is None:
-            return TrainState()
+            return TrainState(run_id=checkpoint.new_run_id())
         client = checkpoint.load(self.engine, point.root, point.tag)
         if "rng" in client:
             checkpoint.restore_rng_state(client["rng"])
@@ -248,6 +253,7 @@ class Trainer:
             samples_seen=int(client["samples_seen"]),
             first_loss=client.get("first_loss"),
             last_loss=client.get("last_loss"),
+            run_id=client.get("run_id", ""),
         )
 
     # ---- the loop --------------------------------------------------------------------------------
@@ -407,6 +413,7 @@ class Trainer:
             "world_size": self.ctx.world_size,
             "first_loss": state.first_loss,
             "last_loss": state.last_loss,
+            "run_id": state.run_id,
             "rng": checkpoint.rng_state(),
             **self.health.state(),
             "selection": self.selection.state() if self.selection else None,
