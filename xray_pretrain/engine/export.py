@@ -108,6 +108,9 @@ class ExportedEncoder:
         return self.encoder.state_dict()
 
 
+MODEL_STATES_NAME = "mp_rank_00_model_states.pt"  # DeepSpeed's rank-0 module file, every ZeRO stage
+
+
 def consolidated_state_dict(ckpt_root: Path, tag: str) -> dict[str, torch.Tensor]:
     """The full fp32 state dict from a DeepSpeed checkpoint of any ZeRO stage (rank-count independent).
 
@@ -116,11 +119,19 @@ def consolidated_state_dict(ckpt_root: Path, tag: str) -> dict[str, torch.Tensor
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     checkpoint.check_intact(Path(ckpt_root), tag)
+    tag_dir = Path(ckpt_root) / tag
     try:
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_root), tag=tag)
+        module = torch.load(tag_dir / MODEL_STATES_NAME, map_location="cpu", weights_only=False)["module"]
+        if json.loads((tag_dir / checkpoint.CONFIG_NAME).read_text())["train"]["zero_stage"] == 0:
+            return {name: tensor.float() for name, tensor in module.items()}  # no partitions: all here
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_root), tag=tag)
     except Exception as err:  # a checkpoint older than manifests: read errors still become one line
-        checkpoint.raise_if_unreadable(err, Path(ckpt_root) / tag)
+        checkpoint.raise_if_unreadable(err, tag_dir)
         raise
+    # ZeRO-1 keeps no partitioned copy of frozen parameters (a frozen encoder): the module's own
+    # tensors are theirs, never updated. (ZeRO-3's module holds empty placeholders: those are skipped.)
+    frozen = {name: t.float() for name, t in module.items() if name not in state and t.numel() > 0}
+    return {**state, **frozen}
 
 
 def load_mae_from_checkpoint(path: Path):
