@@ -37,7 +37,14 @@ setup(
         "pycocoevalcap==1.2",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "hypothesis>=6.100", "transformers>=5"],
+        "test": [
+            "pytest>=8",
+            "pytest-timeout",
+            "ruff>=0.6",
+            "hypothesis>=6.100",
+            "transformers>=5",
+            "psutil",
+        ],
         # Report clinical efficacy with user-supplied CheXbert weights (report.chexbert).
         "clinical": ["transformers>=5"],
     },

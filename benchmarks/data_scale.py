@@ -24,7 +24,7 @@ world size where the machine cannot hold them all; each rank still reads only it
 file opens per sample read (every `open` / `os.open` in the process is counted).
 
 Results: one JSON line per measurement on stdout. Timings here are wall-clock on whatever machine runs
-it (see benchmarks/RESULTS.md for the machine and its load).
+it (see benchmarks/RESULTS.md for the machine); `ranks` also reports the load averages before and after.
 """
 
 from __future__ import annotations
@@ -259,6 +259,7 @@ def main() -> None:
     elif args.command == "rank":
         rank_main(args)
     elif args.command == "ranks":
+        load_before = os.getloadavg()  # the machine's load is part of every timing here
         results = ranks(args)
         for result in results:
             print(
@@ -267,7 +268,19 @@ def main() -> None:
                 )
             )
         total_pss = sum(r["pss_mb"] for r in results)
-        print(json.dumps({"bench": "ranks_total", "num_ranks": len(results), "pss_mb": round(total_pss, 1)}))
+        first_batch = [r["first_batch_s"] for r in results]
+        print(
+            json.dumps(
+                {
+                    "bench": "ranks_total",
+                    "num_ranks": len(results),
+                    "pss_mb": round(total_pss, 1),
+                    "first_batch_s_max": max(first_batch),
+                    "load_avg_1_5_15_before": [round(x, 2) for x in load_before],
+                    "load_avg_1_5_15_after": [round(x, 2) for x in os.getloadavg()],
+                }
+            )
+        )
     else:
         print(json.dumps(opens(args)))
 

@@ -100,6 +100,14 @@ def zero3_run(tmp_path_factory, phantom_shards) -> tuple[Path, dict]:
     return out, summary
 
 
+def logged_steps(run: Path) -> list[int]:
+    """The optimizer steps a run folder's metrics.jsonl logged a training loss for, in order."""
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [row["step"] for row in map(json.loads, path.read_text().splitlines()) if "train/loss" in row]
+
+
 def copy_checkpoint(src_run: Path, tag: str, dst_run: Path) -> None:
     """Seed a new run folder with one checkpoint of another run (as a requeued job would find it)."""
     dst = dst_run / "checkpoints"

@@ -1,7 +1,9 @@
 """Bad configuration and bad arguments: one clear error line, a non-zero exit, nothing started or written.
 
 Every case runs the real CLI entry point in this process: an uncaught exception (a traceback) fails
-the test, and no process group may exist afterwards (the error came before DeepSpeed started).
+the test, and the engine's process-group setup must never have been entered (the error came before
+DeepSpeed started): a process group left by an earlier in-process run of the same pytest session
+cannot hide a call, since the setup function itself is watched.
 """
 
 from __future__ import annotations
@@ -68,9 +70,15 @@ def _cases(p: dict[str, Path]) -> list[tuple[str, list[str], str]]:
     ]
 
 
-def test_each_bad_input_is_one_error_line_before_any_work(places, capsys):
+def test_each_bad_input_is_one_error_line_before_any_work(places, capsys, monkeypatch):
     import torch.distributed as dist
 
+    from xray_pretrain.engine import trainer
+
+    setups = []
+    real_init = trainer.init_distributed
+    monkeypatch.setattr(trainer, "init_distributed", lambda *a, **k: setups.append(a) or real_init(*a, **k))
+    group_before = dist.is_initialized()
     before = sorted(p.name for p in places["root"].iterdir())
     failures = []
     for cli, argv, fragment in _cases(places):
@@ -86,5 +94,6 @@ def test_each_bad_input_is_one_error_line_before_any_work(places, capsys):
         if not ok:
             failures.append(f"{prog} {' '.join(argv[:2])} ... -> rc {rc}, stderr {err_lines}")
     assert not failures, "\n".join(failures)
-    assert not dist.is_initialized()
+    assert not setups  # no case reached process-group setup
+    assert dist.is_initialized() == group_before
     assert sorted(p.name for p in places["root"].iterdir()) == before  # nothing written

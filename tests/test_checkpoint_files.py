@@ -35,9 +35,8 @@ def test_a_tag_folder_resolves_to_itself_and_incomplete_is_refused(tmp_path):
 
 def test_prune_keeps_the_newest_complete_ones(tmp_path):
     for step in (100, 200, 300, 400):
-        _make(tmp_path, step)
-    _make(tmp_path, 50, complete=False)
-    checkpoint.prune(tmp_path, keep_last=2)
+        _make(tmp_path, step)  # markers without a run id: a run resumed from them continues as ""
+    checkpoint.prune(tmp_path, keep_last=2, run_id="")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step00000300", "step00000400"]
     assert checkpoint.complete_tags(tmp_path) == ["step00000300", "step00000400"]
 
@@ -64,5 +63,5 @@ def test_pruning_never_removes_best(tmp_path):
         (tag_dir / checkpoint.COMPLETE_NAME).write_text("{}")
     (tmp_path / checkpoint.BEST_TAG).mkdir()
     (tmp_path / checkpoint.BEST_TAG / checkpoint.COMPLETE_NAME).write_text("{}")
-    checkpoint.prune(tmp_path, keep_last=1)
+    checkpoint.prune(tmp_path, keep_last=1, run_id="")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "step00000006"]

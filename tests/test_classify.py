@@ -15,10 +15,10 @@ from xray_pretrain.collectives import gather_samples
 from xray_pretrain.config import load_config
 from xray_pretrain.data.shards import ShardFolder, ShardReader, SplitTable
 from xray_pretrain.engine.optim import build_optimizer, set_lr
-from xray_pretrain.models import build_encoder
+from xray_pretrain.models import block_pooled_features, build_encoder
 from xray_pretrain.tasks import DataInfo
 from xray_pretrain.tasks.classify import ClassifyTask, label_fraction_subset
-from xray_pretrain.tasks.metrics import choose_thresholds, classification_metrics
+from xray_pretrain.tasks.metrics import bootstrap_interval, choose_thresholds, classification_metrics
 
 LABELS = ["a", "b", "c"]
 
@@ -59,6 +59,22 @@ def test_mean_is_null_when_no_class_can_be_scored():
 
 
 # ---- labels -----------------------------------------------------------------------------------------
+def test_paired_bootstrap_interval_surrounds_the_seed_averaged_auroc_difference():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, size=(300, 2)).astype(float)
+    strong = labels[None] + rng.normal(0, 0.8, size=(3, 300, 2))  # (S, N, C): 3 seeds
+    weak = labels[None] + rng.normal(0, 2.0, size=(3, 300, 2))
+    expected = np.mean(
+        [roc_auc_score(labels[:, c], strong[s, :, c]) - roc_auc_score(labels[:, c], weak[s, :, c])
+         for s in range(3) for c in range(2)]
+    )  # fmt: skip
+    low, high = bootstrap_interval(strong, labels, weak, num_resamples=400)
+    assert 0 < low < expected < high < 2 * expected
+    assert bootstrap_interval(strong, labels, strong, num_resamples=50) == (0.0, 0.0)  # paired: exactly 0
+
+
 def test_uncertain_labels_follow_the_policy_per_label_and_unknown_stays_unknown():
     task = _task(["classify.uncertain={a: ones, b: zeros}"])
     y = task.targets(torch.tensor([[-1.0, -1.0, -1.0], [1.0, 0.0, float("nan")]]))
@@ -185,3 +201,19 @@ def test_random_init_is_the_pretraining_runs_step_zero_encoder():
     torch.manual_seed(0)
     encoder = build_encoder(cfg.model).state_dict()
     assert all(torch.equal(encoder[k], mae_encoder[k]) for k in mae_encoder)
+
+
+def test_block_pooled_features_concatenate_every_blocks_mean_token_and_end_with_the_encoders_own():
+    from xray_pretrain.models.heads import pool_tokens
+
+    cfg = load_config("tiny_cpu", ["data.shards=[x]", "model.image_size=[32,32]", "model.patch_size=8"])
+    torch.manual_seed(0)
+    encoder = build_encoder(cfg.model).eval()
+    images = torch.randn(3, 1, 32, 32)
+    features = block_pooled_features(encoder, images)
+    width = encoder.embed_dim
+    assert features.shape == (3, width * len(encoder.blocks))
+    # The final norm is at its init, so the last block's column block is the encoder's pooled output.
+    assert torch.allclose(features[:, -width:], pool_tokens(encoder(images), "mean"), atol=1e-5)
+    assert not torch.allclose(features[:, :width], features[:, -width:])
+    assert all(not block._forward_hooks for block in encoder.blocks)  # hooks removed

@@ -127,3 +127,12 @@ def test_packaged_config_by_name_path_or_configs_prefix():
     assert names == {"tiny"}
     with pytest.raises(ValueError, match="packaged: .*tiny_cpu"):
         load_config("no_such_config", [SHARDS])
+
+
+def test_dist_timeout_is_a_finite_number_of_seconds():
+    assert load(["train.dist_timeout_s=30"]).train.dist_timeout_s == 30.0
+    for bad in ("0", "0.5", "-1", ".nan", ".inf"):
+        with pytest.raises(
+            ValueError, match="train.dist_timeout_s must be (finite|a number of seconds >= 1)"
+        ):
+            load([f"train.dist_timeout_s={bad}"])

@@ -57,6 +57,15 @@ ALLOWED = {
         "xray_pretrain.engine",
         "xray_core",
     },  # fmt: skip
+    # Pre-trained vs random init in one process (the demo's classification stage): as inference.
+    "xray_pretrain.demo_classify": {
+        "xray_pretrain.models",
+        "xray_pretrain.data",
+        "xray_pretrain.config",
+        "xray_pretrain.tasks",
+        "xray_pretrain.tasks.classify_config",
+        "xray_pretrain.engine",
+    },  # fmt: skip
     "xray_pretrain": set(),  # the package __init__
 }
 PACKAGES = ("xray_core", "data_tools", "xray_pretrain")

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import itertools
+import math
 from collections import Counter
 
 import numpy as np
 import pytest
 
-from xray_pretrain.data.order import GlobalOrder, TrainBatchSampler, epoch_counts, val_rank_batches
+from xray_pretrain.data.order import (
+    MIN_HALF_BITS,
+    GlobalOrder,
+    RankShare,
+    TrainBatchSampler,
+    epoch_counts,
+    feistel,
+    feistel_keys,
+    seeded_permutation,
+    val_rank_batches,
+)
 
 
 def test_epoch_counts_proportional_and_weighted():
@@ -63,6 +74,69 @@ def test_locate_crosses_epoch_boundaries():
     for epoch in range(3):
         folders, indices = order.epoch(epoch)
         assert stream[epoch * 7 : (epoch + 1) * 7] == list(zip(folders.tolist(), indices.tolist()))
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 255, 256, 257, 1000, 70_001])
+def test_seeded_permutation_is_a_bijection(size):
+    offsets = np.arange(size)
+    perm = seeded_permutation(offsets, size, feistel_keys(0, 0, size))
+    assert sorted(perm.tolist()) == offsets.tolist()
+    assert np.array_equal(seeded_permutation(offsets[::-1], size, feistel_keys(0, 0, size)), perm[::-1])
+    with pytest.raises(ValueError, match="outside"):
+        seeded_permutation(np.array([size]), size, feistel_keys(0, 0, size))
+
+
+@pytest.mark.parametrize("size", [5, 200, 5000])  # table lookups (domain <= MAX_TABLE_DOMAIN) and not
+def test_seeded_permutation_walks_the_network_cycle(size):
+    keys = feistel_keys(2, 0)
+    half_bits = max(MIN_HALF_BITS, math.ceil((size - 1).bit_length() / 2))
+    offsets, expected = np.arange(0, size, max(1, size // 300)), []
+    for offset in offsets.tolist():
+        value = feistel(np.array([offset], dtype=np.uint64), half_bits, keys)
+        while value[0] >= size:
+            value = feistel(value, half_bits, keys)
+        expected.append(int(value[0]))
+    assert seeded_permutation(offsets, size, keys).tolist() == expected
+
+
+def test_seeded_permutation_mixes():
+    """Every order of a tiny folder is reachable about equally often, and a large permutation leaves no
+    trace of the identity (no correlation with the offset, none between neighbours)."""
+    counts = Counter(
+        tuple(seeded_permutation(np.arange(4), 4, feistel_keys(s, 0)).tolist()) for s in range(1200)
+    )
+    assert len(counts) == 24 and min(counts.values()) > 30 and max(counts.values()) < 70  # 50 expected
+    size = 70_001
+    perm = seeded_permutation(np.arange(size), size, feistel_keys(1, 0))
+    assert abs(np.corrcoef(np.arange(size), perm)[0, 1]) < 0.02
+    assert abs(np.corrcoef(perm[:-1], perm[1:])[0, 1]) < 0.02
+    assert np.mean(perm == np.arange(size)) < 0.001
+
+
+def test_order_is_pinned():
+    """The order is part of every checkpoint (a position means this sample): a change here breaks
+    exact resume of existing runs, so it must be deliberate (and noted in the changelog)."""
+    order = GlobalOrder([6, 2], [1, 3], seed=0)
+    folders, indices = order.locate_many(range(8))
+    assert list(zip(folders.tolist(), indices.tolist())) == [
+        (1, 0), (0, 2), (1, 1), (0, 0), (1, 1), (1, 1), (1, 0), (1, 0)
+    ]  # fmt: skip
+    big = GlobalOrder([10**9], None, seed=1)
+    assert big.locate_many([0, 1, 2, 10**9 - 1])[1].tolist() == [73131726, 392569567, 629147533, 115040909]
+
+
+def test_rank_share_locates_what_the_global_order_does():
+    order = GlobalOrder(
+        [7, 5, 0, 3], [1, 3, 0, 2], seed=3
+    )  # E = 15, oversampled folders, a block crosses epochs
+    for world, micro in [(3, 2), (1, 4), (4, 1)]:
+        for rank in range(world):
+            share = RankShare(order, rank=rank, world_size=world, micro_batch=micro)
+            share.micro_steps_per_block = 3  # many blocks over the 200 positions
+            mine = [p for p in range(200) if (p // micro) % world == rank]
+            assert [share.locate(p) for p in mine] == [order.locate(p) for p in mine]
+            with pytest.raises(ValueError, match="not read by rank"):
+                share.locate(next(p for p in range(200) if (p // micro) % world != rank) if world > 1 else -1)
 
 
 def take(sampler: TrainBatchSampler, num_batches: int) -> list[list[int]]:

@@ -1,5 +1,6 @@
 """The data path stays compact at scale: a 100k-sample folder (hard-linked real shards) costs a few
-bytes per sample, no Python object per sample, and reads that open each tar once.
+bytes per sample, no Python object per sample, a rank's order work that does not grow with the epoch,
+and reads that open each tar once.
 
 Timings live in benchmarks/data_scale.py; here only sizes and counts, which do not flake under load.
 """
@@ -7,14 +8,19 @@ Timings live in benchmarks/data_scale.py; here only sizes and counts, which do n
 from __future__ import annotations
 
 import gc
+import json
+import os
+import subprocess
+import sys
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
 from data_fixtures import link_scaled_folder, write_shard_folder
 
 from xray_core.shardindex import INDEX_NAME, index_folder, read_index
-from xray_pretrain.data.order import GlobalOrder, RankShare
+from xray_pretrain.data.order import BLOCK_POSITIONS, GlobalOrder, RankShare, micro_batch_positions
 from xray_pretrain.data.shards import ShardFolder, ShardReader, SplitTable
 
 REAL_SHARD = 500
@@ -56,16 +62,69 @@ def test_rank_tables_hold_no_per_sample_objects(big_folder):
     tracemalloc.stop()
     gc.collect()
     num_new_objects = len(gc.get_objects()) - num_objects
-    num_train = table.folder_sizes[0]
+    num_train, num_val = table.folder_sizes[0], NUM_LINKS["val"] * REAL_SHARD
     assert num_train == NUM_LINKS["train"] * REAL_SHARD and len(val) == 64
     # Before the compact index: ~1.1 KB and 2 GC-tracked objects per sample. Now the records are
-    # mapped (not Python heap); what stays is this rank's share of the epoch (6 bytes per position
-    # it reads) and per-shard facts (manifest entries, index header, tar paths).
+    # mapped (not Python heap); what stays is one block of this rank's located positions (16 bytes
+    # each) and per-shard facts (manifest entries, index header, tar paths).
     num_shards = sum(NUM_LINKS.values())
     assert num_new_objects < 2000 + 10 * num_shards, num_new_objects
-    assert retained < 6 * num_train / WORLD + 2048 * num_shards, retained
-    assert peak / num_train < 40, peak / num_train  # the epoch permutation, transient
-    assert abs(len(share._cache[0][0]) - num_train / WORLD) <= 4  # its share, +- one micro-batch
+    assert len(share._folders) == BLOCK_POSITIONS  # one block of its own positions, not its epoch share
+    assert retained < 16 * BLOCK_POSITIONS + 2048 * num_shards, retained
+    # Transient: the block's keys and cycle walk, and the val split's key prefixes (~40 bytes per val
+    # sample). Shuffling the epoch, as before, peaked at 8 bytes per train sample on top.
+    assert peak < 48 * num_val + 256 * BLOCK_POSITIONS + 2048 * num_shards, peak
+
+
+def _rank_rows(num_samples: int, rank: int, micro_steps: range) -> list[tuple[int, int]]:
+    """(folder, index) of `rank`'s positions at `micro_steps` (world WORLD, micro-batch 4)."""
+    share = RankShare(
+        GlobalOrder([num_samples, 3], [1, 1], seed=5), rank=rank, world_size=WORLD, micro_batch=4
+    )
+    return [share.locate(p) for m in micro_steps for p in micro_batch_positions(m, rank, 4, WORLD)]
+
+
+def test_a_rank_computes_only_its_positions_at_any_epoch_size():
+    """The order is a seeded bijection evaluated per position: a rank's first batch costs the same
+    memory at 10^6 and at 10^10 samples per epoch (a shuffled array of the latter would take 80 GB),
+    and a rank needs no other rank's work."""
+    peaks = []
+    for num_samples in (10**6, 10**10):
+        tracemalloc.start()
+        rows = _rank_rows(num_samples, rank=5, micro_steps=range(2))
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        order = GlobalOrder([num_samples, 3], [1, 1], seed=5)
+        assert rows == [order.locate(p) for m in range(2) for p in micro_batch_positions(m, 5, 4, WORLD)]
+    assert max(peaks) < 256 * BLOCK_POSITIONS, peaks  # ~180 bytes per located position, transient
+    assert peaks[1] < 1.25 * peaks[0], peaks  # nothing grows with the epoch
+
+
+def test_every_process_computes_the_same_order():
+    """Two fresh interpreters (different hash seeds), each locating only its own rank's positions
+    from (seed, sizes, weights), agree with this process and with the whole epoch's order."""
+    num_samples, steps = 50_000, range(0, 1300, 7)  # crosses blocks of BLOCK_POSITIONS positions
+    code = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); "
+        "from xray_pretrain.data.order import GlobalOrder, RankShare, micro_batch_positions; "
+        "rank = int(sys.argv[2]); "
+        f"share = RankShare(GlobalOrder([{num_samples}, 3], [1, 1], seed=5), rank=rank, world_size={WORLD}, "
+        "micro_batch=4); "
+        f"steps = range({steps.start}, {steps.stop}, {steps.step}); "
+        f"print(json.dumps([share.locate(p) for m in steps for p in micro_batch_positions(m, rank, 4, {WORLD})]))"
+    )
+    outputs = {}
+    for rank, hash_seed in ((2, "1"), (7, "2")):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        repo = str(Path(__file__).resolve().parents[1])
+        done = subprocess.run([sys.executable, "-c", code, repo, str(rank)], env=env,
+                              capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
+        outputs[rank] = [tuple(row) for row in json.loads(done.stdout)]
+    folders, indices = GlobalOrder([num_samples, 3], [1, 1], seed=5).epoch(0)
+    for rank, rows in outputs.items():
+        assert rows == _rank_rows(num_samples, rank, steps)
+        positions = [p for m in steps for p in micro_batch_positions(m, rank, 4, WORLD)]
+        assert rows == [(int(folders[p]), int(indices[p])) for p in positions]
 
 
 def test_reads_open_each_tar_once(big_folder):

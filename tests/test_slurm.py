@@ -12,7 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, TINY_CONFIG, ZERO2_STEPS, assert_same_parameters, base_overrides
+from conftest import (
+    REPO_ROOT,
+    TINY_CONFIG,
+    ZERO2_STEPS,
+    assert_same_parameters,
+    base_overrides,
+    logged_steps,
+)
 from slurm_cluster import TERMINAL_STATES, SlurmCluster, missing_binaries
 
 pytestmark = pytest.mark.slow
@@ -46,13 +53,6 @@ def _wait_for(predicate, timeout_s: float, what: str):
     raise TimeoutError(f"{what} not seen after {timeout_s} s")
 
 
-def _logged_steps(run: Path) -> list[int]:
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [row["step"] for row in map(json.loads, path.read_text().splitlines()) if "train/loss" in row]
-
-
 def _submit_training(slurm: SlurmCluster, run: Path, shards: Path) -> tuple[int, Path]:
     run.mkdir(parents=True)
     log = run / "job.out"
@@ -74,7 +74,7 @@ def _finish_after_requeue(slurm: SlurmCluster, job: int, log: Path) -> str:
 
 def _assert_one_history_and_straight_run_parameters(run: Path, reference: Path) -> dict:
     """The resumed run ends where an uninterrupted one does, and its records show every step once."""
-    assert _logged_steps(run) == list(range(1, 17))
+    assert logged_steps(run) == list(range(1, 17))
     info = json.loads((run / "run_info.json").read_text())
     assert [s["slurm_restart_count"] for s in info["starts"]] == [0, 1]
     assert info["world_size"] == 2 and info["started"] == info["starts"][-1]["started"]
@@ -95,7 +95,7 @@ def test_requeue_from_outside_resumes_to_the_uninterrupted_parameters(
     run = tmp_path / "run"
     job, log = _submit_training(slurm, run, phantom_shards)
     _wait_for(lambda: (run / "checkpoints" / "latest").is_file(), 180, "the first checkpoint")
-    reached = max(_logged_steps(run), default=0)
+    reached = max(logged_steps(run), default=0)
     slurm.run("scontrol", "requeue", str(job))
     text = _finish_after_requeue(slurm, job, log)
     assert "DUE TO JOB REQUEUE" in text and "start 2 on" in text
@@ -106,7 +106,7 @@ def test_requeue_from_outside_resumes_to_the_uninterrupted_parameters(
 def test_usr1_stops_at_a_step_checkpoints_and_requeues_itself(slurm, tmp_path, phantom_shards, zero2_run):
     run = tmp_path / "run"
     job, log = _submit_training(slurm, run, phantom_shards)
-    _wait_for(lambda: _logged_steps(run), 180, "the first training step")
+    _wait_for(lambda: logged_steps(run), 180, "the first training step")
     # What `#SBATCH --signal=B:USR1@120` does before the time limit, now; twice changes nothing.
     for _ in range(2):
         slurm.run("scancel", "--batch", "--signal=USR1", str(job))

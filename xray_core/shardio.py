@@ -47,8 +47,14 @@ def shard_name(dataset: str, split: str, index: int) -> str:
     return f"{dataset}-{split}-{index:06d}.tar"
 
 
+def idx_name_for(tar_path: str) -> str:
+    """The DALI index beside a tar, as a string (name or path): the tar's suffix replaced by `.idx`.
+    String operations only: a loader checks 10k shards per folder at start-up."""
+    return os.path.splitext(tar_path)[0] + ".idx"
+
+
 def idx_path_for(tar_path: str | Path) -> Path:
-    return Path(tar_path).with_suffix(".idx")
+    return Path(idx_name_for(str(tar_path)))
 
 
 @dataclass

@@ -78,9 +78,17 @@ class TrainConfig:
     ds_config: str | None = None  # default: the packaged configs/deepspeed/zero{zero_stage}.json
     seed: int = 0
     compile: bool = False  # torch.compile the model
+    # Seconds a rank waits for a lost or stopped peer (a collective, a missing heartbeat) before it
+    # stops with a message naming that rank (engine/peers.py). Long enough for the slowest legitimate
+    # wait: a large checkpoint written while the other ranks wait in a barrier.
+    dist_timeout_s: float = 600.0
     max_bad_steps: int = 5  # non-finite steps in a row (each skipped) before the run stops
 
     def validate(self) -> None:
+        if not (math.isfinite(self.dist_timeout_s) and self.dist_timeout_s >= 1):
+            raise ValueError(
+                f"train.dist_timeout_s must be a number of seconds >= 1, got {self.dist_timeout_s}"
+            )
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.zero_stage not in (0, 1, 2, 3):

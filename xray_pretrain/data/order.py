@@ -4,11 +4,20 @@ Training reads one infinite, seeded stream of samples: epoch 0's order, then epo
 place in that stream (its *position*) is the only data state a checkpoint stores (`samples_seen`), so
 a run resumes exactly, at any world size, on either loader backend.
 
-Epoch e has E = sum of the folders' sizes samples. Folder f contributes ``counts[f]`` of them (see
-`epoch_counts`), drawn without replacement from a permutation seeded by (seed, e, f); a folder that
-must give more samples than it has continues with further permutations (seeded by (seed, e, f, k)),
-so every sample of it appears floor(c/n) or ceil(c/n) times. The E draws are then shuffled together
-by a permutation seeded by (seed, e).
+Epoch e has E = sum of the folders' sizes samples. Folder f (n_f samples) contributes ``counts[f]``
+= c_f of them (see `epoch_counts`): its draws are rows [start_f, start_f + c_f) of the epoch's E
+draws, draw j being sample pi_{e,f}(j mod n_f). A folder that must give more samples than it has thus
+makes several passes, and every sample of it appears floor(c/n) or ceil(c/n) times; c < n draws a
+seeded subset. Offset o of the epoch reads draw pi_e(o). (The passes may share pi_{e,f}: pi_e places
+every draw uniformly, so which pass a copy came from leaves no trace in the stream.)
+
+Every pi is a seeded bijection evaluated point by point (`seeded_permutation`: a Feistel network over
+the next power of 4 with cycle walking, as Grain's and TensorFlow's `index_shuffle`), never a shuffled
+array of the whole epoch: locating a position costs O(1) time and memory, so each rank computes only
+the positions it reads (`RankShare`), whatever E is. Keys come from `SeedSequence([seed, tag, ...])`,
+so the order depends only on (seed, folder sizes, weights): the same in every process, at every
+world size. (Until 2026-12-03 each pi was a Fisher-Yates shuffle of the whole epoch, O(E) per rank;
+checkpoints written before then resume at the same position of a different, equally seeded order.)
 
 Optimizer step s consumes positions [s*G, (s+1)*G) with G = micro_batch * world_size * accum_steps.
 Micro-step a of step s on rank r reads positions s*G + a*world*micro + r*micro + [0, micro), i.e.
@@ -20,14 +29,16 @@ the same samples per optimizer step.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from xray_pretrain.data.heap import release_freed_heap
+# Which order a checkpoint's `samples_seen` is a position of; change it whenever the order changes, so
+# a resume across the change says that this epoch's remaining samples differ from the planned ones.
+ORDER_VERSION = "feistel-1"  # before 2026-12-03: whole-epoch Fisher-Yates shuffles (no version saved)
 
 # Tags keep the seeded streams independent of each other (SeedSequence([seed, tag, ...])).
 TAG_EPOCH_SHUFFLE = 0
@@ -35,10 +46,69 @@ TAG_FOLDER_DRAW = 1
 TAG_AUGMENT = 2
 TAG_REPLACE = 3  # replacements for corrupt samples (data/badsamples.py)
 
+# Six rounds: four already make a Feistel network a pseudo-random permutation when its round function
+# is one (Luby-Rackoff); two more for the small domains, whose halves are only a few bits wide.
+NUM_FEISTEL_ROUNDS = 6
+# The network never works on fewer than 2 x 4 bits: with 1-bit halves only some orders of a tiny
+# folder would be reachable (and those unevenly). Cycle walking then takes up to 256 / size trips.
+MIN_HALF_BITS = 4
+# Domains up to this size walk through a table of the network (built in ~0.2 ms), not the network
+# itself: a tiny folder's walk is hundreds of trips, each one array lookup instead of ~70 operations.
+MAX_TABLE_DOMAIN = 1 << 12
+_MIX_1, _MIX_2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
 
 def seeded_rng(seed: int, tag: int, *values: int) -> np.random.Generator:
     """A generator determined only by (seed, tag, values): no global state, same in every process."""
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, tag, *values])))
+
+
+def feistel_keys(seed: int, tag: int, *values: int) -> np.ndarray:
+    """(NUM_FEISTEL_ROUNDS,) uint64 round keys determined only by (seed, tag, values)."""
+    return np.random.SeedSequence([seed, tag, *values]).generate_state(NUM_FEISTEL_ROUNDS, np.uint64)
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer on uint64 arrays (wrapping arithmetic): a bijection in which every input
+    bit flips about half of the output bits; the network's round function."""
+    z = (z ^ (z >> np.uint64(30))) * _MIX_1
+    z = (z ^ (z >> np.uint64(27))) * _MIX_2
+    return z ^ (z >> np.uint64(31))
+
+
+def feistel(x_N: np.ndarray, half_bits: int, keys_R: np.ndarray) -> np.ndarray:
+    """The balanced Feistel network over [0, 4**half_bits) with round keys `keys_R`: a bijection of
+    that domain; (N,) uint64 in, (N,) uint64 out."""
+    shift, top = np.uint64(half_bits), np.uint64(64 - half_bits)
+    left, right = x_N >> shift, x_N & np.uint64((1 << half_bits) - 1)
+    for key in keys_R:
+        left, right = right, left ^ (_mix64(right ^ key) >> top)
+    return (left << shift) | right
+
+
+def seeded_permutation(offsets: np.ndarray, size: int, keys_R: np.ndarray) -> np.ndarray:
+    """pi(offsets) for the bijection pi of [0, size) that the round keys (`feistel_keys`) choose:
+    int64, same shape as `offsets`.
+
+    pi(o) is the first of feistel(o), feistel(feistel(o)), ... inside [0, size) (cycle walking: the
+    network permutes the enclosing power of 4, so this permutes [0, size)). Cost per element: 6
+    rounds of a few uint64 operations, times the walk (expected 4**half_bits / size < 4 trips for
+    size > 64); memory: the output and its temporaries, nothing that grows with `size`.
+    """
+    offsets = np.asarray(offsets, dtype=np.int64)
+    if offsets.size and (offsets.min() < 0 or offsets.max() >= size):
+        raise ValueError(f"offsets outside [0, {size})")
+    half_bits = max(MIN_HALF_BITS, math.ceil(max(size - 1, 1).bit_length() / 2))
+    if 4**half_bits <= MAX_TABLE_DOMAIN:
+        step = feistel(np.arange(4**half_bits, dtype=np.uint64), half_bits, keys_R).__getitem__
+    else:
+        step = functools.partial(feistel, half_bits=half_bits, keys_R=keys_R)
+    out = step(offsets.astype(np.uint64))
+    pending = np.flatnonzero(out >= np.uint64(size))
+    while pending.size:
+        out[pending] = step(out[pending])
+        pending = pending[out[pending] >= np.uint64(size)]
+    return out.astype(np.int64)
 
 
 def epoch_counts(folder_sizes: Sequence[int], weights: Sequence[float] | None = None) -> list[int]:
@@ -70,15 +140,9 @@ def epoch_counts(folder_sizes: Sequence[int], weights: Sequence[float] | None = 
 
 
 class GlobalOrder:
-    """Maps a global stream position to (folder index, sample index within the folder's split)."""
+    """Maps global stream positions to (folder index, sample index within the folder's split)."""
 
-    def __init__(
-        self,
-        folder_sizes: Sequence[int],
-        weights: Sequence[float] | None,
-        seed: int,
-        num_cached_epochs: int = 2,
-    ):
+    def __init__(self, folder_sizes: Sequence[int], weights: Sequence[float] | None, seed: int):
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
         self.folder_sizes = [int(n) for n in folder_sizes]
@@ -87,104 +151,86 @@ class GlobalOrder:
         if self.num_samples_per_epoch == 0:
             raise ValueError("the training split is empty in every shard folder")
         self.seed = seed
-        self._num_cached_epochs = num_cached_epochs
-        self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._draw_starts = np.cumsum([0, *self.counts])  # folder f's draws: [starts[f], starts[f+1])
+
+    def locate_many(self, positions) -> tuple[np.ndarray, np.ndarray]:
+        """(folder_N, index_N) int64 at global positions `positions` (N ints >= 0, any order, any
+        epochs). O(N) time and memory, whatever the epoch size."""
+        positions = np.asarray(positions, dtype=np.int64).ravel()
+        folders, indices = np.empty_like(positions), np.empty_like(positions)
+        if not positions.size:
+            return folders, indices
+        if positions.min() < 0:
+            raise ValueError(f"stream positions are >= 0, got {positions.min()}")
+        epochs, offsets = np.divmod(positions, self.num_samples_per_epoch)
+        first_epoch = int(epochs.min())
+        for epoch in (first_epoch + np.flatnonzero(np.bincount(epochs - first_epoch))).tolist():
+            at = np.flatnonzero(epochs == epoch)
+            keys = feistel_keys(self.seed, TAG_EPOCH_SHUFFLE, epoch)
+            draws = seeded_permutation(offsets[at], self.num_samples_per_epoch, keys)
+            folder = np.searchsorted(self._draw_starts, draws, side="right") - 1
+            draws -= self._draw_starts[folder]
+            for f in np.flatnonzero(np.bincount(folder)).tolist():
+                mine = np.flatnonzero(folder == f)
+                size = self.folder_sizes[f]
+                keys = feistel_keys(self.seed, TAG_FOLDER_DRAW, epoch, f)
+                draws[mine] = seeded_permutation(draws[mine] % size, size, keys)
+            folders[at], indices[at] = folder, draws
+        return folders, indices
 
     def epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(folder_E int32, index_E int64): epoch `epoch`'s samples in stream order (cached)."""
-        if epoch in self._cache:
-            self._cache.move_to_end(epoch)
-            return self._cache[epoch]
-        folders, indices = self.compute_epoch(epoch)
-        entry = (folders.astype(np.int32), indices.astype(np.int64))
-        self._cache[epoch] = entry
-        if len(self._cache) > self._num_cached_epochs:
-            self._cache.popitem(last=False)
-        return entry
-
-    def compute_epoch(self, epoch: int, offsets: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(folder int16, index int32) at the epoch's `offsets` (default: all E), uncached: what
-        `epoch` returns there, in the narrowest dtypes.
-
-        Shuffling an int32 arange draws exactly what `Generator.permutation(n)` draws (same
-        Fisher-Yates over the same random stream) at half the memory. The two shuffles are O(E)
-        whatever `offsets` is (the order is a permutation of the whole epoch); the gathers are
-        O(len(offsets)). At 10M samples: ~8 bytes per sample while this runs, ~1 s of one core."""
-        index_parts = []
-        for folder, (size, count) in enumerate(zip(self.folder_sizes, self.counts)):
-            if count == 0:
-                continue
-            perms = []
-            for k in range(math.ceil(count / size)):
-                perm = np.arange(size, dtype=np.int32)
-                seeded_rng(self.seed, TAG_FOLDER_DRAW, epoch, folder, k).shuffle(perm)
-                perms.append(perm)
-            index_parts.append(np.concatenate(perms)[:count])
-        num = self.num_samples_per_epoch
-        shuffle = np.arange(num, dtype=np.int32 if num < 2**31 else np.int64)
-        seeded_rng(self.seed, TAG_EPOCH_SHUFFLE, epoch).shuffle(shuffle)
-        drawn = shuffle if offsets is None else shuffle[offsets]  # rows of the folder-ordered draws
-        folder_ends = np.cumsum(self.counts)
-        folders = np.searchsorted(folder_ends, drawn, side="right").astype(np.int16)
-        return folders, np.concatenate(index_parts)[drawn]
+        """(folder_E, index_E) int64: epoch `epoch`'s samples in stream order (O(E): tests, tools)."""
+        start = epoch * self.num_samples_per_epoch
+        return self.locate_many(np.arange(start, start + self.num_samples_per_epoch))
 
     def locate(self, position: int) -> tuple[int, int]:
         """(folder index, sample index) at global stream position `position` (>= 0)."""
-        epoch, offset = divmod(int(position), self.num_samples_per_epoch)
-        folders, indices = self.epoch(epoch)
-        return int(folders[offset]), int(indices[offset])
+        folders, indices = self.locate_many([position])
+        return int(folders[0]), int(indices[0])
+
+
+BLOCK_POSITIONS = 4096  # most positions a rank locates at once (one vectorized call: ~5 ms, ~0.7 MB)
 
 
 class RankShare:
-    """The part of the global order that one rank reads, and nothing else.
+    """The positions one rank reads, located a block at a time, and nothing else.
 
-    `GlobalOrder.epoch` keeps ~12 bytes per sample of the whole epoch; a rank reads 1/world of it.
-    This keeps, per cached epoch, only the (folder, index) of this rank's positions (6 bytes each,
-    so 6/world bytes per sample), computed from the same seeded epoch, so `locate` answers exactly
-    what `GlobalOrder.locate` answers. Asking for another rank's position is a ValueError.
+    A block is the rank's next BLOCK_POSITIONS positions, or fewer so that it spans at most about one
+    epoch (a block over many epochs would evaluate many small permutations one by one). It is located
+    in one `GlobalOrder.locate_many` call, O(block) and never O(epoch), so the first batch costs the
+    same at 10k or 10M samples per epoch. `locate` answers exactly what `GlobalOrder.locate` answers;
+    asking for another rank's position is a ValueError.
     """
 
-    def __init__(
-        self, order: GlobalOrder, *, rank: int, world_size: int, micro_batch: int, num_cached_epochs: int = 2
-    ):
+    def __init__(self, order: GlobalOrder, *, rank: int, world_size: int, micro_batch: int):
         if not 0 <= rank < world_size or micro_batch < 1:
             raise ValueError(f"rank {rank} outside world size {world_size}, or micro_batch {micro_batch} < 1")
         self.order, self.rank, self.world_size, self.micro_batch = order, rank, world_size, micro_batch
-        self._num_cached_epochs = num_cached_epochs
-        self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        micro_steps_per_epoch = order.num_samples_per_epoch // (world_size * micro_batch)
+        self.micro_steps_per_block = max(1, min(BLOCK_POSITIONS // micro_batch, micro_steps_per_epoch))
+        self._block = -1
+        self._folders = self._indices = np.zeros(0, dtype=np.int64)
 
-    def _num_before(self, position: int) -> int:
-        """How many of this rank's positions lie in [0, position)."""
-        block = self.micro_batch * self.world_size
-        into_block = position % block - self.rank * self.micro_batch
-        return position // block * self.micro_batch + min(max(into_block, 0), self.micro_batch)
-
-    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        if epoch in self._cache:
-            self._cache.move_to_end(epoch)
-            return self._cache[epoch]
-        size = self.order.num_samples_per_epoch
-        start, block = epoch * size, self.micro_batch * self.world_size
-        run_starts = np.arange(start - start % block + self.rank * self.micro_batch, start + size, block)
-        mine = (run_starts[:, None] + np.arange(self.micro_batch)).ravel()
-        mine = mine[(mine >= start) & (mine < start + size)] - start
-        entry = self.order.compute_epoch(epoch, mine)
-        del mine, run_starts
-        release_freed_heap()
-        self._cache[epoch] = entry
-        if len(self._cache) > self._num_cached_epochs:
-            self._cache.popitem(last=False)
-        return entry
+    def _locate_block(self, block: int) -> None:
+        first = block * self.micro_steps_per_block
+        micro_steps = np.arange(first, first + self.micro_steps_per_block, dtype=np.int64)
+        starts = (micro_steps * self.world_size + self.rank) * self.micro_batch
+        positions = starts[:, None] + np.arange(self.micro_batch)
+        self._folders, self._indices = self.order.locate_many(positions)
+        self._block = block
 
     def locate(self, position: int) -> tuple[int, int]:
         """(folder index, sample index) at global position `position`, one that this rank reads."""
         position = int(position)
-        if position < 0 or (position // self.micro_batch) % self.world_size != self.rank:
+        micro_step, within = divmod(position, self.micro_batch)
+        if position < 0 or micro_step % self.world_size != self.rank:
             raise ValueError(f"position {position} is not read by rank {self.rank} of {self.world_size}")
-        epoch = position // self.order.num_samples_per_epoch
-        folders, indices = self._epoch(epoch)
-        slot = self._num_before(position) - self._num_before(epoch * self.order.num_samples_per_epoch)
-        return int(folders[slot]), int(indices[slot])
+        micro_step //= self.world_size  # this rank's micro-step number
+        block, step_in_block = divmod(micro_step, self.micro_steps_per_block)
+        if block != self._block:
+            self._locate_block(block)
+        slot = step_in_block * self.micro_batch + within
+        return int(self._folders[slot]), int(self._indices[slot])
 
 
 def located_batches(sampler: TrainBatchSampler, share: RankShare) -> Iterator[list[tuple[int, int, int]]]:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from xray_core.shardindex import IMAGE_SLOT, MISSING, SLOTS, load_index
-from xray_core.shardio import IMAGE_EXTENSIONS, MANIFEST_NAME, META_EXTENSION, ROI_EXTENSION, idx_path_for
+from xray_core.shardio import IMAGE_EXTENSIONS, MANIFEST_NAME, META_EXTENSION, ROI_EXTENSION, idx_name_for
 from xray_pretrain.data.decode import decode_labels
 from xray_pretrain.data.heap import release_freed_heap
 
@@ -94,13 +94,16 @@ class ShardFolder:
         shards = m.get("shards")
         if not isinstance(shards, list):
             raise ValueError(f"{where}: 'shards' must be a list")
+        # One directory listing instead of two stats per shard (10k shards: ~20 ms instead of ~1 s).
+        present = {item.name for item in os.scandir(self.path) if item.is_file()}
         for entry in shards:
-            tar = self.path / entry["name"]
-            if not tar.is_file():
-                raise ValueError(f"{where}: shard {entry['name']} is listed but {tar} does not exist")
-            if not idx_path_for(tar).is_file():
+            if entry["name"] not in present:
                 raise ValueError(
-                    f"{self.path}: {idx_path_for(tar).name} is missing (loaders read samples through the "
+                    f"{where}: shard {entry['name']} is listed but {self.path / entry['name']} does not exist"
+                )
+            if idx_name_for(entry["name"]) not in present:
+                raise ValueError(
+                    f"{self.path}: {idx_name_for(entry['name'])} is missing (loaders read samples through the "
                     f"DALI index); run `xray-shard index {self.path}`"
                 )
 
@@ -113,7 +116,8 @@ class ShardFolder:
         beside the shards when absent or stale, then memory-mapped: every process shares one copy."""
         if self._index is None:
             self._index = load_index(self.path, self.manifest)
-            self.tar_paths = [str(self.path / shard["name"]) for shard in self._index[0]["shards"]]
+            base = str(self.path)
+            self.tar_paths = [os.path.join(base, shard["name"]) for shard in self._index[0]["shards"]]
         return self._index
 
     def split_samples(self, split: str) -> np.ndarray:
@@ -348,27 +352,37 @@ class SplitTable:
 
     def first_by_key(self, num_samples: int) -> np.ndarray:
         """(folder, index) int64 rows (n, 2) of the first `num_samples` samples in sorted-key order
-        (folder, then index, break ties), found by partial selection: one O(split) partition of the
-        keys, a sort of the chosen rows only, never of the whole split."""
+        (folder, then index, break ties). O(split), never a sort of the whole split: the keys' first 8
+        bytes (`key_prefixes`) are partitioned to find the n-th smallest prefix; only rows whose
+        prefix is at most that one can be among the first n, and only they are sorted by full key."""
         starts = np.cumsum([0, *self.folder_sizes])
         num = min(num_samples, int(starts[-1]))
         if num == 0:
             return np.zeros((0, 2), dtype=np.int64)
-        keys = (
-            self.records[0]["key"]
-            if len(self.records) == 1
-            else np.concatenate([r["key"] for r in self.records])
-        )
-        if num < len(keys):  # everything tied with the num-th key competes for the last places
-            chosen = np.flatnonzero(keys <= np.partition(keys, num - 1)[num - 1])
+        prefixes = np.concatenate([key_prefixes(records["key"]) for records in self.records])
+        if num < len(prefixes):  # everything tied with the n-th prefix competes for the last places
+            chosen = np.flatnonzero(prefixes <= np.partition(prefixes, num - 1)[num - 1])
         else:
-            chosen = np.arange(len(keys))
+            chosen = np.arange(len(prefixes))
+        del prefixes
         folder = np.searchsorted(starts, chosen, side="right") - 1
         index = chosen - starts[folder]
-        ranked = np.lexsort((index, folder, keys[chosen]))[:num]
-        del keys
+        # chosen ascends, so its rows come folder by folder: gather each folder's keys in that order
+        keys = np.concatenate([r["key"][index[folder == f]] for f, r in enumerate(self.records)])
+        ranked = np.lexsort((index, folder, keys))[:num]
         release_freed_heap()
         return np.stack([folder[ranked], index[ranked]], axis=1).astype(np.int64)
+
+
+def key_prefixes(keys: np.ndarray) -> np.ndarray:
+    """(n,) uint64: the first 8 bytes of each key (bytes dtype, NUL-padded) read big-endian, so
+    prefixes order as the keys do wherever the prefixes differ. A uint64 partition is ~50x faster
+    than one over bytes, which numpy sorts rather than selects."""
+    width = keys.dtype.itemsize
+    raw = np.ascontiguousarray(keys).view(np.uint8).reshape(len(keys), width)
+    head = np.zeros((len(keys), 8), dtype=np.uint8)
+    head[:, : min(8, width)] = raw[:, :8]
+    return head.view(">u8").ravel().astype(np.uint64)
 
 
 def _reason(where: str, component: str, error: Exception) -> str:

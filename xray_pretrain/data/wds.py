@@ -21,6 +21,8 @@ frontal image's.
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
 import signal
 
 import numpy as np
@@ -145,8 +147,28 @@ def _ignore_stop_signals(_worker_id: int) -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
+def _kill_workers_at_exit() -> None:
+    """Python's exit ends daemonic children (DataLoader workers) with SIGTERM and waits for them.
+    These ignore SIGTERM, and a DataLoader still referenced at exit (the traceback of an uncaught
+    error holds its frames) would make that wait endless: SIGKILL them first (atexit runs this
+    before multiprocessing's own handler, registered earlier). torch's SIGCHLD handler would report
+    each of these deaths as a worker failure (a traceback after the run's own error line): at exit
+    they are intended, so it is reset first."""
+    workers = [child for child in multiprocessing.active_children() if child.daemon]
+    if not workers:
+        return
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in workers:
+        child.kill()
+    for child in workers:
+        child.join(timeout=10)
+
+
 def make_dataloader(dataset: Dataset, batch_sampler, num_workers: int, pin_memory: bool) -> DataLoader:
     """A DataLoader that keeps its workers (persistent) and returns batches in sampler order."""
+    if num_workers > 0:
+        atexit.unregister(_kill_workers_at_exit)  # once, however many loaders
+        atexit.register(_kill_workers_at_exit)
     return DataLoader(
         dataset,
         batch_sampler=batch_sampler,

@@ -15,6 +15,8 @@ import socket
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
 
 import torch
 
@@ -25,6 +27,7 @@ class DistContext:
     world_size: int
     local_rank: int
     device: torch.device
+    env_added: tuple[str, ...] = ()  # launcher variables init_distributed set (release_distributed unsets)
 
     @property
     def is_main(self) -> bool:
@@ -37,6 +40,9 @@ LAUNCHER_VARIABLES = (
     "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE",
     "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK", "CROSS_SIZE",
 )  # fmt: skip
+
+
+SHM_DIR = Path("/dev/shm")
 
 
 def without_launcher_variables(env: Mapping[str, str]) -> dict[str, str]:
@@ -121,13 +127,16 @@ def launch_env(env: Mapping[str, str]) -> dict[str, str]:
             "MASTER_PORT": env.get("MASTER_PORT") or str(free_port())}  # fmt: skip
 
 
-def init_distributed() -> DistContext:
+def init_distributed(timeout_s: float) -> DistContext:
     """Initialize torch.distributed through DeepSpeed (nccl on GPUs, gloo on CPUs) and pick the device.
 
     A single process without launcher variables gets a one-rank group on a free local port, so the
     same DeepSpeed code path runs on a laptop; srun tasks get theirs from Slurm (`launch_env`).
+    `timeout_s` bounds every collective (gloo and nccl honour the process group's timeout). The
+    variables set here are removed again by `release_distributed`.
     """
-    os.environ.update(launch_env(os.environ))
+    added = launch_env(os.environ)
+    os.environ.update(added)
     import deepspeed
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -141,10 +150,44 @@ def init_distributed() -> DistContext:
         device = torch.device("cpu")
         backend = "gloo"
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
-    return DistContext(
+        deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timedelta(seconds=timeout_s))
+    ctx = DistContext(
         rank=torch.distributed.get_rank(),
         world_size=torch.distributed.get_world_size(),
         local_rank=local_rank,
         device=device,
+        env_added=tuple(added),
     )
+    if ctx.world_size > 1:
+        # DeepSpeed's CPU all-reduce maps one /dev/shm file per rank and never removes them (67 MB
+        # each, RAM). Once every rank is past init, each has mapped all of them: unlinking now
+        # keeps the mappings and leaves nothing behind, however the run ends.
+        torch.distributed.barrier()
+        remove_shm_buffers([ctx.rank])
+    return ctx
+
+
+def shm_buffer_paths(ranks: list[int]) -> list[Path]:
+    """This run's DeepSpeed shared-memory all-reduce files of `ranks` (they exist where every rank
+    runs on this host: LOCAL_SIZE == world size). The name holds the user id and this run's
+    rendezvous address and port, so no other run's files match (deepspeed/ops/csrc/cpu/comm/shm.cpp)."""
+    prefix = (
+        f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+        + os.environ.get("MASTER_PORT", "")
+    )
+    return [SHM_DIR / f"{prefix}_{rank}" for rank in ranks]
+
+
+def remove_shm_buffers(ranks: list[int]) -> None:
+    """Unlink this run's all-reduce files of `ranks` that still exist (mappings stay valid)."""
+    for path in shm_buffer_paths(ranks):
+        path.unlink(missing_ok=True)
+
+
+def release_distributed(ctx: DistContext) -> None:
+    """Undo what `init_distributed` put into os.environ, for what runs next in this process (an
+    in-process test, a child that must find its own rank). The process group itself stays: DeepSpeed
+    caches its groups per process (deepspeed.utils.groups), and a second run in the same process
+    reuses the group rather than one those caches would not know."""
+    for key in ctx.env_added:
+        os.environ.pop(key, None)

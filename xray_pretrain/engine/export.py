@@ -109,10 +109,18 @@ class ExportedEncoder:
 
 
 def consolidated_state_dict(ckpt_root: Path, tag: str) -> dict[str, torch.Tensor]:
-    """The full fp32 state dict from a DeepSpeed checkpoint of any ZeRO stage (rank-count independent)."""
+    """The full fp32 state dict from a DeepSpeed checkpoint of any ZeRO stage (rank-count independent).
+
+    The files are checked against the checkpoint's manifest first (sizes and sha256: one extra read);
+    a missing, empty or damaged file is one ValueError naming it, not a deserialization traceback."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_root), tag=tag)
+    checkpoint.check_intact(Path(ckpt_root), tag)
+    try:
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_root), tag=tag)
+    except Exception as err:  # a checkpoint older than manifests: read errors still become one line
+        checkpoint.raise_if_unreadable(err, Path(ckpt_root) / tag)
+        raise
 
 
 def load_mae_from_checkpoint(path: Path):

@@ -39,7 +39,7 @@ RECORD_NAME = "init_weights.json"
 @dataclass
 class InitSource:
     path: Path
-    kind: str  # "export" | "checkpoint"
+    kind: str  # "export" | "checkpoint" | "step0" (a run's initial weights, see `step0_source`)
     tag: str | None  # the checkpoint tag loaded (None for an export)
     architecture: dict  # ARCHITECTURE_KEYS + DIM_KEYS -> the source's values
     state: dict[str, torch.Tensor]  # model-level names (an export's encoder keys get "encoder.")
@@ -88,6 +88,33 @@ def open_source(path: str | Path) -> InitSource:
     source_cfg = config_from_dict(json.loads((root / tag / checkpoint.CONFIG_NAME).read_text()))
     state = consolidated_state_dict(root, tag)
     return InitSource(path, "checkpoint", tag, architecture_of(source_cfg.model), state)
+
+
+def initial_model(task, seed: int) -> nn.Module:
+    """The task's model as every rank builds it before step 1: its random init under `seed`."""
+    torch.manual_seed(seed)
+    return task.build_model()
+
+
+def step0_source(run_dir: str | Path) -> InitSource:
+    """The weights a run started from (its step 0, never saved): its task's model rebuilt from the
+    run's resolved config.yaml under its train.seed, exactly as the trainer built it. The random-init
+    baseline of a pre-trained vs random comparison (same architecture, same init seed)."""
+    import yaml
+
+    from xray_pretrain.config import config_from_dict
+    from xray_pretrain.tasks import build_task
+
+    run_dir = Path(run_dir)
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise ValueError(
+            f"{run_dir} is not a run folder (no config.yaml): pass the pre-training run's folder"
+        )
+    cfg = config_from_dict(yaml.safe_load(saved.read_text()))
+    model = initial_model(build_task(cfg), cfg.train.seed)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return InitSource(run_dir, "step0", None, architecture_of(cfg.model), state)
 
 
 def architecture_of(model: MAEConfig) -> dict:

@@ -18,7 +18,7 @@ import signal
 PREEMPT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request after a checkpoint; run it again to continue
 
-_received: list[int] = []
+_received: list[int] = []  # signal numbers; 0 for a stop asked for by `request_stop`
 
 
 def _record(signum, _frame) -> None:
@@ -31,6 +31,14 @@ def install() -> None:
     """Record USR1/TERM instead of dying on them (idempotent; main thread only, as Python requires)."""
     for signum in PREEMPT_SIGNALS:
         signal.signal(signum, _record)
+
+
+def request_stop(reason: str) -> None:
+    """The same agreed, checkpointed stop as a signal, asked for from inside the process (e.g. the
+    launcher that would restart or collect this run is gone: engine/peers.py)."""
+    _received.append(0)
+    if len(_received) == 1:
+        print(f"{reason}: stopping at the next step boundary", flush=True)
 
 
 def requested_here() -> bool:

@@ -2,7 +2,8 @@
 
 `check_run` is called by the commands (`pretrain`, `check-config`, ...) right after the config is
 loaded: a missing shard folder, a split with no samples, batch sizes this world size cannot hold,
-an output folder that cannot be written or a resume path that is not there each become one
+an output folder that cannot be written, a resume path that is not there, an output folder holding
+another run's checkpoints (without a resume) or a resume into another model shape each become one
 `ValueError` naming the fix, instead of a traceback after DeepSpeed has started and the run folder
 exists. Reading a manifest is cheap (no idx file is opened here).
 """
@@ -21,6 +22,7 @@ def check_run(cfg, world_size: int | None = None) -> None:
     resume = cfg.checkpoint.resume
     if resume not in ("none", "auto") and not Path(resume).exists():
         raise ValueError(f"checkpoint.resume={resume}: no such checkpoint folder (or use auto / none)")
+    _check_checkpoints(cfg)
 
 
 def _check_shards(data) -> None:
@@ -48,6 +50,28 @@ def _check_shards(data) -> None:
                     f"{folder.path}: intensity std is {folder.intensity_std} (an empty or constant "
                     "conversion); re-run `xray-shard convert` on the images"
                 )
+
+
+def _check_checkpoints(cfg) -> None:
+    """A run folder that holds checkpoints is another run's unless this one resumes from it (a run
+    must never mix with another); a resumed checkpoint must be of this run's model."""
+    from xray_pretrain.engine import checkpoint
+
+    ckpt_dir = Path(cfg.log.out_dir) / "checkpoints"
+    held = checkpoint.complete_tags(ckpt_dir) + (
+        [checkpoint.BEST_TAG] if checkpoint.is_complete(ckpt_dir / checkpoint.BEST_TAG) else []
+    )
+    resume = cfg.checkpoint.resume
+    source = ckpt_dir if resume == "auto" else None if resume == "none" else Path(resume)
+    if held and (source is None or not source.resolve().is_relative_to(ckpt_dir.resolve())):
+        raise ValueError(
+            f"log.out_dir={cfg.log.out_dir} holds checkpoints of a run ({', '.join(held[-3:])}): resume "
+            "it with checkpoint.resume=auto, or choose another log.out_dir"
+        )
+    if source is None or (resume == "auto" and not held):
+        return
+    root, tag = checkpoint.resolve_checkpoint(source)
+    checkpoint.check_resume_model(cfg, root / tag, init_pending=cfg.init.weights != "none")
 
 
 def check_writable_folder(path: Path, key: str) -> None:

@@ -27,12 +27,14 @@ import torch
 
 from xray_pretrain.collectives import all_reduce_mean
 from xray_pretrain.config import RunConfig, save_resolved_config
+from xray_pretrain.data.order import ORDER_VERSION
 from xray_pretrain.engine import checkpoint, init_weights, preempt
-from xray_pretrain.engine.dist import DistContext, init_distributed
+from xray_pretrain.engine.dist import DistContext, init_distributed, release_distributed
 from xray_pretrain.engine.ds_config import build_ds_config
 from xray_pretrain.engine.health import Health
 from xray_pretrain.engine.monitor import RunMonitor
 from xray_pretrain.engine.optim import build_optimizer, lr_at, set_lr
+from xray_pretrain.engine.peers import PeerWatch
 from xray_pretrain.engine.runinfo import run_info, with_start_history
 from xray_pretrain.engine.selection import Selection
 from xray_pretrain.models import mfu
@@ -47,6 +49,7 @@ class TrainState:
     samples_seen: int = 0  # global data position (sum over ranks)
     first_loss: float | None = None
     last_loss: float | None = None
+    run_id: str = ""  # this run's history (kept on resume): checkpoint pruning touches only its own
 
 
 @dataclass
@@ -58,18 +61,25 @@ class StepResult:
 
 
 def train(cfg: RunConfig) -> dict:
-    """Train `cfg.task` for `cfg.train.steps` optimizer steps; returns a summary (rank 0's view)."""
-    trainer = Trainer(cfg)
+    """Train `cfg.task` for `cfg.train.steps` optimizer steps; returns a summary (rank 0's view).
+    A lost rank or launcher ends the run with a message naming it (engine/peers.py)."""
+    ctx = init_distributed(cfg.train.dist_timeout_s)
     try:
-        return trainer.run()
+        with PeerWatch(ctx, cfg.train.dist_timeout_s) as watch:
+            trainer = Trainer(cfg, ctx)
+            watch.follow(lambda: trainer.state.step)
+            try:
+                return trainer.run()
+            finally:
+                trainer.monitor.close()
     finally:
-        trainer.monitor.close()
+        release_distributed(ctx)
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, ctx: DistContext):
         self.cfg = cfg
-        self.ctx: DistContext = init_distributed()
+        self.ctx = ctx
         if cfg.train.precision == "fp16" and self.ctx.device.type != "cuda":
             raise ValueError(
                 "train.precision=fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16): use bf16 or fp32"
@@ -85,6 +95,8 @@ class Trainer:
                 checkpoint.read_inference_info(resume_point.root, resume_point.tag)
             )
         init_source = self._init_source()
+        if resume_point is not None:  # after init.weights gave the model its shape
+            checkpoint.check_resume_model(cfg, resume_point.root / resume_point.tag)
         self.train_loader, self.val_loader = self._build_loaders(resume_point)
         self.data_info = self._data_info()
         self.task.bind_data(self.data_info)
@@ -120,8 +132,7 @@ class Trainer:
     def _build_model(self, init_source, resume_point) -> tuple[torch.nn.Module, dict | None]:
         """The task's model, identical on every rank; `init.weights` loaded unless resuming (a resume
         brings its own weights). Returns (model, the init record or None)."""
-        torch.manual_seed(self.cfg.train.seed)
-        model = self.task.build_model()
+        model = init_weights.initial_model(self.task, self.cfg.train.seed)
         if init_source is None or resume_point is not None:
             return model, None
         record = init_weights.initialize(
@@ -213,17 +224,27 @@ class Trainer:
             return None
         if resume == "auto" and not checkpoint.complete_tags(self.ckpt_dir):
             return None  # nothing to resume yet: a fresh start, as a requeued job expects
-        return checkpoint.read_resume_point(self.ckpt_dir if resume == "auto" else Path(resume))
+        return checkpoint.read_resume_point(
+            self.ckpt_dir if resume == "auto" else Path(resume), self.ctx.rank, self.ctx.world_size
+        )
 
     def _load(self, point: checkpoint.ResumePoint | None) -> TrainState:
         if point is None:
-            return TrainState()
+            return TrainState(run_id=checkpoint.new_run_id())
         client = checkpoint.load(self.engine, point.root, point.tag)
         if "rng" in client:
             checkpoint.restore_rng_state(client["rng"])
         if self.selection is not None and client.get("selection"):
             self.selection = Selection.from_state(client["selection"])
         self.health.restore(client)
+        written_with = client.get("data_order", "older than " + ORDER_VERSION)
+        if written_with != ORDER_VERSION and self.ctx.is_main:
+            print(
+                f"checkpoint {point.tag} was written with the data order {written_with}: resuming at sample "
+                f"{point.samples_seen} of the order {ORDER_VERSION}, so some samples of the current epoch are "
+                "seen twice or not at all (later epochs are exact)",
+                flush=True,
+            )
         assert int(client["samples_seen"]) == point.samples_seen, (
             "complete.json disagrees with the checkpoint"
         )
@@ -232,6 +253,7 @@ class Trainer:
             samples_seen=int(client["samples_seen"]),
             first_loss=client.get("first_loss"),
             last_loss=client.get("last_loss"),
+            run_id=client.get("run_id", ""),
         )
 
     # ---- the loop --------------------------------------------------------------------------------
@@ -387,9 +409,11 @@ class Trainer:
         return {
             "step": state.step,
             "samples_seen": state.samples_seen,
+            "data_order": ORDER_VERSION,
             "world_size": self.ctx.world_size,
             "first_loss": state.first_loss,
             "last_loss": state.last_loss,
+            "run_id": state.run_id,
             "rng": checkpoint.rng_state(),
             **self.health.state(),
             "selection": self.selection.state() if self.selection else None,

@@ -18,7 +18,7 @@ from .flops import (
     mfu,
     suggest_batch_size,
 )
-from .heads import POOLS, ClassificationModel
+from .heads import POOLS, ClassificationModel, block_pooled_features
 from .mae import MAEConfig, MAEOutput, MaskedAutoencoder, build_encoder, build_mae, masked_patch_loss
 from .masking import STRATEGIES, MaskConfig
 from .stem import STEMS
@@ -28,6 +28,7 @@ __all__ = [
     "ATTN_BACKENDS",
     "POOLS",
     "ClassificationModel",
+    "block_pooled_features",
     "build_encoder",
     "ENCODER_SIZES",
     "STEMS",

@@ -12,9 +12,10 @@ tokens) -> logits. Two head forms, as MAE fine-tunes and probes:
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .vit import ViTEncoder
+from .vit import LAYER_NORM_EPS, ViTEncoder, run_blocks
 
 POOLS = ("cls", "mean")
 
@@ -22,6 +23,26 @@ POOLS = ("cls", "mean")
 def pool_tokens(tokens_BND: torch.Tensor, pool: str) -> torch.Tensor:
     """(B, 1 + L, D) encoder tokens (cls first) -> (B, D): the cls token, or the patch tokens' mean."""
     return tokens_BND[:, 0] if pool == "cls" else tokens_BND[:, 1:].mean(dim=1)
+
+
+@torch.no_grad()
+def block_pooled_features(encoder: ViTEncoder, images_BCHW: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, D * depth) frozen features for a head on pooled tokens of several blocks:
+    each block's output, layer-normed without affine parameters, averaged over the patch tokens,
+    concatenated in block order. Goes through ``encoder.forward`` (its hooks fire); the caller picks
+    eval mode. With the final norm at its init (weight 1, bias 0) the last D columns equal the
+    mean-pooled encoder output."""
+    outputs: list[torch.Tensor] = []
+    hooks = [block.register_forward_hook(lambda _m, _i, out: outputs.append(out)) for block in encoder.blocks]
+    try:
+        encoder(images_BCHW)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    pooled = [
+        F.layer_norm(x_BND, x_BND.shape[-1:], eps=LAYER_NORM_EPS)[:, 1:].mean(dim=1) for x_BND in outputs
+    ]
+    return torch.cat(pooled, dim=1)
 
 
 class ClassificationModel(nn.Module):
@@ -52,6 +73,7 @@ class ClassificationModel(nn.Module):
         norm = nn.BatchNorm1d(encoder.embed_dim, affine=False, eps=1e-6) if probe_norm else nn.Identity()
         self.head = nn.Sequential(norm, linear)
         self.encoder_frozen = num_frozen_blocks < 0 or num_frozen_blocks >= len(encoder.blocks) + 1
+        self.num_frozen_blocks = len(encoder.blocks) if self.encoder_frozen else num_frozen_blocks
         self._freeze(num_frozen_blocks)
 
     def _freeze(self, num_frozen_blocks: int) -> None:
@@ -82,6 +104,29 @@ class ClassificationModel(nn.Module):
 
     def forward(self, images_BCHW: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images_BCHW))
+
+    @torch.no_grad()
+    def frozen_tokens(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, 1 + L, D), cls first: what the frozen part of the model outputs, which
+        no training step changes (the whole encoder, final norm included, when it is frozen; else the
+        stem and the first ``num_frozen_blocks`` blocks). :meth:`forward_frozen` finishes the pass:
+        in eval mode ``forward(x) == forward_frozen(frozen_tokens(x))``, so many heads trained on the
+        same images need this computed once."""
+        if self.encoder_frozen:
+            return self.encoder(images_BCHW)
+        if self.num_frozen_blocks < 1:
+            raise ValueError("frozen_tokens needs a frozen stem and block (partial or linear mode)")
+        x_BND = self.encoder.embed_tokens(self.encoder.patchify(images_BCHW))
+        return run_blocks(self.encoder.blocks[: self.num_frozen_blocks], x_BND, 0)
+
+    def forward_frozen(self, tokens_BND: torch.Tensor) -> torch.Tensor:
+        """(B, 1 + K, D) tokens of :meth:`frozen_tokens` (cls first; any K of the L patch tokens, e.g. a
+        random subset as augmentation) -> logits (B, num_classes), through the trainable rest."""
+        if not self.encoder_frozen:
+            blocks = self.encoder.blocks[self.num_frozen_blocks :]
+            ckpt_every = self.encoder.grad_ckpt_every if self.training else 0
+            tokens_BND = self.encoder.norm(run_blocks(blocks, tokens_BND, ckpt_every))
+        return self.head(pool_tokens(tokens_BND, self.pool))
 
     @torch.no_grad()
     def folded_head(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -211,6 +211,18 @@ class ViTEncoder(nn.Module):
         self, patches_BLP: torch.Tensor, ids_keep_BK: torch.Tensor | None = None
     ) -> torch.Tensor:
         """(B, L, P) patch pixels (+ optional (B, K) visible token ids) -> (B, 1 + K, D)."""
+        x_BND = run_blocks(
+            self.blocks,
+            self.embed_tokens(patches_BLP, ids_keep_BK),
+            self.grad_ckpt_every if self.training else 0,
+        )
+        return self.norm(x_BND)
+
+    def embed_tokens(
+        self, patches_BLP: torch.Tensor, ids_keep_BK: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The blocks' input: (B, L, P) patch pixels (+ optional (B, K) visible token ids) -> stem
+        tokens plus positions, the cls token first, (B, 1 + K, D)."""
         pos_LD = self.pos_embed[0, 1:]
         if ids_keep_BK is not None:
             # Gather before embedding: width P (256 at patch 16, 1 channel) instead of D, and the
@@ -223,9 +235,7 @@ class ViTEncoder(nn.Module):
         x_BKD = self.patch_embed(patches_BLP)
         x_BKD = x_BKD + pos_BKD.to(x_BKD.dtype)  # fp32 table; DeepSpeed bf16 casts parameters only
         cls_B1D = (self.cls_token + self.pos_embed[:, :1]).to(x_BKD.dtype).expand(x_BKD.shape[0], -1, -1)
-        x_BND = torch.cat([cls_B1D, x_BKD], dim=1)
-        x_BND = run_blocks(self.blocks, x_BND, self.grad_ckpt_every if self.training else 0)
-        return self.norm(x_BND)
+        return torch.cat([cls_B1D, x_BKD], dim=1)
 
     def init_kwargs(self) -> dict:
         """The constructor arguments that rebuild this architecture (``ViTEncoder(**init_kwargs())``);

@@ -132,13 +132,18 @@ class ClassifyTask:
 
     # ---- training and evaluation -----------------------------------------------------------------
     def training_loss(self, model, batch, device, dtype):
-        logits_BC = model(batch["image"].to(device, non_blocking=True).to(dtype)).float()
-        y_BC = self.targets(batch["labels"]).to(device)
+        logits_BC = model(batch["image"].to(device, non_blocking=True).to(dtype))
+        return self.loss(logits_BC, batch["labels"]), {}
+
+    def loss(self, logits_BC: torch.Tensor, labels_BL: torch.Tensor) -> torch.Tensor:
+        """Binary cross-entropy over the known (sample, class) entries of (B, C) logits, given the
+        loader's (B, L) labels; 0 (with a gradient path) when no entry is known: no signal."""
+        logits_BC = logits_BC.float()
+        y_BC = self.targets(labels_BL).to(logits_BC.device)
         known_BC = ~torch.isnan(y_BC)
         if not bool(known_BC.any()):
-            return logits_BC.sum() * 0.0, {}  # no known label in this micro-batch: no signal
-        loss = F.binary_cross_entropy_with_logits(logits_BC[known_BC], y_BC[known_BC])
-        return loss, {}
+            return logits_BC.sum() * 0.0
+        return F.binary_cross_entropy_with_logits(logits_BC[known_BC], y_BC[known_BC])
 
     @torch.no_grad()
     def predict(self, model, loader, device, dtype) -> dict[str, list]:

@@ -1,0 +1,467 @@
+"""The claim in miniature, lever by lever (issue 8 item 5): does MAE pre-training on the demo's phantoms
+put a classifier ahead of the same classifier from random init, with few labels?
+
+Everything runs in one process with the project's own pieces (the `PretrainTask` loss and validation,
+`MaskedAutoencoder`, the loaders' decode and augmentation, `ClassificationModel`, layer-decay groups,
+`label_fraction_subset`, `tasks.metrics`), so a variant costs what the demo's pre-training would on one
+core. Random init is always the variant's own step-0 encoder (built after `torch.manual_seed(train.seed)`
+exactly as the engine does), so the two inits differ only by pre-training.
+
+Data (`prepare`, outside the repository under --work): the demo's phantoms (`synth --num 480 --size 256
+--seed 0`, png16 at long side 128): pre-training on its train split, labels from its train split, the
+hyperparameter grid chosen on its val split; test: every image of a second synth seed (`--num 520
+--seed 1`). Scores: mean AUROC over the 5 findings on the test set, averaged over label-subset seeds
+0, 1, 2; gap = pre-trained - random init with a paired bootstrap 95% interval over test images.
+
+    export OMP_NUM_THREADS=1 PYTHONPATH=$PWD
+    nice -n 10 python benchmarks/claim_levers.py prepare --work runs/claim
+    nice -n 10 python benchmarks/claim_levers.py pretrain --work runs/claim --name np_m90 --set model.norm_pix_loss=true mask.ratio=0.9
+    nice -n 10 python benchmarks/claim_levers.py downstream --work runs/claim --name np_m90 --recipe multiprobe --lf 0.1
+    python benchmarks/claim_levers.py table --work runs/claim
+
+`--set` overrides `tiny_cpu` as packaged now (norm_pix_loss true, mask ratio 0.9 since this benchmark);
+the variants in benchmarks/RESULTS.md name both keys explicitly, so they reproduce either way.
+Each `downstream` appends one JSON line per (variant, recipe, label fraction) to WORK/results.jsonl,
+with CPU seconds (`time.process_time`) and wall seconds of every stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from xray_pretrain.config import load_config
+from xray_pretrain.data.augment import FULL_VIEW, TrainAugment, transform_sample
+from xray_pretrain.data.decode import decode_image, decode_roi, estimate_roi
+from xray_pretrain.data.loader import train_augment
+from xray_pretrain.data.shards import ShardFolder, ShardReader, SplitTable
+from xray_pretrain.engine.optim import build_optimizer, lr_at, set_lr
+from xray_pretrain.models import ClassificationModel, block_pooled_features, build_encoder
+from xray_pretrain.models.heads import pool_tokens
+from xray_pretrain.models.param_groups import encoder_layer_decay_groups
+from xray_pretrain.tasks.classify import HEAD_INIT_STD, label_fraction_subset
+from xray_pretrain.tasks.metrics import bootstrap_interval, classification_metrics
+from xray_pretrain.tasks.pretrain import PretrainTask
+
+DEMO_SALT = "xray-pretrain-demo-phantoms"
+SEEDS = (0, 1, 2)
+PROBE_C = (0.01, 0.1, 1.0)  # logistic-regression inverse regularization grid (standardized features)
+
+
+# ---- data ------------------------------------------------------------------------------------------
+@dataclass
+class Raw:
+    """Decoded samples of one split, before any resize: what `transform_sample` takes."""
+
+    images: list[np.ndarray]  # (H, W) float32 in [0, 1]
+    rois: list[np.ndarray]  # (h, w) uint8
+    labels_NC: np.ndarray  # float32, NaN unknown
+    keys: list[str]
+    mean: float
+    std: float
+
+    def view(self, rows, params: list, image_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 1, H, W) normalized images and (B, 1, H, W) rois of `rows` under per-row augment params."""
+        pairs = [
+            transform_sample(self.images[r], self.rois[r], p, image_hw, self.mean, self.std)
+            for r, p in zip(rows, params)
+        ]
+        return torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])
+
+    def full(self, image_hw: tuple[int, int]) -> torch.Tensor:
+        rows = range(len(self.keys))
+        return self.view(rows, [FULL_VIEW] * len(self.keys), image_hw)[0]
+
+
+def read_split(table: SplitTable) -> Raw:
+    reader = ShardReader()
+    images, rois, labels, keys = [], [], [], []
+    for folder, size in enumerate(table.folder_sizes):
+        for index in range(size):
+            sample = table.read(reader, folder, index)
+            image = decode_image(sample.image)
+            images.append(image)
+            rois.append(decode_roi(sample.roi) if sample.roi is not None else estimate_roi(image))
+            labels.append(sample.labels)
+            keys.append(sample.key)
+    reader.close()
+    folder = table.folders[0]
+    return Raw(images, rois, np.stack(labels), keys, folder.intensity_mean, folder.intensity_std)
+
+
+def concat(raws: list[Raw]) -> Raw:
+    first = raws[0]
+    return Raw(
+        [i for r in raws for i in r.images],
+        [i for r in raws for i in r.rois],
+        np.concatenate([r.labels_NC for r in raws]),
+        [k for r in raws for k in r.keys],
+        first.mean,
+        first.std,
+    )
+
+
+class Data:
+    """The demo's train/val splits and the second-seed test set, decoded once."""
+
+    def __init__(self, work: Path):
+        demo = ShardFolder(work / "shards0")
+        self.label_names = list(demo.label_names)
+        self.train_table = SplitTable([demo], "train")
+        self.train = read_split(self.train_table)
+        self.val = read_split(SplitTable([demo], "val"))
+        test = ShardFolder(work / "shards1")
+        self.test = concat(
+            [read_split(SplitTable([test], s, self.label_names)) for s in ("train", "val", "test")]
+        )
+
+    def label_rows(self, fraction: float, seed: int) -> list[int]:
+        """Train rows of a `fraction` of the patients (the classify task's own sampling)."""
+        if fraction >= 1:
+            return list(range(len(self.train.keys)))
+        subset = label_fraction_subset(self.train_table, fraction, seed)
+        chosen = {subset.key(0, i) for i in range(subset.folder_sizes[0])}
+        return [i for i, k in enumerate(self.train.keys) if k in chosen]
+
+
+def prepare(work: Path) -> None:
+    from data_tools.convert import convert
+    from data_tools.synth import synthesize
+
+    for seed, num in ((0, 480), (1, 520)):
+        if (work / f"shards{seed}").exists():
+            continue
+        t = time.perf_counter()
+        synthesize(work / f"phantoms{seed}", num_images=num, size=256, seed=seed)
+        convert(
+            work / f"phantoms{seed}", work / f"shards{seed}", source="csv", dataset="phantom",
+            image_format="png16", long_side=128, salt=DEMO_SALT,
+        )  # fmt: skip
+        print(f"seed {seed}: {num} phantoms in {time.perf_counter() - t:.0f} s", flush=True)
+
+
+# ---- pre-training ----------------------------------------------------------------------------------
+class Clock:
+    def __init__(self):
+        self.cpu, self.wall = time.process_time(), time.perf_counter()
+
+    def read(self) -> dict:
+        return {
+            "cpu_s": round(time.process_time() - self.cpu, 1),
+            "wall_s": round(time.perf_counter() - self.wall, 1),
+        }
+
+
+def pretrain(work: Path, name: str, overrides: list[str], data: Data) -> None:
+    """Pre-train `tiny_cpu` + overrides in-process (one rank, global batch at once); saves the step-0
+    and final encoders and the validation loss ratio the demo's CI gate checks."""
+    cfg = load_config("tiny_cpu", ["data.shards=[unused]", *overrides])
+    out = work / "variants" / name
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.train.seed)  # as the engine: the step-0 weights are a function of the seed
+    task = PretrainTask(cfg)
+    model = task.build_model()
+    torch.save(model.encoder.state_dict(), out / "init.pt")
+    params = [p for p in model.parameters() if p.requires_grad]
+    peak_lr = cfg.optim.lr(cfg.train.global_batch)
+    optimizer = build_optimizer(
+        task.param_groups(model, cfg.optim.weight_decay), peak_lr, tuple(cfg.optim.betas)
+    )
+    augment, image_hw = train_augment(cfg.data), tuple(cfg.model.image_size)
+    num_train, batch = len(data.train.keys), cfg.train.global_batch
+    order = np.concatenate(
+        [
+            np.random.default_rng([cfg.train.seed, e]).permutation(num_train)
+            for e in range(cfg.train.steps * batch // num_train + 1)
+        ]
+    )
+    clock, losses = Clock(), []
+    for step in range(cfg.train.steps):
+        set_lr(optimizer, lr_at(step, peak_lr=peak_lr, warmup_steps=cfg.optim.warmup_steps,
+                                total_steps=cfg.train.steps, min_lr=cfg.optim.min_lr))  # fmt: skip
+        positions = np.arange(step * batch, (step + 1) * batch)
+        images, rois = data.train.view(
+            order[positions], [augment.sample(cfg.train.seed, p) for p in positions], image_hw
+        )
+        torch.manual_seed(cfg.train.seed * 1_000_003 + step * 4099)
+        loss, _ = task.training_loss(
+            model,
+            {"image": images, "roi": rois, "position": torch.from_numpy(positions)},
+            "cpu",
+            torch.float32,
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.optim.clip_grad:
+            torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        if step % 100 == 0 or step == cfg.train.steps - 1:
+            print(f"{name} step {step} loss {loss:.4f} {clock.read()}", flush=True)
+    cost = clock.read()
+    val_images, val_rois = data.val.view(
+        range(len(data.val.keys)), [FULL_VIEW] * len(data.val.keys), image_hw
+    )
+    val_batch = {"image": val_images, "roi": val_rois, "position": torch.arange(len(val_images)),
+                 "weight": torch.ones(len(val_images))}  # fmt: skip
+    val = task.evaluate(model, [val_batch], "cpu", torch.float32)
+    torch.save(model.encoder.state_dict(), out / "final.pt")
+    record = {
+        "name": name, "overrides": overrides, "steps": cfg.train.steps, **cost,
+        "val_ratio": val["val_loss"] / val["val_loss_baseline"],
+        "loss_at": {s: round(losses[s], 4) for s in (0, 100, 300, len(losses) - 1) if s < len(losses)},
+    }  # fmt: skip
+    (out / "pretrain.json").write_text(json.dumps(record, indent=1))
+    print(json.dumps(record), flush=True)
+
+
+# ---- downstream ------------------------------------------------------------------------------------
+def load_encoder(work: Path, name: str, which: str, drop_path: float = 0.0):
+    record = json.loads((work / "variants" / name / "pretrain.json").read_text())
+    cfg = load_config(
+        "tiny_cpu", ["data.shards=[unused]", *record["overrides"], f"model.drop_path={drop_path}"]
+    )
+    encoder = build_encoder(cfg.model)
+    encoder.load_state_dict(torch.load(work / "variants" / name / f"{which}.pt"))
+    return encoder, tuple(cfg.model.image_size)
+
+
+@torch.no_grad()
+def encoder_features(encoder, images: torch.Tensor, blocks: str) -> np.ndarray:
+    """(N, D) mean-pooled final-norm patch tokens (`blocks=last`), (N, 4 D) their means over the grid's
+    quadrants (`grid`), or (N, D * depth) the mean-pooled tokens after every block, each layer-normed
+    (`blocks=all`: a head over several blocks)."""
+    encoder.eval()
+    if blocks == "last":
+        return torch.cat([pool_tokens(encoder(chunk), "mean") for chunk in images.split(64)]).numpy()
+    if blocks == "grid":  # final tokens averaged over the 4 quadrants of the token grid: (N, 4 D)
+        rows, cols = encoder.grid_size
+        grids = [
+            encoder(chunk)[:, 1:].transpose(1, 2).reshape(len(chunk), -1, rows, cols)
+            for chunk in images.split(64)
+        ]
+        return torch.cat([F.adaptive_avg_pool2d(g, 2).flatten(1) for g in grids]).numpy()
+    return torch.cat([block_pooled_features(encoder, chunk) for chunk in images.split(64)]).numpy()
+
+
+def fit_logistic(x_train, y_train, x_val, y_val, x_test) -> tuple[np.ndarray, dict]:
+    """Per class, standardized features -> logistic regression, C chosen on validation mean AUROC."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(x_train)
+    x_train, x_val, x_test = (scaler.transform(x) for x in (x_train, x_val, x_test))
+    best = None
+    for c_value in PROBE_C:
+        models = [
+            LogisticRegression(C=c_value, max_iter=2000).fit(x_train, y_train[:, c])
+            for c in range(y_train.shape[1])
+        ]
+        val_probs = np.stack([m.predict_proba(x_val)[:, 1] for m in models], axis=1)
+        score = mean_auroc(val_probs, y_val)
+        if best is None or score > best[0]:
+            best = (score, c_value, models)
+    test_probs = np.stack([m.predict_proba(x_test)[:, 1] for m in best[2]], axis=1)
+    return test_probs, {"C": best[1], "val_mean_auroc": best[0]}
+
+
+def mean_auroc(probs_NC, labels_NC) -> float:
+    names = [str(c) for c in range(labels_NC.shape[1])]
+    return classification_metrics(probs_NC, labels_NC, names, [None] * len(names))["mean_auroc"]
+
+
+def per_class_auroc(probs_SNC, labels_NC) -> list[float]:
+    """AUROC per class, averaged over the seeds."""
+    from sklearn.metrics import roc_auc_score
+
+    return [
+        round(float(np.mean([roc_auc_score(labels_NC[:, c], p[:, c]) for p in probs_SNC])), 4)
+        for c in range(labels_NC.shape[1])
+    ]
+
+
+@dataclass
+class FinetuneRecipe:
+    """Gradient fine-tuning: `frozen` first blocks frozen (0 = full; the stem with them), the rest at
+    `lr` x layer_decay^(depth + 1 - layer), head on mean-pooled tokens; `epochs` over the labelled
+    images at `batch`, warm-up 10%, cosine; the classify_phantom augmentation."""
+
+    frozen: int
+    lrs: tuple[float, ...]
+    epochs: int = 40
+    batch: int = 16
+    layer_decay: float = 0.75
+    weight_decay: float = 0.05
+    drop_path: float = 0.1
+    probe_norm: bool = False  # head = parameter-free BatchNorm + linear (std 0.01), as the linear probe
+
+
+def finetune(recipe: FinetuneRecipe, lr: float, encoder, image_hw, data: Data, rows: list[int], seed: int):
+    """Train one classifier; returns (val probs, test probs)."""
+    torch.manual_seed(seed)
+    model = ClassificationModel(encoder, len(data.label_names), pool="mean", num_frozen_blocks=recipe.frozen,
+                                probe_norm=recipe.probe_norm,
+                                head_init_std=HEAD_INIT_STD["linear" if recipe.probe_norm else "finetune"])  # fmt: skip
+    groups = encoder_layer_decay_groups(model, recipe.weight_decay, recipe.layer_decay)
+    optimizer = build_optimizer(groups, lr, (0.9, 0.999))
+    augment = TrainAugment(crop_scale=(0.7, 1.0), crop_ratio=(0.9, 1.1), brightness=0.1, contrast=0.1)
+    steps_per_epoch = math.ceil(len(rows) / recipe.batch)
+    total = recipe.epochs * steps_per_epoch
+    rng = np.random.default_rng(seed)
+    labels = torch.from_numpy(data.train.labels_NC)
+    model.train()
+    for step in range(total):
+        if step % steps_per_epoch == 0:
+            order = rng.permutation(rows)
+        pick = order[(step % steps_per_epoch) * recipe.batch :][: recipe.batch]
+        set_lr(
+            optimizer,
+            lr_at(step, peak_lr=lr, warmup_steps=max(1, total // 10), total_steps=total, min_lr=0.0),
+        )
+        images, _ = data.train.view(
+            pick, [augment.sample(seed, step * recipe.batch + i) for i in range(len(pick))], image_hw
+        )
+        loss = F.binary_cross_entropy_with_logits(model(images), labels[pick])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        return tuple(torch.sigmoid(model(split.full(image_hw))).numpy() for split in (data.val, data.test))
+
+
+FINETUNE_RECIPES = {
+    "partial3": FinetuneRecipe(frozen=3, lrs=(3e-3, 1e-2), epochs=100),
+    "partial2": FinetuneRecipe(frozen=2, lrs=(1e-3, 3e-3), epochs=60),
+    "full": FinetuneRecipe(frozen=0, lrs=(1e-3, 3e-3), epochs=40),
+    "full_low": FinetuneRecipe(frozen=0, lrs=(3e-4, 1e-3), epochs=40, layer_decay=0.5),
+    "full_hi": FinetuneRecipe(frozen=0, lrs=(1e-2, 3e-2), epochs=60),
+    "full_bn": FinetuneRecipe(frozen=0, lrs=(1e-3, 3e-3), epochs=60, probe_norm=True),
+}
+PROBE_RECIPES = {"probe": "last", "multiprobe": "all", "gridprobe": "grid"}
+
+
+def downstream(work: Path, name: str, recipe: str, fraction: float, data: Data) -> dict:
+    """Pre-trained and random init (and pixels) under one recipe; test probs saved, gap + interval."""
+    clock = Clock()
+    y_val, y_test = data.val.labels_NC, data.test.labels_NC
+    probs = {"pretrained": [], "random": []}
+    chosen = {"pretrained": [], "random": []}
+    for init, which in (("pretrained", "final"), ("random", "init")):
+        if recipe in PROBE_RECIPES:
+            encoder, image_hw = load_encoder(work, name, which)
+            feats = {
+                s: encoder_features(encoder, getattr(data, s).full(image_hw), PROBE_RECIPES[recipe])
+                for s in ("train", "val", "test")
+            }
+        for seed in SEEDS:
+            rows = data.label_rows(fraction, seed)
+            if recipe in PROBE_RECIPES:
+                test_probs, pick = fit_logistic(
+                    feats["train"][rows], data.train.labels_NC[rows], feats["val"], y_val, feats["test"]
+                )
+            else:
+                spec = FINETUNE_RECIPES[recipe]
+                best = None
+                for lr in spec.lrs:
+                    encoder, image_hw = load_encoder(work, name, which, spec.drop_path)
+                    val_probs, test_probs_lr = finetune(spec, lr, encoder, image_hw, data, rows, seed)
+                    score = mean_auroc(val_probs, y_val)
+                    if best is None or score > best[0]:
+                        best = (score, lr, test_probs_lr)
+                test_probs, pick = best[2], {"lr": best[1], "val_mean_auroc": best[0]}
+            probs[init].append(test_probs)
+            chosen[init].append(pick)
+    a, b = np.stack(probs["pretrained"]), np.stack(probs["random"])
+    np.savez(work / "variants" / name / f"{recipe}_lf{fraction}.npz", pretrained=a, random=b)
+    low, high = bootstrap_interval(a, y_test, b, num_resamples=1000)
+    gap = {"gap": float(np.mean([mean_auroc(p, y_test) for p in a]) - np.mean([mean_auroc(p, y_test) for p in b])),
+           "lo": low, "hi": high}  # fmt: skip
+    record = {
+        "name": name, "recipe": recipe, "lf": fraction, "num_labelled": [len(data.label_rows(fraction, s)) for s in SEEDS],
+        "num_test": len(y_test),
+        "pretrained": [round(mean_auroc(p, y_test), 4) for p in a],
+        "random": [round(mean_auroc(p, y_test), 4) for p in b],
+        "per_class": {init: per_class_auroc(p, y_test) for init, p in (("pretrained", a), ("random", b))},
+        "gap_ci95": [round(gap["lo"], 4), round(gap["hi"], 4)], "gap": round(gap["gap"], 4),
+        "chosen": chosen, **clock.read(),
+    }  # fmt: skip
+    with open(work / "results.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(json.dumps(record), flush=True)
+    return record
+
+
+def pixels(work: Path, fraction: float, data: Data) -> None:
+    """Logistic regression on 32x32 area-downsampled pixels, the same C grid and seeds."""
+
+    def small(split):
+        return F.adaptive_avg_pool2d(split.full((128, 128)), 32).flatten(1).numpy()
+
+    x = {s: small(getattr(data, s)) for s in ("train", "val", "test")}
+    scores = []
+    for seed in SEEDS:
+        rows = data.label_rows(fraction, seed)
+        test_probs, _ = fit_logistic(
+            x["train"][rows], data.train.labels_NC[rows], x["val"], data.val.labels_NC, x["test"]
+        )
+        scores.append(round(mean_auroc(test_probs, data.test.labels_NC), 4))
+    record = {"name": "pixels32", "recipe": "pixels", "lf": fraction, "pretrained": scores}
+    with open(work / "results.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(json.dumps(record), flush=True)
+
+
+def table(work: Path) -> None:
+    print("| variant | recipe | lf | pre-trained | random init | gap [95% CI] | CPU s |")
+    print("|---|---|---|---|---|---|---|")
+    for line in (work / "results.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        pre = f"{np.mean(r['pretrained']):.3f} {r['pretrained']}"
+        if "random" not in r:
+            print(f"| {r['name']} | {r['recipe']} | {r['lf']} | {pre} | | | |")
+            continue
+        rnd = f"{np.mean(r['random']):.3f} {r['random']}"
+        print(
+            f"| {r['name']} | {r['recipe']} | {r['lf']} | {pre} | {rnd} | {r['gap']:+.3f} {r['gap_ci95']} | {r['cpu_s']} |"
+        )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("command", choices=("prepare", "pretrain", "downstream", "pixels", "table"))
+    p.add_argument("--work", type=Path, default=Path("runs/claim"))
+    p.add_argument("--name", help="variant name (pretrain, downstream)")
+    p.add_argument("--recipe", nargs="+", default=["probe"], choices=[*PROBE_RECIPES, *FINETUNE_RECIPES])
+    p.add_argument("--lf", type=float, nargs="+", default=[0.1])
+    p.add_argument(
+        "--set", nargs="*", default=[], metavar="section.key=value", help="tiny_cpu overrides (pretrain)"
+    )
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    if args.command == "prepare":
+        return prepare(args.work)
+    if args.command == "table":
+        return table(args.work)
+    data = Data(args.work)
+    if args.command == "pretrain":
+        pretrain(args.work, args.name, args.set, data)
+    elif args.command == "pixels":
+        for fraction in args.lf:
+            pixels(args.work, fraction, data)
+    else:
+        for fraction in args.lf:
+            for recipe in args.recipe:
+                downstream(args.work, args.name, recipe, fraction, data)
+
+
+if __name__ == "__main__":
+    main()
