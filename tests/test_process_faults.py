@@ -40,6 +40,7 @@ from xray_pretrain.engine.preempt import PREEMPTED_EXIT_CODE
 pytestmark = pytest.mark.slow
 
 TIMEOUT_S = 10  # train.dist_timeout_s of these runs
+ORPHAN_STEPS = 200  # the killed-launcher run's train.steps: it must stop long before
 SCRIPT = Path(sys.executable).with_name("xray-pretrain")
 
 
@@ -69,10 +70,12 @@ def _start_by_hand(run: Path, shards: Path, tag: str) -> list[subprocess.Popen]:
     return procs
 
 
-def _start_launcher(run: Path, shards: Path, tag: str, port: int | None = None) -> subprocess.Popen:
+def _start_launcher(
+    run: Path, shards: Path, tag: str, port: int | None = None, extra: tuple[str, ...] = ()
+) -> subprocess.Popen:
     run.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-           str(port or free_port()), str(SCRIPT), *_train_args(run, shards)]  # fmt: skip
+           str(port or free_port()), str(SCRIPT), *_train_args(run, shards), *extra]  # fmt: skip
     with open(run / f"{tag}.log", "w") as log:
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env())
 
@@ -216,7 +219,9 @@ def test_rank_killed_under_the_launcher_ends_the_run_and_leaves_nothing(tmp_path
 def test_killed_launcher_stops_its_ranks_with_a_checkpoint(tmp_path, phantom_shards, zero2_run):
     run, port = tmp_path / "run", free_port()
     copy_checkpoint(zero2_run[0], "step00000008", run)
-    launcher = _start_launcher(run, phantom_shards, "orphaned", port)
+    # Many more steps than the stop needs: on a quiet machine the tiny steps would otherwise all be done
+    # before the ranks look at their launcher again.
+    launcher = _start_launcher(run, phantom_shards, "orphaned", port, extra=(f"train.steps={ORPHAN_STEPS}",))
     ranks = _launched_ranks(launcher)
     everything = _tree(launcher)
     _wait_for_step(run, 9, [launcher])
@@ -228,7 +233,7 @@ def test_killed_launcher_stops_its_ranks_with_a_checkpoint(tmp_path, phantom_sha
     log = (run / "orphaned.log").read_text()
     assert f"the deepspeed launcher (pid {launcher.pid}) is gone: stopping at the next step boundary" in log
     stopped_at = int(log.split("preempted: checkpoint at step ")[1].split(";")[0])
-    assert 9 <= stopped_at < 16, "the ranks trained to the end"
+    assert 9 <= stopped_at < ORPHAN_STEPS, "the ranks trained to the end"
     assert _last_complete_step(run) == stopped_at
     assert (run / "checkpoints" / "latest").read_text().strip() == checkpoint.tag_for_step(stopped_at)
     assert f"exits with return code = {PREEMPTED_EXIT_CODE}" in log  # the launch process saw the stop

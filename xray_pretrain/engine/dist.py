@@ -127,6 +127,9 @@ def launch_env(env: Mapping[str, str]) -> dict[str, str]:
             "MASTER_PORT": env.get("MASTER_PORT") or str(free_port())}  # fmt: skip
 
 
+STARTUP_GRACE_S = 300.0
+
+
 def init_distributed(timeout_s: float) -> DistContext:
     """Initialize torch.distributed through DeepSpeed (nccl on GPUs, gloo on CPUs) and pick the device.
 
@@ -150,7 +153,11 @@ def init_distributed(timeout_s: float) -> DistContext:
         device = torch.device("cpu")
         backend = "gloo"
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timedelta(seconds=timeout_s))
+        # The rendezvous waits for ranks that start seconds apart (imports on a loaded node): at least
+        # STARTUP_GRACE_S; afterwards every collective is bounded by timeout_s.
+        startup = timedelta(seconds=max(timeout_s, STARTUP_GRACE_S))
+        deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=startup)
+        torch.distributed.distributed_c10d._set_pg_timeout(timedelta(seconds=timeout_s))
     ctx = DistContext(
         rank=torch.distributed.get_rank(),
         world_size=torch.distributed.get_world_size(),

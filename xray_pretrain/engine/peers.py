@@ -41,6 +41,9 @@ from xray_pretrain.engine.dist import DistContext, remove_shm_buffers
 PEER_LOST_EXIT_CODE = 69  # EX_UNAVAILABLE: a rank this one needs is gone; resume to continue
 KEY_PREFIX = "xray_pretrain/heartbeat/"
 MAX_INTERVAL_S = 5.0
+# The launcher check is two /proc reads: cheap enough to run often, so that ranks stop within a step
+# or two of losing their launcher even when steps take a fraction of a second.
+LAUNCHER_POLL_S = 0.5
 
 
 @dataclass
@@ -103,14 +106,17 @@ class PeerWatch:
 
     # ---- the watch thread -------------------------------------------------------------------------
     def _loop(self) -> None:
-        while not self._done.wait(self.interval_s):
+        poll_s = min(self.interval_s, LAUNCHER_POLL_S) if self._launchers else self.interval_s
+        next_peer_check = time.monotonic() + self.interval_s
+        while not self._done.wait(poll_s):
             if self._launchers and not self._launcher_gone and not all(p.alive() for p in self._launchers):
                 self._launcher_gone = True
                 gone = next(p for p in self._launchers if not p.alive())
                 preempt.request_stop(
                     f"[rank {self.ctx.rank}] the deepspeed launcher (pid {gone.pid}) is gone"
                 )
-            if self._store is not None:
+            if self._store is not None and time.monotonic() >= next_peer_check:
+                next_peer_check = time.monotonic() + self.interval_s
                 lost = self._check_peers()
                 if lost:
                     self._abort(lost)
