@@ -108,7 +108,7 @@ class ExportedEncoder:
         return self.encoder.state_dict()
 
 
-MODEL_STATES_NAME = "mp_rank_00_model_states.pt"  # DeepSpeed's rank-0 module file, every ZeRO stage
+MODEL_STATES_NAME = "mp_rank_00_model_states.pt"  # DeepSpeed's module file at ZeRO-0, 1 and 2
 
 
 def consolidated_state_dict(ckpt_root: Path, tag: str) -> dict[str, torch.Tensor]:
@@ -121,8 +121,11 @@ def consolidated_state_dict(ckpt_root: Path, tag: str) -> dict[str, torch.Tensor
     checkpoint.check_intact(Path(ckpt_root), tag)
     tag_dir = Path(ckpt_root) / tag
     try:
-        module = torch.load(tag_dir / MODEL_STATES_NAME, map_location="cpu", weights_only=False)["module"]
-        if json.loads((tag_dir / checkpoint.CONFIG_NAME).read_text())["train"]["zero_stage"] == 0:
+        stage = json.loads((tag_dir / checkpoint.CONFIG_NAME).read_text())["train"]["zero_stage"]
+        module = {}
+        if stage < 3:  # ZeRO-3 writes only per-rank files (zero_pp_rank_R_...), its frozen ones included
+            module = torch.load(tag_dir / MODEL_STATES_NAME, map_location="cpu", weights_only=False)["module"]
+        if stage == 0:
             return {name: tensor.float() for name, tensor in module.items()}  # no partitions: all here
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_root), tag=tag)
     except Exception as err:  # a checkpoint older than manifests: read errors still become one line
