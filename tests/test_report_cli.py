@@ -15,7 +15,7 @@ from conftest import CORPUS, copy_checkpoint
 
 from xray_pretrain.cli import main as cli_main
 from xray_pretrain.config import load_config
-from xray_pretrain.engine import checkpoint
+from xray_pretrain.engine import checkpoint, manifest
 from xray_pretrain.engine.trainer import train
 from xray_pretrain.inference import TrainedModel, load_trained, predict_file, predict_inputs
 from xray_pretrain.report.tokenizer import ReportTokenizer
@@ -169,6 +169,10 @@ def test_tokenizer_survives_resume_and_export(report_run, phantom_shards, tmp_pa
     words = info["tokenizer"]["words"]
     words[-1] += "zz"  # still sorted and the same size, a word no training report has
     info_path.write_text(json.dumps(info))
+    # A deliberate edit, not damage: record it in the checkpoint's manifest, or resume would skip it.
+    records = manifest.read_manifest(info_path.parent)
+    records[checkpoint.INFERENCE_NAME] = manifest.file_record(info_path)
+    manifest.write_manifest(info_path.parent, records)
     extra = ["checkpoint.resume=auto", "train.steps=6", "log.val_every=6", "checkpoint.every=6"]
     summary = train(load_config("report_phantom", _overrides(phantom_shards, run, extra)))
     assert summary["steps"] == 6
