@@ -108,7 +108,7 @@ class ExportedEncoder:
         return self.encoder.state_dict()
 
 
-MODEL_STATES_NAME = "mp_rank_00_model_states.pt"  # DeepSpeed's module file at ZeRO-0, 1 and 2
+MODEL_STATES_NAME = "mp_rank_00_model_states.pt"  # DeepSpeed's module file below ZeRO-3
 
 
 def consolidated_state_dict(ckpt_root: Path, tag: str) -> dict[str, torch.Tensor]:
@@ -122,19 +122,19 @@ def consolidated_state_dict(ckpt_root: Path, tag: str) -> dict[str, torch.Tensor
     tag_dir = Path(ckpt_root) / tag
     try:
         stage = json.loads((tag_dir / checkpoint.CONFIG_NAME).read_text())["train"]["zero_stage"]
+        # ZeRO-0 has no partitions, and ZeRO-1 keeps none of frozen parameters (a frozen encoder): both
+        # need the module's own tensors (frozen ones are never updated). ZeRO-2 and 3 save frozen
+        # parameters with their partitions, so their module file is not read a second time.
         module = {}
-        if stage < 3:  # ZeRO-3 writes only per-rank files (zero_pp_rank_R_...), its frozen ones included
+        if stage <= 1:
             module = torch.load(tag_dir / MODEL_STATES_NAME, map_location="cpu", weights_only=False)["module"]
         if stage == 0:
-            return {name: tensor.float() for name, tensor in module.items()}  # no partitions: all here
+            return {name: tensor.float() for name, tensor in module.items()}
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_root), tag=tag)
     except Exception as err:  # a checkpoint older than manifests: read errors still become one line
         checkpoint.raise_if_unreadable(err, tag_dir)
         raise
-    # ZeRO-1 keeps no partitioned copy of frozen parameters (a frozen encoder): the module's own
-    # tensors are theirs, never updated. (ZeRO-3's module holds empty placeholders: those are skipped.)
-    frozen = {name: t.float() for name, t in module.items() if name not in state and t.numel() > 0}
-    return {**state, **frozen}
+    return {**state, **{name: t.float() for name, t in module.items() if name not in state}}
 
 
 def load_mae_from_checkpoint(path: Path):
