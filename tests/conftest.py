@@ -66,7 +66,7 @@ def base_overrides(out_dir: Path, shards: Path) -> list[str]:
 
 def run_training(out_dir: Path, shards: Path, ranks: int, overrides: list[str]) -> dict:
     """Launch `xray-pretrain pretrain` under the deepspeed launcher (N CPU ranks); returns its summary."""
-    from xray_pretrain.demo import launch_training
+    from xray_pretrain.engine.launch import launch_training
 
     out_dir.mkdir(parents=True, exist_ok=True)
     launch_training(TINY_CONFIG, base_overrides(out_dir, shards) + overrides, ranks, out_dir / "train.log")
@@ -114,6 +114,21 @@ def copy_checkpoint(src_run: Path, tag: str, dst_run: Path) -> None:
     dst.mkdir(parents=True, exist_ok=True)
     shutil.copytree(src_run / "checkpoints" / tag, dst / tag)
     (dst / "latest").write_text(tag)
+
+
+def predict_shard_sources(checkpoint: Path, shards: Path, keys: list[str], capsys) -> list[dict]:
+    """`xray-pretrain predict` on the source files the shard samples `keys` were converted from (the
+    folder's id_map.csv): its JSON lines, checked to come one per file, in input order, exit 0."""
+    import csv
+
+    from xray_pretrain.cli import main as cli_main
+
+    source_of = {r["key"]: r["source_path"] for r in csv.DictReader(open(shards / "id_map.csv"))}
+    capsys.readouterr()
+    assert cli_main(["predict", "--checkpoint", str(checkpoint), *(source_of[k] for k in keys)]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["file"] for line in lines] == [source_of[k] for k in keys]
+    return lines
 
 
 def assert_same_parameters(reference: Path, run: Path, tag: str, after: str) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CORPUS, TINY_CONFIG
+from conftest import CORPUS, TINY_CONFIG, predict_shard_sources
 
 from xray_pretrain.cli import main as cli_main
 from xray_pretrain.config import load_config
@@ -133,7 +133,7 @@ def test_finetune_selects_on_val_keeps_best_and_tests_it_once(
 # ---- a 2-rank fine-tune and the inference commands on it -------------------------------------------
 @pytest.fixture(scope="module")
 def finetune_run(tmp_path_factory, zero2_run, phantom_shards) -> Path:
-    from xray_pretrain.demo import launch_training
+    from xray_pretrain.engine.launch import launch_training
 
     pretrained, _ = zero2_run
     out = tmp_path_factory.mktemp("finetune")
@@ -172,12 +172,8 @@ def test_predict_on_dicoms_agrees_with_evaluate(finetune_run, phantom_shards, tm
     result = json.loads((tmp_path / "test.json").read_text())
     assert result["split"] == "test" and result["metrics"]["num_samples"] == 17
     rows = {row["key"]: row for row in csv.DictReader(open(tmp_path / "test.csv"))}
-    source_of = {r["key"]: r["source_path"] for r in csv.DictReader(open(phantom_shards / "id_map.csv"))}
     keys = sorted(rows)[:6]
-    capsys.readouterr()
-    assert cli_main(["predict", "--checkpoint", str(finetune_run), *(source_of[k] for k in keys)]) == 0
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [line["file"] for line in lines] == [source_of[k] for k in keys]
+    lines = predict_shard_sources(finetune_run, phantom_shards, keys, capsys)
     for key, line in zip(keys, lines):
         for name in LABELS:
             assert line["probabilities"][name] == pytest.approx(float(rows[key][f"p:{name}"]), abs=0.01)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CORPUS, copy_checkpoint
+from conftest import CORPUS, copy_checkpoint, predict_shard_sources
 
 from xray_pretrain.cli import main as cli_main
 from xray_pretrain.config import load_config
@@ -103,12 +103,8 @@ def test_predict_on_phantom_dicoms_writes_the_reports_evaluate_generated(
     report its shard sample got through `evaluate`."""
     assert cli_main(["evaluate", "--checkpoint", str(report_run), "--out", str(tmp_path / "t.json")]) == 0
     generated = {r["key"]: r["generated"] for r in csv.DictReader(open(tmp_path / "t.csv"))}
-    source_of = {r["key"]: r["source_path"] for r in csv.DictReader(open(phantom_shards / "id_map.csv"))}
     keys = sorted(generated)[:4]
-    capsys.readouterr()
-    assert cli_main(["predict", "--checkpoint", str(report_run), *(source_of[k] for k in keys)]) == 0
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [line["file"] for line in lines] == [source_of[k] for k in keys]
+    lines = predict_shard_sources(report_run, phantom_shards, keys, capsys)
     assert [line["task"] for line in lines] == ["report"] * len(keys)
     assert [line["report"] for line in lines] == [generated[k] for k in keys]
 

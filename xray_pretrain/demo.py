@@ -13,15 +13,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 DEFAULT_CONFIG = "tiny_cpu"  # a packaged config (xray_pretrain/configs/), found from any folder
-REPORT_CONFIG = "report_phantom"  # the report stage's packaged config
-REPORT_KEYS = ("bleu_4", "meteor", "rouge_l", "cider")  # summary["report"] (and its baseline)
 # Phantoms hold no real patients, so a fixed, public salt is fine here (real data: --salt SECRET).
 DEMO_SALT = "xray-pretrain-demo-phantoms"
 
@@ -49,39 +44,14 @@ def _step(title: str) -> float:
     return time.perf_counter()
 
 
-def launch_training(
-    config: str | Path, overrides: list[str], num_ranks: int, log_path: Path, command: str = "pretrain"
-) -> None:
-    """Run `xray-pretrain COMMAND` (pretrain, finetune) under the deepspeed launcher (N CPU ranks when
-    there is no GPU)."""
-    from xray_pretrain.engine.dist import free_port, without_launcher_variables
-
-    script = shutil.which("xray-pretrain") or str(Path(sys.executable).with_name("xray-pretrain"))
-    cmd = [
-        sys.executable, "-m", "deepspeed.launcher.runner",
-        "--num_gpus", str(num_ranks), "--master_port", str(free_port()),
-        script, command, "--config", str(config), *overrides,
-    ]  # fmt: skip
-    print("$ " + " ".join(cmd), flush=True)
-    # Rank variables of an enclosing process (e.g. a test that trained in-process) must not leak in.
-    env = without_launcher_variables(os.environ)
-    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
-        for line in proc.stdout:
-            log.write(line)
-            if "[WARNING]" not in line and "[INFO]" not in line:
-                sys.stdout.write(line)
-        if proc.wait() != 0:
-            raise RuntimeError(f"training failed (exit {proc.returncode}); full log: {log_path}")
-
-
 def run(args) -> int:
     from data_tools.convert import convert
     from data_tools.synth import synthesize
     from xray_pretrain.config import load_config
     from xray_pretrain.demo_classify import DEFAULT_RECIPE, compare
+    from xray_pretrain.demo_report import report_stage
     from xray_pretrain.engine.export import export_encoder
+    from xray_pretrain.engine.launch import launch_training
 
     out = _fresh_folder(args.out.resolve())
     phantoms, shards, run_dir, export_dir = out / "phantoms", out / "shards", out / "run", out / "export"
@@ -128,8 +98,10 @@ def run(args) -> int:
     (out / "classify.json").write_text(json.dumps(classify, indent=2))
     times["classify_s"] = time.perf_counter() - t
 
-    t = _step(f"6/6 fine-tune a report generator from the pre-training run -> {out / 'report'}")
-    report = report_stage(run_dir, shards, out / "report", args.ranks, args.seed)
+    t = _step(
+        f"6/6 report generator fine-tuned from the pre-training run -> {out / 'report'}, tested on {test_shards}"
+    )
+    report = report_stage(run_dir, shards, test_shards, out / "report", args.ranks, args.seed)
     times["report_s"] = time.perf_counter() - t
 
     summary = _summary(train_summary, manifest, export_config, shards, export_dir, times)
@@ -138,95 +110,6 @@ def run(args) -> int:
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     _print_where(summary, out)
     return 0
-
-
-def report_stage(pretrain_run: Path, shards: Path, out: Path, num_ranks: int, seed: int) -> dict:
-    """Fine-tune `report_phantom` from `pretrain_run` under the deepspeed launcher (selected on
-    validation BLEU-4, test scored once into metrics.json), then its two controls on the same test
-    split: every image given the training split's most common report, and the generator fed other
-    studies' images. Returns summary["report"]."""
-    overrides = [f"data.shards=[{shards}]", f"log.out_dir={out}", f"init.weights={pretrain_run}",
-                 f"train.seed={seed}", "log.progress=false"]  # fmt: skip
-    out.mkdir(parents=True)
-    launch_training(REPORT_CONFIG, overrides, num_ranks, out / "train.log", command="finetune")
-    test = json.loads((out / "metrics.json").read_text())["test"]
-    report = {key: test[f"test_{key}"] for key in REPORT_KEYS}
-    report.update(report_controls(out, shards))
-    print(
-        "  test: " + ", ".join(f"{k} {_fmt(report[k])}" for k in REPORT_KEYS)
-        + "\n  most common training report: " + ", ".join(f"{k} {_fmt(report['baseline'][k])}" for k in REPORT_KEYS)
-        + f"\n  other studies' images: cider {_fmt(report['shuffled_cider'])}",
-        flush=True,
-    )  # fmt: skip
-    return report
-
-
-def _fmt(value) -> str:
-    return "null" if value is None else f"{value:.3f}"
-
-
-def report_controls(report_run: Path, shards: Path) -> dict:
-    """The controls a report generator must beat on the test split: `baseline` (BLEU-4, METEOR,
-    ROUGE-L, CIDEr of the training split's most common report given to every item) and
-    `shuffled_cider` (CIDEr of the run's best checkpoint fed another study's images: what it writes
-    without reading the image it is asked about)."""
-    import torch
-
-    from xray_pretrain.data.loader import build_val_loader
-    from xray_pretrain.data.reports import train_report_texts
-    from xray_pretrain.data.shards import SplitTable, open_folders
-    from xray_pretrain.inference import load_trained
-    from xray_pretrain.report.metrics import score_reports
-
-    trained = load_trained(report_run, device="cpu", tasks=("report",))
-    task, cfg, rcfg = trained.task, trained.cfg, trained.cfg.report
-    train_texts = train_report_texts(
-        SplitTable(open_folders([str(shards)]), "train"), rcfg.section, rcfg.views
-    )
-    most_common = Counter(task.tokenizer.clean(t) for t in train_texts).most_common(1)[0][0]
-    loader = build_val_loader(
-        cfg.data, image_size=tuple(trained.info["image_size"]), micro_batch=cfg.train.micro_batch,
-        rank=0, world_size=1, whole_split=True, split="test", reports=cfg.loader_reports(),
-    )  # fmt: skip
-    rows = {"key": [], "image": [], "reference": []}
-    for batch in loader:
-        real = batch["weight"] > 0
-        rows["key"] += [k for k, r in zip(batch["key"], real.tolist()) if r]
-        rows["image"] += list(batch["image"][real])
-        rows["reference"] += [t for t, r in zip(batch["report"], real.tolist()) if r]
-    references = [task.tokenizer.clean(r) for r in rows["reference"]]
-    baseline = score_reports(references, [most_common] * len(references), meteor=rcfg.meteor)
-    other = other_study_order(rows["key"], SplitTable(open_folders([str(shards)]), "test"))
-    images = torch.stack([rows["image"][i] for i in other])
-    generated = []
-    for start in range(0, len(images), cfg.train.micro_batch):
-        generated += task.generate(trained.model, images[start : start + cfg.train.micro_batch])
-    shuffled = score_reports(references, generated, meteor=False)
-    return {"baseline": {key: baseline[key] for key in REPORT_KEYS}, "shuffled_cider": shuffled["cider"]}
-
-
-def other_study_order(keys: list[str], table) -> list[int]:
-    """For item i (of `keys`), the index of an item of another study: items sorted by study, each
-    takes the item as many places on as the largest study has images (so never its own study)."""
-    from xray_pretrain.data.shards import ShardReader
-
-    reader = ShardReader()
-    try:
-        study_of = {
-            table.key(f, i): str(table.metadata(reader, f, i).get("study") or table.key(f, i))
-            for f, size in enumerate(table.folder_sizes)
-            for i in range(size)
-        }
-    finally:
-        reader.close()
-    by_study = sorted(range(len(keys)), key=lambda i: (study_of[keys[i]], keys[i]))
-    shift = max(Counter(study_of[k] for k in keys).values())
-    other = [0] * len(keys)
-    for place, item in enumerate(by_study):
-        other[item] = by_study[(place + shift) % len(keys)]
-    if any(study_of[keys[i]] == study_of[keys[j]] for i, j in enumerate(other)):
-        raise ValueError("the test split has too few studies to feed every item another study's images")
-    return other
 
 
 def _timm_load(export_dir: Path) -> str:
@@ -272,6 +155,8 @@ def _summary(
 
 
 def _print_where(summary: dict, out: Path) -> None:
+    from xray_pretrain.demo_report import fmt_score
+
     print("\n== done")
     shown = (
         "val_loss",
@@ -286,8 +171,8 @@ def _print_where(summary: dict, out: Path) -> None:
     for key in shown:
         print(f"  {key:22s} {summary[key]}")
     report = summary["report"]
-    print(f"  {'report cider':22s} {_fmt(report['cider'])} (most common report {_fmt(report['baseline']['cider'])}, "
-          f"other studies' images {_fmt(report['shuffled_cider'])})")  # fmt: skip
+    print(f"  {'report cider':22s} {fmt_score(report['cider'])} (most common report {fmt_score(report['baseline']['cider'])}, "
+          f"other studies' images {fmt_score(report['shuffled_cider'])})")  # fmt: skip
     for key, value in summary["classify"].items():
         print(f"  classify.{key:13s} {value}")
     print(f"  {'seconds':22s} {summary['seconds']}")
