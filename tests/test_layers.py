@@ -66,6 +66,13 @@ ALLOWED = {
         "xray_pretrain.tasks.classify_config",
         "xray_pretrain.engine",
     },  # fmt: skip
+    # The demo's report stage: a `finetune` launch, then the best checkpoint scored (above inference).
+    "xray_pretrain.demo_report": {
+        "xray_pretrain.data",
+        "xray_pretrain.report",
+        "xray_pretrain.engine",
+        "xray_pretrain.inference",
+    },  # fmt: skip
     "xray_pretrain": set(),  # the package __init__
 }
 PACKAGES = ("xray_core", "data_tools", "xray_pretrain")
