@@ -79,7 +79,12 @@ def test_step0_source_is_the_weights_the_pretraining_run_starts_from(zero2_run, 
 
 # ---- the frozen part -------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    "mode, extra", [("partial", ["classify.freeze_blocks=2"]), ("linear", ["model.drop_path=0"])]
+    "mode, extra",
+    [
+        ("partial", ["classify.freeze_blocks=2"]),
+        ("linear", ["model.drop_path=0"]),
+        ("linear", ["model.drop_path=0", "classify.pool=blocks"]),
+    ],
 )
 def test_forward_from_frozen_tokens_equals_the_whole_forward(mode, extra):
     cfg = load_config(
