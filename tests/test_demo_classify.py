@@ -127,3 +127,27 @@ def test_compare_gives_the_demo_summary(zero2_run, phantom_shards, one_cpu_threa
     rows = result["details"]["rows"]
     assert all(c["lr"] in DEFAULT_RECIPE.lrs and c["step"] in (3, 6) for c in rows["pretrained"]["chosen"])
     assert summary["mean_auroc"] == pytest.approx(np.mean(rows["pretrained"]["test_mean_auroc"]), abs=1e-4)
+
+
+def test_logistic_head_fits_block_pooled_features_and_chooses_c_on_validation(
+    zero2_run, phantom_shards, one_cpu_thread
+):
+    from xray_pretrain.demo_classify import (
+        BLOCKS_LOGISTIC_RECIPE,
+        Comparison,
+        classify_task,
+        initialized_model,
+    )
+    from xray_pretrain.engine.init_weights import open_source
+    from xray_pretrain.models import block_pooled_features
+    from xray_pretrain.models.heads import pool_tokens
+
+    run_dir = zero2_run[0]
+    bench = Comparison(run_dir, phantom_shards, phantom_shards, test_splits=("test",))
+    recipe, source = replace(BLOCKS_LOGISTIC_RECIPE, label_fraction=0.5), open_source(run_dir)
+    row = bench.row(source, recipe, seeds=(0,))
+    assert row.chosen[0]["C"] in recipe.cs and row.probs_SNC.shape == (1, 17, 5)
+    (tokens,) = bench.tokens_cache.values()  # what the regression was fit on, pooled
+    encoder = initialized_model(classify_task(bench.run_cfg, recipe, 0, bench.label_names), source, 0).encoder
+    expected = block_pooled_features(encoder.eval(), bench.data["val"].images_NCHW)
+    torch.testing.assert_close(pool_tokens(tokens["val"], recipe.pool), expected)
