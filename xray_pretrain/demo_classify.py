@@ -116,7 +116,12 @@ PROBE_RECIPE = replace(PARTIAL_RECIPE, mode="linear", lrs=(1e-2, 1e-1), layer_de
 BLOCKS_RECIPE = replace(PROBE_RECIPE, pool="blocks")
 # ... or as benchmarks/claim_levers.py's `multiprobe`: logistic regression per finding, C on validation.
 BLOCKS_LOGISTIC_RECIPE = replace(BLOCKS_RECIPE, head="logistic")
-RECIPES = {"partial": PARTIAL_RECIPE, "blocks": BLOCKS_RECIPE, "blocks_logistic": BLOCKS_LOGISTIC_RECIPE}
+RECIPES = {
+    "partial": PARTIAL_RECIPE,
+    "probe": PROBE_RECIPE,
+    "blocks": BLOCKS_RECIPE,
+    "blocks_logistic": BLOCKS_LOGISTIC_RECIPE,
+}
 # The demo's: of the three measured on the demo's data, the best validation mean AUROC over both inits
 # and the cheapest but one, and `finetune classify.mode=linear classify.pool=blocks` trains the same
 # head (benchmarks/RESULTS.md, "the demo's classification recipe, chosen").
