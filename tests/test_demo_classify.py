@@ -110,9 +110,10 @@ def test_compare_gives_the_demo_summary(zero2_run, phantom_shards, one_cpu_threa
     from xray_pretrain.demo_classify import DEFAULT_RECIPE, PROBE_RECIPE, compare
 
     small = dict(steps=6, val_every=3, warmup_steps=2, label_fraction=0.5)
+    recipe = replace(DEFAULT_RECIPE, views=min(DEFAULT_RECIPE.views, 2), **small)  # 2 crops per image
     result = compare(
-        zero2_run[0], phantom_shards, phantom_shards, replace(DEFAULT_RECIPE, **small),
-        replace(PROBE_RECIPE, **small), seeds=(0, 1), num_resamples=50, progress=False,
+        zero2_run[0], phantom_shards, phantom_shards, recipe, replace(PROBE_RECIPE, **small), seeds=(0, 1),
+        num_resamples=50, progress=False,
     )  # fmt: skip
     summary = result["classify"]
     assert list(summary) == ["mean_auroc", "random_init_mean_auroc", "pixels_mean_auroc", "linear_probe_mean_auroc",
@@ -151,3 +152,17 @@ def test_logistic_head_fits_block_pooled_features_and_chooses_c_on_validation(
     encoder = initialized_model(classify_task(bench.run_cfg, recipe, 0, bench.label_names), source, 0).encoder
     expected = block_pooled_features(encoder.eval(), bench.data["val"].images_NCHW)
     torch.testing.assert_close(pool_tokens(tokens["val"], recipe.pool), expected)
+
+
+def test_augmented_views_are_the_labelled_images_under_finetunes_augmentation(phantom_shards):
+    from xray_pretrain.demo_classify import augmented_views, load_split, train_rows
+
+    names = ["cardiomegaly", "pleural_effusion", "nodule", "pneumothorax", "consolidation"]
+    images, keys = augmented_views([phantom_shards], names, 0.5, 0, 2, (64, 64))
+    num_images = len(keys)
+    assert images.shape == (2 * num_images, 1, 64, 64) and torch.isfinite(images).all()
+    assert not torch.equal(images[:num_images], images[num_images:])  # two draws of each image differ
+    split = load_split([phantom_shards], ["train"], (64, 64))
+    assert sorted(keys) == sorted(
+        split.keys[i] for i in train_rows([phantom_shards], names, 0.5, 0, split.keys)
+    )
