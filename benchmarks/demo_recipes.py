@@ -3,8 +3,7 @@
 process: what `DEFAULT_RECIPE` is chosen from (benchmarks/RESULTS.md).
 
     export OMP_NUM_THREADS=1 PYTHONPATH=$PWD
-    nice -n 10 python benchmarks/demo_recipes.py --demo runs/demo --recipe blocks_logistic blocks partial \\
-        --out runs/demo_recipes.jsonl
+    nice -n 10 python benchmarks/demo_recipes.py --demo runs/demo --out runs/demo_recipes.jsonl  # every recipe
 
 One JSON line per recipe: the stage's `summary["classify"]`, its details (per seed: test mean AUROC,
 per-label AUROC, what validation chose, for every row) and its cost (`cpu_s`: process CPU time, one
