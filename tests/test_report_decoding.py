@@ -176,3 +176,31 @@ def test_every_rank_runs_the_same_number_of_steps():
     results = run_ranks(on_rank)
     assert results[0] == (6, (A, EOS))  # done after 2 steps, kept stepping with rank 1
     assert results[1] == (6, (A,) * 6)
+
+
+def test_sampling_follows_the_model_distribution():
+    """4,000 rows of one toy sample: first-word frequencies match its probabilities; a word follows
+    its prefix's table; <pad> and <bos> (the toy's favourites) are never drawn; finished rows pad."""
+    from xray_pretrain.models.decoding import sample_search
+
+    class Babbler(ToyModel):
+        def step(self, last_N, position):
+            out = super().step(last_N, position)
+            out[:, PAD], out[:, BOS] = 0.0, 0.0
+            return out
+
+    table = {(): {A: 0.6, B: 0.3, EOS: 0.1}, (A,): {EOS: 1.0}, (B,): {C: 1.0}, (B, C): {EOS: 1.0}}
+    num_rows = 4000
+    model = Babbler([table] * num_rows, DEFAULT, 1)
+    torch.manual_seed(0)
+    ids = sample_search(model.step, batch_size=num_rows, max_length=6, bos_id=BOS, eos_id=EOS, pad_id=PAD)
+    first = ids[:, 0]
+    for token, p in ((A, 0.6), (B, 0.3), (EOS, 0.1)):
+        assert (first == token).float().mean().item() == pytest.approx(p, abs=0.03)
+    sequences = {strip(row) for row in ids}
+    assert sequences == {(A, EOS), (B, C, EOS), (EOS,)}
+    assert ids.shape[1] == 3 and bool((ids[first == EOS, 1:] == PAD).all())
+    with pytest.raises(ValueError, match="temperature=0"):
+        sample_search(
+            model.step, batch_size=1, max_length=3, bos_id=BOS, eos_id=EOS, pad_id=PAD, temperature=0
+        )

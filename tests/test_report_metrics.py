@@ -88,3 +88,44 @@ def test_r2gen_truncated_references_are_the_decoded_training_ids():
     assert r2gen_truncated_references(tok, ["Heart enlarged. Lungs clear."]) == [
         "heart <unk> . lungs"
     ]  # <bos> + 4 words, no <eos>
+
+
+def test_cider_d_reward_equals_pycocoevalcap_on_its_corpus():
+    """Self-critical training's CIDEr-D (document frequencies fixed from a corpus) gives, per item,
+    exactly pycocoevalcap's scores when that corpus is the scored references; with the training
+    references as corpus a phrase every report shares is worth nothing."""
+    import random
+
+    from pycocoevalcap.cider.cider import Cider
+
+    from xray_pretrain.report.cider import CiderD
+
+    rng = random.Random(0)
+    words = [
+        "the",
+        "heart",
+        "is",
+        "normal",
+        "no",
+        "pleural",
+        "effusion",
+        "left",
+        "right",
+        "lower",
+        "zone",
+        "consolidation",
+        ".",
+        "lungs",
+        "clear",
+    ]
+    refs = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 30))) for _ in range(40)]
+    hyps = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 30))) for _ in range(40)]
+    _, expected = Cider().compute_score(
+        {i: [r] for i, r in enumerate(refs)}, {i: [h] for i, h in enumerate(hyps)}
+    )
+    assert CiderD(refs).scores(hyps, refs) == pytest.approx(list(expected), abs=1e-12)
+    shared = CiderD(["heart normal . lungs clear", "heart normal . effusion"])
+    assert shared.score("heart normal", "heart normal") == 0.0  # df = N: idf 0
+    assert shared.score("lungs clear", "lungs clear") == pytest.approx(10.0 / 4 * 2)  # 1- and 2-grams
+    with pytest.raises(ValueError, match="at least one reference"):
+        CiderD([])

@@ -3,6 +3,7 @@ generation, pycocoevalcap metrics over real rows only, and a tiny model that lea
 
 from __future__ import annotations
 
+import copy
 from types import SimpleNamespace
 
 import pytest
@@ -123,3 +124,71 @@ def test_two_ranks_gather_rows_in_position_order_and_agree_on_scores():
     positions, references, metrics = results[0]
     assert positions == [0, 1, 2] and references == [REPORTS[0], REPORTS[1], REPORTS[0]]
     assert metrics["val_num_reports"] == 3
+
+
+def test_self_critical_phase_starts_at_its_fraction_of_the_steps():
+    task = make_task(scst_fraction=0.25)
+    phases = []
+    for step in range(8):
+        task.begin_step(step, 8)
+        phases.append(task._self_critical)
+    assert phases == [False] * 6 + [True] * 2
+    off = make_task()
+    off.begin_step(7, 8)
+    assert not off._self_critical
+    with pytest.raises(ValueError, match="scst_samples=1 must be >= 2"):
+        make_task(scst_samples=1)
+
+
+def test_self_critical_step_favours_the_samples_that_beat_their_baseline():
+    """One small gradient step on the self-critical loss raises the log-probability of the samples
+    whose CIDEr-D beats the mean of their item's other samples and lowers the others': the change
+    in each sample's log-probability correlates with its advantage (the same samples are redrawn
+    from the same RNG state)."""
+    from xray_pretrain.models.report import GenerationOptions
+    from xray_pretrain.report.cider import CiderD
+
+    torch.manual_seed(0)
+    k = 8
+    task = make_task(scst_fraction=0.5, scst_samples=k)
+    task._reward = CiderD(task.tokenizer.clean(r) for r in REPORTS * 3)
+    model = task.build_model()
+    images = torch.randn(2, 2, 1, 32, 32)
+    train = batch(images, REPORTS, [1.0, 1.0])
+    references = [task.tokenizer.clean(r) for r in REPORTS for _ in range(k)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    task.begin_step(0, 2)  # a few cross-entropy steps: samples that differ in quality
+    for _ in range(6):
+        optimizer.zero_grad()
+        task.training_loss(model, train, torch.device("cpu"), torch.float32)[0].backward()
+        optimizer.step()
+    task.begin_step(1, 2)
+    start = copy.deepcopy(model.state_dict())
+    for seed in range(3):
+        model.load_state_dict(start)
+        torch.manual_seed(seed)
+        sampled_NT = model(images, generation=GenerationOptions(num_samples=k))
+        reward_BK = torch.tensor(
+            task._reward.scores([task.tokenizer.decode(ids) for ids in sampled_NT.tolist()], references)
+        ).view(2, k)
+        advantage = (reward_BK - (reward_BK.sum(1, keepdim=True) - reward_BK) / (k - 1)).flatten()
+
+        def log_probs(sampled_NT: torch.Tensor = sampled_NT) -> torch.Tensor:
+            with torch.no_grad():
+                ids_NT = torch.cat([torch.ones_like(sampled_NT[:, :1]), sampled_NT], dim=1)  # <bos> = 1
+                logits = model(images.repeat_interleave(k, 0), ids_NT).logits_BTV
+            per_token = logits.log_softmax(-1).gather(-1, sampled_NT[..., None])[..., 0]
+            return (per_token * (sampled_NT != 0)).sum(1)
+
+        before = log_probs()
+        torch.manual_seed(seed)  # the loss draws the same samples
+        model.zero_grad()
+        loss, logs = task.training_loss(model, train, torch.device("cpu"), torch.float32)
+        loss.backward()
+        assert float(logs["scst_reward"]) == pytest.approx(float(reward_BK.mean()))
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.grad is not None:
+                    p -= 0.05 * p.grad
+        change = log_probs() - before
+        assert advantage.std() > 0 and torch.corrcoef(torch.stack([advantage, change]))[0, 1] > 0.3

@@ -324,6 +324,7 @@ class Trainer:
         )
         set_lr(self.optimizer, lr)
         self.lr = lr  # the schedule's value; groups train at lr * their lr_scale
+        self.task.begin_step(step, cfg.train.steps)
         torch.manual_seed(cfg.train.seed * 1_000_003 + step * 4099 + self.ctx.rank)
         t_start = time.perf_counter()
         wait_s, loss_sum, task_logs = 0.0, torch.zeros((), device=self.ctx.device), {}

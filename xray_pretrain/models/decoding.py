@@ -1,4 +1,4 @@
-"""Batched greedy and beam search over any step function (torch only).
+"""Batched greedy search, sampling and beam search over any step function (torch only).
 
 A model supplies ``step(last_ids_N, position) -> log_probs_NV`` (one decoder step for N rows, the
 input token at ``position``; the model keeps its own key/value cache) and, for beam search,
@@ -11,6 +11,9 @@ returns True. The default is local (a single process); a distributed caller pass
 ranks (``xray_pretrain.collectives.all_ranks_true``), and ``lambda done: False`` runs a fixed
 ``max_length - 1`` steps with no collective at all. Rows that have finished keep being fed
 ``<pad>`` and their outputs are ignored.
+
+:func:`sample_search` draws each token from the model's distribution instead (self-critical
+training); it stops the same way.
 
 Conventions: ``max_length`` counts every id including ``<bos>`` (as the tokenizer's), so at most
 ``max_length - 1`` ids are generated; results hold the generated ids after ``<bos>``: words,
@@ -67,6 +70,37 @@ def greedy_search(
         if block_trigrams:
             ban_repeated_trigrams(tokens_BT, log_probs_BV)
         next_B = log_probs_BV.argmax(-1).masked_fill(done_B, pad_id)
+        tokens_BT = torch.cat([tokens_BT, next_B[:, None]], dim=1)
+        done_B |= next_B == eos_id
+        if all_finished(bool(done_B.all())):
+            break
+    return tokens_BT[:, 1:]
+
+
+def sample_search(
+    step: StepFn,
+    *,
+    batch_size: int,
+    max_length: int,
+    bos_id: int,
+    eos_id: int,
+    pad_id: int,
+    temperature: float = 1.0,
+    all_finished: Callable[[bool], bool] | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Each next token drawn from ``softmax(log_probs / temperature)`` (torch's global RNG) -> (B, T <=
+    max_length - 1) generated ids, as :func:`greedy_search` returns them. Self-critical training's
+    exploration; no trigram blocking (the samples must come from the model's own distribution)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be > 0 (greedy_search is the zero limit)")
+    all_finished = all_finished or _local
+    tokens_BT = torch.full((batch_size, 1), bos_id, dtype=torch.long, device=device)
+    done_B = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    for position in range(max_length - 1):
+        log_probs_BV = step(tokens_BT[:, -1], position) / temperature
+        log_probs_BV[:, [pad_id, bos_id]] = float("-inf")
+        next_B = torch.multinomial(log_probs_BV.softmax(-1), 1)[:, 0].masked_fill(done_B, pad_id)
         tokens_BT = torch.cat([tokens_BT, next_B[:, None]], dim=1)
         done_B |= next_B == eos_id
         if all_finished(bool(done_B.all())):

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import Attention, CrossAttention, KVCache, check_attention_backend
-from .decoding import beam_search, greedy_search
+from .decoding import beam_search, greedy_search, sample_search
 from .vit import LAYER_NORM_EPS, Mlp, ViTEncoder, init_mae_weights
 
 
@@ -63,13 +63,18 @@ class ReportDecoderConfig:
 class GenerationOptions:
     """Decoding settings (:mod:`.decoding`). ``beam_size=1`` is greedy; ``max_length`` None: the
     model's. ``all_finished(local_done) -> global_done`` decides when to stop: under DeepSpeed pass an
-    all-ranks reduction (``collectives.all_ranks_true``) so that every rank runs the same steps."""
+    all-ranks reduction (``collectives.all_ranks_true``) so that every rank runs the same steps.
+    ``num_samples > 0`` samples that many reports per image instead (rows ``image * num_samples +
+    sample``; self-critical training), at ``temperature``; beam size and trigram blocking are then
+    unused."""
 
     beam_size: int = 3
     max_length: int | None = None
     length_penalty: float = 0.0
     block_trigrams: bool = True
     all_finished: Callable[[bool], bool] | None = None
+    num_samples: int = 0
+    temperature: float = 1.0
 
 
 @dataclass
@@ -230,14 +235,17 @@ class ReportGenerator(nn.Module):
     @torch.no_grad()
     def generate(self, images: torch.Tensor, options: GenerationOptions) -> torch.Tensor:
         """(B, V, 1, H, W) or (B, 1, H, W) -> (B, T) generated ids after ``<bos>``: words, ``<eos>``,
-        then ``<pad>``. Under DeepSpeed call ``engine(images, generation=...)`` instead (see forward)."""
+        then ``<pad>`` ((B * num_samples, T) when sampling). Under DeepSpeed call
+        ``engine(images, generation=...)`` instead (see forward)."""
         max_length = min(options.max_length or self.cfg.max_length, self.cfg.max_length)
-        beam_size = options.beam_size
+        beam_size = 1 if options.num_samples else options.beam_size
+        rows_per_image = options.num_samples or beam_size
         memory_kv = self.memory_kv(images)
-        batch_size = memory_kv[0][0].shape[0]
-        if beam_size > 1:
+        batch_size = memory_kv[0][0].shape[0] * (options.num_samples or 1)
+        if rows_per_image > 1:
             memory_kv = [
-                (k.repeat_interleave(beam_size, 0), v.repeat_interleave(beam_size, 0)) for k, v in memory_kv
+                (k.repeat_interleave(rows_per_image, 0), v.repeat_interleave(rows_per_image, 0))
+                for k, v in memory_kv
             ]
         caches = [KVCache() for _ in self.blocks]
 
@@ -255,10 +263,12 @@ class ReportGenerator(nn.Module):
             bos_id=self.cfg.bos_id,
             eos_id=self.cfg.eos_id,
             pad_id=self.cfg.pad_id,
-            block_trigrams=options.block_trigrams,
             all_finished=options.all_finished,
             device=images.device,
         )
+        if options.num_samples:
+            return sample_search(step, temperature=options.temperature, **common)
+        common["block_trigrams"] = options.block_trigrams
         if beam_size == 1:
             return greedy_search(step, **common)
         return beam_search(

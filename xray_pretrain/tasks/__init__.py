@@ -3,7 +3,7 @@
 The engine (`xray_pretrain.engine`) knows nothing task-specific; it only uses the `Task` protocol
 below. Order of calls: `restore_inference_state` (a resumed run only: its checkpoint's inference.json),
 `select_train_samples` (while the train loader is built), `bind_data` (label names known),
-`build_model`, `param_groups`, then the loop (`training_loss`, `evaluate`, ...).
+`build_model`, `param_groups`, then the loop (`begin_step`, `training_loss`, `evaluate`, ...).
 """
 
 from __future__ import annotations
@@ -45,6 +45,9 @@ class Task(Protocol):
     def build_model(self) -> nn.Module: ...
 
     def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]: ...
+
+    def begin_step(self, step: int, total_steps: int) -> None:
+        """Before each optimizer step's micro-batches (a task whose loss changes over training)."""
 
     def training_loss(
         self, model, batch: dict, device: torch.device, dtype: torch.dtype

@@ -131,6 +131,9 @@ class ClassifyTask:
         return encoder_layer_decay_groups(model, weight_decay, self.ccfg.layer_decay)
 
     # ---- training and evaluation -----------------------------------------------------------------
+    def begin_step(self, step: int, total_steps: int) -> None:
+        pass  # one loss throughout
+
     def training_loss(self, model, batch, device, dtype):
         logits_BC = model(batch["image"].to(device, non_blocking=True).to(dtype))
         return self.loss(logits_BC, batch["labels"]), {}

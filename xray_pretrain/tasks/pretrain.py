@@ -67,6 +67,9 @@ class PretrainTask:
         roi = roi.to(device, non_blocking=True) if roi is not None else None
         return images, roi
 
+    def begin_step(self, step: int, total_steps: int) -> None:
+        pass  # one loss throughout
+
     def training_loss(self, model, batch, device, dtype):
         images, roi = self._inputs(batch, device, dtype)
         module = getattr(model, "module", model)

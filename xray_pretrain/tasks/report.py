@@ -25,6 +25,7 @@ from xray_pretrain.data.shards import SplitTable
 from xray_pretrain.models import build_encoder
 from xray_pretrain.models.param_groups import encoder_layer_decay_groups
 from xray_pretrain.models.report import GenerationOptions, ReportDecoderConfig, ReportGenerator
+from xray_pretrain.report.cider import CiderD
 from xray_pretrain.report.clinical import ChexbertLabeler
 from xray_pretrain.report.metrics import TRUNCATED_SUFFIX, r2gen_truncated_references, score_reports
 from xray_pretrain.report.tokenizer import BOS_ID, EOS_ID, PAD_ID, ReportTokenizer
@@ -63,16 +64,21 @@ class ReportTask:
         self.selection = (f"val_{self.rcfg.select_metric}", "max")
         self.tokenizer: ReportTokenizer | None = None
         self._labeler: ChexbertLabeler | None = None  # built at the first evaluation that needs it
+        self._reward: CiderD | None = None  # self-critical training's CIDEr-D (select_train_samples)
+        self._self_critical = False  # this step's loss (begin_step)
 
     # ---- data ------------------------------------------------------------------------------------
     def select_train_samples(self, table: SplitTable) -> SplitTable:
         """Build the tokenizer from the training items' reports (every rank builds the same one), unless
         a resumed run already took its checkpoint's (:meth:`restore_inference_state`). The loaders
         group the table into report items themselves: the table is returned as it is."""
+        texts = train_report_texts(table, self.rcfg.section, self.rcfg.views)
         if self.tokenizer is None:
-            self.bind_reports(train_report_texts(table, self.rcfg.section, self.rcfg.views))
+            self.bind_reports(texts)
         else:
             log.info("report tokenizer: the resumed checkpoint's (%d words)", len(self.tokenizer.words))
+        if self.rcfg.scst_fraction > 0:  # CIDEr-D's document frequencies: the training references
+            self._reward = CiderD(self.tokenizer.clean(t) for t in texts)
         return table
 
     def bind_data(self, info) -> None:
@@ -133,10 +139,55 @@ class ReportTask:
         return encoder_layer_decay_groups(model, weight_decay, self.rcfg.layer_decay)
 
     # ---- training and evaluation -----------------------------------------------------------------
+    def begin_step(self, step: int, total_steps: int) -> None:
+        """Cross-entropy (teacher forcing) until the last ``report.scst_fraction`` of the steps, then
+        self-critical CIDEr-D optimization."""
+        first_scst_step = total_steps - round(total_steps * self.rcfg.scst_fraction)
+        self_critical = self.rcfg.scst_fraction > 0 and step >= first_scst_step
+        if self_critical and not self._self_critical:
+            log.info(
+                "step %d: self-critical training (CIDEr-D reward, %d samples per item) until step %d",
+                step, self.rcfg.scst_samples, total_steps,
+            )  # fmt: skip
+        self._self_critical = self_critical
+
     def training_loss(self, model, batch, device, dtype):
         images = batch["image"].to(device, non_blocking=True).to(dtype)
+        if self._self_critical:
+            return self.self_critical_loss(model, images, batch["report"], batch["weight"].to(device))
         out = model(images, self.encode_reports(batch["report"], device))
         return out.loss, {}
+
+    def self_critical_loss(self, model, images, reports: list[str], weight_B: torch.Tensor):
+        """Self-critical sequence training (Rennie et al. 2017) with the mean-of-other-samples baseline
+        (Luo 2020, "A better variant of SCST"): ``report.scst_samples`` reports sampled per item, each
+        rewarded with its CIDEr-D against the item's cleaned reference (document frequencies from the
+        training references); loss = -(reward - mean reward of the item's other samples) x the
+        sample's token log-probabilities, averaged over the sampled tokens. No greedy pass: the other
+        samples are the baseline. Returns (loss, {"scst_reward": mean sample CIDEr-D})."""
+        if self._reward is None:
+            raise ValueError(
+                "self-critical training needs the training references: select_train_samples first"
+            )
+        k, tok = self.rcfg.scst_samples, self._tokenizer()
+        options = GenerationOptions(
+            num_samples=k, all_finished=lambda done: all_ranks_true(done, images.device)
+        )
+        sampled_NT = model(images, generation=options)  # (B * k, T), no gradient
+        hypotheses = [tok.decode(ids) for ids in sampled_NT.tolist()]
+        references = [tok.clean(r) for r in reports for _ in range(k)]
+        reward_BK = torch.tensor(self._reward.scores(hypotheses, references), device=images.device).view(
+            -1, k
+        )
+        advantage_BK = (reward_BK - (reward_BK.sum(1, keepdim=True) - reward_BK) / (k - 1)) * weight_B[
+            :, None
+        ]
+        bos_N1 = torch.full((sampled_NT.shape[0], 1), BOS_ID, dtype=torch.long, device=sampled_NT.device)
+        out = model(images.repeat_interleave(k, 0), torch.cat([bos_N1, sampled_NT], dim=1))
+        log_probs_NT = out.logits_BTV.float().log_softmax(-1).gather(-1, sampled_NT[..., None])[..., 0]
+        tokens_NT = (sampled_NT != PAD_ID).float()  # words and the <eos>; <pad> after it
+        loss = -(advantage_BK.flatten()[:, None] * log_probs_NT * tokens_NT).sum() / tokens_NT.sum()
+        return loss, {"scst_reward": reward_BK.mean()}
 
     @torch.no_grad()
     def generate(self, model, images: torch.Tensor) -> list[str]:

@@ -26,6 +26,9 @@ class ReportConfig:
         and tokens at layer_decay ** (depth + 1); the decoder at the full LR (MAE/BEiT; 1 = off).
     decoder_*: the Transformer decoder's width, depth and heads.
     beam_size: 1 = greedy; trigram blocking and the length penalty apply to both.
+    scst_fraction: the last fraction of train.steps optimizes CIDEr-D by self-critical sequence
+        training (scst_samples reports sampled per item; the mean reward of an item's other samples
+        is its baseline) instead of cross-entropy; 0 = cross-entropy throughout.
     select_metric: the validation metric that picks checkpoints/best (higher is better).
     r2gen_truncated_refs: also score against R2Gen's truncated, <unk>-mapped references; reported
         as `*_r2gen_truncated`, never instead of the full references.
@@ -50,6 +53,8 @@ class ReportConfig:
     beam_size: int = 3
     length_penalty: float = 0.0
     block_trigrams: bool = True
+    scst_fraction: float = 0.0
+    scst_samples: int = 5
     select_metric: str = "bleu_4"
     r2gen_truncated_refs: bool = False
     meteor: bool = True
@@ -66,6 +71,12 @@ class ReportConfig:
             raise ValueError(f"report.cleaning={self.cleaning!r}: use one of {VARIANTS}")
         if self.beam_size < 1:
             raise ValueError(f"report.beam_size={self.beam_size} must be >= 1 (1 = greedy)")
+        if not 0.0 <= self.scst_fraction <= 1.0:
+            raise ValueError(f"report.scst_fraction={self.scst_fraction} must be in [0, 1] (0 = off)")
+        if self.scst_samples < 2:
+            raise ValueError(
+                f"report.scst_samples={self.scst_samples} must be >= 2 (an item's other samples are its baseline)"
+            )
         if self.select_metric not in METRIC_NAMES:
             raise ValueError(f"report.select_metric={self.select_metric!r}: use one of {METRIC_NAMES}")
         if self.select_metric == "meteor" and not self.meteor:
