@@ -130,11 +130,12 @@ def test_finetune_selects_on_val_keeps_best_and_tests_it_once(
     assert json.loads((tmp_path / "run_info.json").read_text())["init_weights"] == record
 
 
-def test_blocks_probe_trains_on_the_engine_evaluates_and_exports(
-    zero2_run, phantom_shards, tmp_path, one_cpu_thread
+def test_blocks_probe_trains_on_the_engine_evaluates_exports_and_predicts(
+    zero2_run, phantom_shards, tmp_path, one_cpu_thread, capsys
 ):
     """`classify.mode=linear classify.pool=blocks` through the engine: the checkpoint says so, evaluate
-    scores it, and the export's encoder + `block_head.safetensors` reproduce evaluate's probabilities."""
+    scores it, the export's encoder + `block_head.safetensors` reproduce evaluate's probabilities, and
+    predict on the raw DICOMs agrees with them."""
     from safetensors import safe_open
 
     from xray_pretrain.data.loader import build_val_loader
@@ -174,6 +175,15 @@ def test_blocks_probe_trains_on_the_engine_evaluates_and_exports(
                 assert p == pytest.approx(probs[key], abs=1e-4), key
                 num_checked += 1
     assert num_checked == len(probs) == 17
+    # predict: raw DICOMs through the same head
+    source_of = {r["key"]: r["source_path"] for r in csv.DictReader(open(phantom_shards / "id_map.csv"))}
+    keys = sorted(probs)[:2]
+    capsys.readouterr()
+    assert cli_main(["predict", "--checkpoint", str(run), *(source_of[k] for k in keys)]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["file"] for line in lines] == [source_of[k] for k in keys]
+    for key, line in zip(keys, lines):
+        assert [line["probabilities"][n] for n in LABELS] == pytest.approx(probs[key], abs=0.01)
 
 
 # ---- a 2-rank fine-tune and the inference commands on it -------------------------------------------
