@@ -134,8 +134,8 @@ def test_blocks_probe_trains_on_the_engine_evaluates_exports_and_predicts(
     zero2_run, phantom_shards, tmp_path, one_cpu_thread, capsys
 ):
     """`classify.mode=linear classify.pool=blocks` through the engine: the checkpoint says so, evaluate
-    scores it, the export's encoder + `block_head.safetensors` reproduce evaluate's probabilities, and
-    predict on the raw DICOMs agrees with them."""
+    scores it, the export's encoder + `block_head.safetensors` reproduce evaluate's probabilities,
+    predict on the raw DICOMs agrees with them, and embed gives the D * depth features."""
     from safetensors import safe_open
 
     from xray_pretrain.data.loader import build_val_loader
@@ -184,6 +184,9 @@ def test_blocks_probe_trains_on_the_engine_evaluates_exports_and_predicts(
     assert [line["file"] for line in lines] == [source_of[k] for k in keys]
     for key, line in zip(keys, lines):
         assert [line["probabilities"][n] for n in LABELS] == pytest.approx(probs[key], abs=0.01)
+    assert cli_main(["embed", "--checkpoint", str(run), "--shards", str(phantom_shards), "--out",
+                     str(tmp_path / "f.npz"), "--split", "val"]) == 0  # fmt: skip
+    assert np.load(tmp_path / "f.npz")["features"].shape == (14, 96 * 4)  # every block's mean token
 
 
 # ---- a 2-rank fine-tune and the inference commands on it -------------------------------------------
