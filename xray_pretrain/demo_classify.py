@@ -28,8 +28,8 @@ with warm-up + cosine, and with `Recipe.views` its training dataset and augmenta
 `finetune` draws a new crop every step, or (`views=0`) on the whole image, as validation sees it,
 with a random subset of its tokens per sample and step as the augmentation (`Recipe.token_drop`,
 MAE-style token masking); batches are drawn with replacement; validation every `Recipe.val_every`
-steps keeps the best weights, as `checkpoints/best` does. `Recipe.head=logistic` (scikit-learn) has no `finetune`
-counterpart: it is kept to compare with benchmarks/claim_levers.py's `multiprobe`.
+steps keeps the best weights, as `checkpoints/best` does. `Recipe.head=logistic` (scikit-learn) has
+no `finetune` counterpart: it is kept to compare with benchmarks/claim_levers.py's `multiprobe`.
 """
 
 from __future__ import annotations
@@ -67,10 +67,10 @@ class Recipe:
 
     Field defaults: partial fine-tuning with the first 3 of 4 blocks frozen, mean-pooled tokens, 10%
     of the training patients, LR in {3e-3, 1e-2} chosen on validation (`PARTIAL_RECIPE`, the demo's
-    recipe before `BLOCKS_RECIPE`). `head`: `adamw`
-    trains the head (and the unfrozen blocks) as `xray-pretrain finetune` does; `logistic` (mode
-    linear only) fits one scikit-learn logistic regression per label on the standardized pooled
-    frozen features instead, C in `cs` chosen on validation (no steps, LR or token drop).
+    recipe before `BLOCKS_VIEWS_RECIPE`). `head`: `adamw` trains the head (and the unfrozen blocks)
+    as `xray-pretrain finetune` does; `logistic` (mode linear only) fits one scikit-learn logistic
+    regression per label on the standardized pooled frozen features instead, C in `cs` chosen on
+    validation (no steps, LR or token drop).
     `pretrain_overrides` are the run-config overrides the pre-training run of this recipe uses (the
     demo passes them to `pretrain`)."""
 
