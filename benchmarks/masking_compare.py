@@ -1,11 +1,12 @@
 """Masking compared: pre-train the demo's tiny MAE with `random`, `context` and `rectangle` masking on
-the same phantoms (same steps, batch and seed), fine-tune each the same way as the demo's
-classification stage (`xray_pretrain.demo_classify`), and write one table: mean AUROC over the
+the same phantoms (same steps, batch and seed), fine-tune each the same way with a recipe of the
+demo's classification stage (`xray_pretrain.demo_classify.RECIPES`, `--recipe`; `partial`, the one
+benchmarks/RESULTS.md measured, by default), and write one table: mean AUROC over the
 phantom findings at label fractions 1%, 10% and 100%, per seed, with 95% bootstrap intervals, next
 to random init (the runs' common step-0 weights) and a logistic regression on pixels.
 
     nice -n 10 env OMP_NUM_THREADS=1 python benchmarks/masking_compare.py --work /tmp/masking \\
-        [--num-images 6000] [--size 128] [--steps 600] [--results benchmarks/RESULTS.md]
+        [--num-images 6000] [--size 128] [--steps 600] [--recipe partial] [--results benchmarks/RESULTS.md]
 
 Stages (each skipped when its output exists, so an interrupted run continues): synth + convert
 (`xray-shard`, png16, long side 128), one plain pre-training process per strategy (`xray-pretrain
@@ -101,10 +102,12 @@ def positives_per_class(bench, fraction: float) -> list[int]:
             for c in range(train.shape[1])]  # fmt: skip
 
 
-def compare_all(work: Path, shards: Path, runs: dict[str, Path], fractions, num_resamples: int) -> dict:
+def compare_all(
+    work: Path, shards: Path, runs: dict[str, Path], fractions, num_resamples: int, recipe_name: str
+) -> dict:
     import torch
 
-    from xray_pretrain.demo_classify import DEFAULT_RECIPE, Comparison
+    from xray_pretrain.demo_classify import RECIPES, Comparison
     from xray_pretrain.engine.init_weights import open_source, step0_source
     from xray_pretrain.tasks.metrics import bootstrap_interval
 
@@ -121,7 +124,7 @@ def compare_all(work: Path, shards: Path, runs: dict[str, Path], fractions, num_
                      "num_test": bench.num_test, "rows": {}, "min_positives": {}}  # fmt: skip
     for fraction in fractions:
         results["min_positives"][fraction] = positives_per_class(bench, fraction)
-        recipe = replace(DEFAULT_RECIPE, label_fraction=fraction)
+        recipe = replace(RECIPES[recipe_name], label_fraction=fraction)
         rows = {name: bench.row(source, recipe, SEEDS) for name, source in sources.items()}
         rows["pixels"] = bench.pixel_row(fraction, SEEDS)
         for name, row in rows.items():
@@ -188,12 +191,17 @@ def merge(work: Path) -> dict:
 
 
 def main() -> None:
+    from xray_pretrain.demo_classify import RECIPES
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--num-images", type=int, default=6000)
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--num-resamples", type=int, default=1000)
+    p.add_argument(
+        "--recipe", default="partial", choices=list(RECIPES), help="partial: as RESULTS.md measured"
+    )
     p.add_argument(
         "--fractions", type=float, nargs="*", default=list(FRACTIONS),
         help="label fractions this process fine-tunes (none: only write the table); processes given "
@@ -203,18 +211,16 @@ def main() -> None:
     args = p.parse_args()
     import torch
 
-    from xray_pretrain.demo_classify import DEFAULT_RECIPE
-
     torch.set_num_threads(1)
     args.work.mkdir(parents=True, exist_ok=True)
-    recipe_overrides = list(DEFAULT_RECIPE.pretrain_overrides)
+    recipe_overrides = list(RECIPES[args.recipe].pretrain_overrides)
     shards = make_data(args.work, args.num_images, args.size)
     runs = {s: pretrain(args.work, shards, s, args.steps, recipe_overrides) for s in STRATEGIES}
     flops = {s: step_flops(s, recipe_overrides) for s in STRATEGIES}
     pretrain_s = {s: float((runs[s] / "wall_s.txt").read_text()) for s in STRATEGIES}
     if args.fractions:
         start = time.perf_counter()
-        part = compare_all(args.work, shards, runs, args.fractions, args.num_resamples)
+        part = compare_all(args.work, shards, runs, args.fractions, args.num_resamples, args.recipe)
         part["classify_wall_s"] = time.perf_counter() - start
         name = "_".join(f"{f:g}" for f in args.fractions)
         (args.work / f"results_lf{name}.json").write_text(json.dumps(part, indent=2, default=str))

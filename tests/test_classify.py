@@ -213,7 +213,34 @@ def test_block_pooled_features_concatenate_every_blocks_mean_token_and_end_with_
     features = block_pooled_features(encoder, images)
     width = encoder.embed_dim
     assert features.shape == (3, width * len(encoder.blocks))
+    with torch.no_grad():  # the definition, block by block
+        x_BND, expected = encoder.embed_tokens(encoder.patchify(images)), []
+        for block in encoder.blocks:
+            x_BND = block(x_BND)
+            expected.append(torch.nn.functional.layer_norm(x_BND, (width,), eps=1e-6)[:, 1:].mean(dim=1))
+    torch.testing.assert_close(features, torch.cat(expected, dim=1))
     # The final norm is at its init, so the last block's column block is the encoder's pooled output.
     assert torch.allclose(features[:, -width:], pool_tokens(encoder(images), "mean"), atol=1e-5)
     assert not torch.allclose(features[:, :width], features[:, -width:])
     assert all(not block._forward_hooks for block in encoder.blocks)  # hooks removed
+
+
+def test_blocks_pool_heads_a_frozen_encoder_on_block_pooled_features():
+    task = _task(["classify.mode=linear", "classify.pool=blocks", "model.drop_path=0"])
+    torch.manual_seed(0)
+    model = task.build_model().eval()
+    images = torch.randn(3, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    features = model.features(images)
+    assert features.shape == (3, 96 * 4) == (3, model.num_features)
+    assert torch.equal(features, block_pooled_features(model.encoder, images))
+    weight_CF, bias_C = model.folded_head()  # the probe's BatchNorm over all 384 features, folded
+    assert weight_CF.shape == (len(LABELS), 96 * 4)
+    torch.testing.assert_close(model(images), features @ weight_CF.T + bias_C)
+    assert all(not p.requires_grad for p in model.encoder.parameters())
+
+
+@pytest.mark.parametrize("mode", ["finetune", "partial"])
+def test_blocks_pool_is_refused_with_a_trained_encoder(mode):
+    extra = ["classify.freeze_blocks=1"] if mode == "partial" else []
+    with pytest.raises(ValueError, match=f"classify.pool=blocks needs classify.mode=linear .*not {mode}"):
+        _task([f"classify.mode={mode}", "classify.pool=blocks", *extra])

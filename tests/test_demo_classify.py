@@ -79,7 +79,12 @@ def test_step0_source_is_the_weights_the_pretraining_run_starts_from(zero2_run, 
 
 # ---- the frozen part -------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    "mode, extra", [("partial", ["classify.freeze_blocks=2"]), ("linear", ["model.drop_path=0"])]
+    "mode, extra",
+    [
+        ("partial", ["classify.freeze_blocks=2"]),
+        ("linear", ["model.drop_path=0"]),
+        ("linear", ["model.drop_path=0", "classify.pool=blocks"]),
+    ],
 )
 def test_forward_from_frozen_tokens_equals_the_whole_forward(mode, extra):
     cfg = load_config(
@@ -105,9 +110,10 @@ def test_compare_gives_the_demo_summary(zero2_run, phantom_shards, one_cpu_threa
     from xray_pretrain.demo_classify import DEFAULT_RECIPE, PROBE_RECIPE, compare
 
     small = dict(steps=6, val_every=3, warmup_steps=2, label_fraction=0.5)
+    recipe = replace(DEFAULT_RECIPE, views=min(DEFAULT_RECIPE.views, 2), **small)  # 2 crops per image
     result = compare(
-        zero2_run[0], phantom_shards, phantom_shards, replace(DEFAULT_RECIPE, **small),
-        replace(PROBE_RECIPE, **small), seeds=(0, 1), num_resamples=50, progress=False,
+        zero2_run[0], phantom_shards, phantom_shards, recipe, replace(PROBE_RECIPE, **small), seeds=(0, 1),
+        num_resamples=50, progress=False,
     )  # fmt: skip
     summary = result["classify"]
     assert list(summary) == ["mean_auroc", "random_init_mean_auroc", "pixels_mean_auroc", "linear_probe_mean_auroc",
@@ -122,3 +128,41 @@ def test_compare_gives_the_demo_summary(zero2_run, phantom_shards, one_cpu_threa
     rows = result["details"]["rows"]
     assert all(c["lr"] in DEFAULT_RECIPE.lrs and c["step"] in (3, 6) for c in rows["pretrained"]["chosen"])
     assert summary["mean_auroc"] == pytest.approx(np.mean(rows["pretrained"]["test_mean_auroc"]), abs=1e-4)
+
+
+def test_logistic_head_fits_block_pooled_features_and_chooses_c_on_validation(
+    zero2_run, phantom_shards, one_cpu_thread
+):
+    from xray_pretrain.demo_classify import (
+        BLOCKS_LOGISTIC_RECIPE,
+        Comparison,
+        classify_task,
+        initialized_model,
+    )
+    from xray_pretrain.engine.init_weights import open_source
+    from xray_pretrain.models import block_pooled_features
+    from xray_pretrain.models.heads import pool_tokens
+
+    run_dir = zero2_run[0]
+    bench = Comparison(run_dir, phantom_shards, phantom_shards, test_splits=("test",))
+    recipe, source = replace(BLOCKS_LOGISTIC_RECIPE, label_fraction=0.5), open_source(run_dir)
+    row = bench.row(source, recipe, seeds=(0,))
+    assert row.chosen[0]["C"] in recipe.cs and row.probs_SNC.shape == (1, 17, 5)
+    (tokens,) = bench.tokens_cache.values()  # what the regression was fit on, pooled
+    encoder = initialized_model(classify_task(bench.run_cfg, recipe, 0, bench.label_names), source, 0).encoder
+    expected = block_pooled_features(encoder.eval(), bench.data["val"].images_NCHW)
+    torch.testing.assert_close(pool_tokens(tokens["val"], recipe.pool), expected)
+
+
+def test_augmented_views_are_the_labelled_images_under_finetunes_augmentation(phantom_shards):
+    from xray_pretrain.demo_classify import augmented_views, load_split, train_rows
+
+    names = ["cardiomegaly", "pleural_effusion", "nodule", "pneumothorax", "consolidation"]
+    images, keys = augmented_views([phantom_shards], names, 0.5, 0, 2, (64, 64))
+    num_images = len(keys)
+    assert images.shape == (2 * num_images, 1, 64, 64) and torch.isfinite(images).all()
+    assert not torch.equal(images[:num_images], images[num_images:])  # two draws of each image differ
+    split = load_split([phantom_shards], ["train"], (64, 64))
+    assert sorted(keys) == sorted(
+        split.keys[i] for i in train_rows([phantom_shards], names, 0.5, 0, split.keys)
+    )

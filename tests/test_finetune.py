@@ -130,6 +130,65 @@ def test_finetune_selects_on_val_keeps_best_and_tests_it_once(
     assert json.loads((tmp_path / "run_info.json").read_text())["init_weights"] == record
 
 
+def test_blocks_probe_trains_on_the_engine_evaluates_exports_and_predicts(
+    zero2_run, phantom_shards, tmp_path, one_cpu_thread, capsys
+):
+    """`classify.mode=linear classify.pool=blocks` through the engine: the checkpoint says so, evaluate
+    scores it, the export's encoder + `block_head.safetensors` reproduce evaluate's probabilities,
+    predict on the raw DICOMs agrees with them, and embed gives the D * depth features."""
+    from safetensors import safe_open
+
+    from xray_pretrain.data.loader import build_val_loader
+    from xray_pretrain.engine.export import read_export
+    from xray_pretrain.inference import BLOCK_HEAD_WEIGHTS
+    from xray_pretrain.models import block_pooled_features
+
+    pretrained, _ = zero2_run
+    run, export = tmp_path / "run", tmp_path / "export"
+    overrides = [f"init.weights={pretrained}", "classify.mode=linear", "classify.pool=blocks", "model.drop_path=0",
+                 "optim.base_lr=1e-1", "train.steps=4", "log.val_every=2", "checkpoint.every=4", "checkpoint.keep_last=1",
+                 "data.num_workers=0"]  # fmt: skip
+    cfg = _cfg(phantom_shards, run, overrides)
+    summary = train(cfg)
+    assert summary["steps"] == 4 and summary["test"]["test_num_samples"] == 17
+    info = json.loads((run / "checkpoints" / "best" / checkpoint.INFERENCE_NAME).read_text())
+    assert info["mode"] == "linear" and info["pool"] == "blocks"
+    assert cli_main(["evaluate", "--checkpoint", str(run), "--out", str(tmp_path / "test.json"),
+                     "data.num_workers=0"]) == 0  # fmt: skip
+    probs = {
+        row["key"]: [float(row[f"p:{n}"]) for n in LABELS]
+        for row in csv.DictReader(open(tmp_path / "test.csv"))
+    }
+    assert cli_main(["export", "--checkpoint", str(run), "--out", str(export)]) == 0
+    encoder = read_export(export).encoder.eval()
+    with safe_open(str(export / BLOCK_HEAD_WEIGHTS), "pt") as f:
+        weight_CF, bias_C = f.get_tensor("weight"), f.get_tensor("bias")
+        assert json.loads(f.metadata()["label_names"]) == LABELS
+    assert weight_CF.shape == (len(LABELS), 96 * 4)
+    loader = build_val_loader(cfg.data, image_size=(64, 64), micro_batch=8, rank=0, world_size=1,
+                              whole_split=True, split="test")  # fmt: skip
+    num_checked = 0
+    for batch in loader:
+        exported = torch.sigmoid(block_pooled_features(encoder, batch["image"]) @ weight_CF.T + bias_C)
+        for key, p, weight in zip(batch["key"], exported.tolist(), batch["weight"].tolist()):
+            if weight > 0:
+                assert p == pytest.approx(probs[key], abs=1e-4), key
+                num_checked += 1
+    assert num_checked == len(probs) == 17
+    # predict: raw DICOMs through the same head
+    source_of = {r["key"]: r["source_path"] for r in csv.DictReader(open(phantom_shards / "id_map.csv"))}
+    keys = sorted(probs)[:2]
+    capsys.readouterr()
+    assert cli_main(["predict", "--checkpoint", str(run), *(source_of[k] for k in keys)]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["file"] for line in lines] == [source_of[k] for k in keys]
+    for key, line in zip(keys, lines):
+        assert [line["probabilities"][n] for n in LABELS] == pytest.approx(probs[key], abs=0.01)
+    assert cli_main(["embed", "--checkpoint", str(run), "--shards", str(phantom_shards), "--out",
+                     str(tmp_path / "f.npz"), "--split", "val"]) == 0  # fmt: skip
+    assert np.load(tmp_path / "f.npz")["features"].shape == (14, 96 * 4)  # every block's mean token
+
+
 # ---- a 2-rank fine-tune and the inference commands on it -------------------------------------------
 @pytest.fixture(scope="module")
 def finetune_run(tmp_path_factory, zero2_run, phantom_shards) -> Path:

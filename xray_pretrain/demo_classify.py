@@ -1,14 +1,19 @@
 """Pre-trained vs random init on labelled shards, every classifier trained in this one process.
 
 The demo's classification stage (`summary["classify"]`) and `benchmarks/masking_compare.py` use it.
-From one pre-training run it fine-tunes classifiers on the same few labelled images from
+From one pre-training run it trains classifiers on the same few labelled images from
 
 - the run's final weights (`pre-trained`),
 - the run's step-0 weights (`random init`: same architecture, same init seed; `step0_source`),
 
 with the same recipe and the same LR grid, each LR and step chosen on the validation split, and
-adds two references: the frozen pre-trained encoder (`linear probe`) and a logistic regression on
-32×32 downsampled pixels (`pixels`). Every row is scored on the whole test set (a second `synth`
+adds two references: the frozen pre-trained encoder under MAE's linear probe (`linear probe`: head on
+the mean final-norm patch token) and a logistic regression on 32×32 downsampled pixels (`pixels`).
+The default recipe (`DEFAULT_RECIPE` = `BLOCKS_VIEWS_RECIPE`) is itself a probe of the frozen encoder:
+the engine's BatchNorm + linear head on every block's mean patch token (`classify.pool=blocks`),
+trained on crops of the labelled images drawn by `finetune`'s own augmentation; chosen over partial
+fine-tuning and the other probes on validation mean AUROC and cost (benchmarks/RESULTS.md, "the
+demo's classification recipe, chosen"). Every row is scored on the whole test set (a second `synth`
 seed in the demo), for several seeds (label subset, head init, batch order), with a paired
 bootstrap interval for the pre-trained minus random-init gap.
 
@@ -17,11 +22,14 @@ Why not one `xray-pretrain finetune` launch per classifier: each costs ~30 s CPU
 shared with `finetune`: `ClassifyTask` (model, head init, freezing, parameter groups with layer
 decay, loss, metrics with validation-chosen thresholds), the label fraction drawn by patient
 (`label_fraction_subset`), the engine's weights-only init (every key accounted for) and its AdamW
-with warm-up + cosine. What differs, for speed: images are decoded once, as validation sees them
-(whole image, no crop or jitter); the frozen part of the model runs once per image
-(`ClassificationModel.frozen_tokens`), and the training augmentation is a random subset of those
-tokens per sample and step (`Recipe.token_drop`, MAE-style token masking); validation every
-`Recipe.val_every` steps keeps the best weights, as `checkpoints/best` does.
+with warm-up + cosine, and with `Recipe.views` its training dataset and augmentation
+(`augmented_views`). What differs, for speed: the frozen part of the model runs once per image
+(`ClassificationModel.frozen_tokens`): on `Recipe.views` fixed crops of each labelled image where
+`finetune` draws a new crop every step, or (`views=0`) on the whole image, as validation sees it,
+with a random subset of its tokens per sample and step as the augmentation (`Recipe.token_drop`,
+MAE-style token masking); batches are drawn with replacement; validation every `Recipe.val_every`
+steps keeps the best weights, as `checkpoints/best` does. `Recipe.head=logistic` (scikit-learn) has
+no `finetune` counterpart: it is kept to compare with benchmarks/claim_levers.py's `multiprobe`.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from xray_pretrain.engine.init_weights import (
     step0_source,
 )
 from xray_pretrain.engine.optim import build_optimizer, lr_at, set_lr
+from xray_pretrain.models.heads import pool_tokens
 from xray_pretrain.models.masking import select_visible
 from xray_pretrain.tasks.classify import ClassifyTask, label_fraction_subset
 from xray_pretrain.tasks.classify_config import ClassifyConfig
@@ -56,14 +65,20 @@ EVAL_BATCH = 128
 class Recipe:
     """How every classifier of one row trains (the same for both inits).
 
-    Defaults: the best recipe measured so far (benchmarks/RESULTS.md, "the claim in miniature"):
-    partial fine-tuning with the first 3 of 4 blocks frozen, mean-pooled tokens, 10% of the training
-    patients, LR in {3e-3, 1e-2} chosen on validation. `pretrain_overrides` are the run-config
-    overrides the pre-training run of this recipe uses (the demo passes them to `pretrain`)."""
+    Field defaults: partial fine-tuning with the first 3 of 4 blocks frozen, mean-pooled tokens, 10%
+    of the training patients, LR in {3e-3, 1e-2} chosen on validation (`PARTIAL_RECIPE`, the demo's
+    recipe before `BLOCKS_VIEWS_RECIPE`). `head`: `adamw` trains the head (and the unfrozen blocks)
+    as `xray-pretrain finetune` does; `logistic` (mode linear only) fits one scikit-learn logistic
+    regression per label on the standardized pooled frozen features instead, C in `cs` chosen on
+    validation (no steps, LR or token drop).
+    `pretrain_overrides` are the run-config overrides the pre-training run of this recipe uses (the
+    demo passes them to `pretrain`)."""
 
     mode: str = "partial"  # classify.mode: linear | partial (finetune has no frozen part to reuse)
     freeze_blocks: int = 3
-    pool: str = "mean"
+    pool: str = "mean"  # classify.pool: cls | mean | blocks (linear only)
+    head: str = "adamw"  # adamw | logistic (see above)
+    cs: tuple[float, ...] = (0.01, 0.1, 1.0)  # logistic: inverse regularization grid
     layer_decay: float = 0.75
     weight_decay: float = 0.05
     lrs: tuple[float, ...] = (3e-3, 1e-2)
@@ -71,6 +86,9 @@ class Recipe:
     batch: int = 16
     warmup_steps: int = 30
     token_drop: float = 0.25  # share of patch tokens left out per sample and step (augmentation)
+    # > 0: instead, each labelled image is seen as this many views drawn by `finetune`'s training
+    # augmentation (`augmented_views`), the frozen part run once per view
+    views: int = 0
     clip_grad: float = 1.0  # as optim.clip_grad
     betas: tuple[float, float] = (0.9, 0.999)
     val_every: int = 50
@@ -87,12 +105,40 @@ class Recipe:
             raise ValueError(
                 "Recipe.mode=finetune: use linear or partial (the frozen part runs once per image)"
             )
+        if self.head not in HEADS:
+            raise ValueError(f"Recipe.head={self.head!r}: use one of {HEADS}")
+        if self.head == "logistic" and cfg.mode != "linear":
+            raise ValueError("Recipe.head=logistic needs mode=linear (it fits on frozen features)")
+        if self.views and (self.head != "adamw" or self.token_drop):
+            raise ValueError(
+                "Recipe.views: for head=adamw with token_drop=0 (the views are the augmentation)"
+            )
         return cfg
 
 
-DEFAULT_RECIPE = Recipe()
+HEADS = ("adamw", "logistic")
+PARTIAL_RECIPE = Recipe()
 # The linear probe row: frozen encoder, parameter-free BatchNorm + linear head (MAE's probe).
-PROBE_RECIPE = replace(DEFAULT_RECIPE, mode="linear", lrs=(1e-2, 1e-1), layer_decay=1.0, weight_decay=0.0)
+PROBE_RECIPE = replace(PARTIAL_RECIPE, mode="linear", lrs=(1e-2, 1e-1), layer_decay=1.0, weight_decay=0.0)
+# Frozen encoder, head on every block's mean patch token (`classify.pool=blocks`), trained as the
+# engine trains it (`finetune classify.mode=linear classify.pool=blocks`) ...
+BLOCKS_RECIPE = replace(PROBE_RECIPE, pool="blocks")
+# ... or as benchmarks/claim_levers.py's `multiprobe`: logistic regression per finding, C on validation.
+BLOCKS_LOGISTIC_RECIPE = replace(BLOCKS_RECIPE, head="logistic")
+# ... or with finetune's crop and exposure jitter instead of token drop (32 views of each labelled image).
+BLOCKS_VIEWS_RECIPE = replace(BLOCKS_RECIPE, views=32, token_drop=0.0)
+RECIPES = {
+    "partial": PARTIAL_RECIPE,
+    "probe": PROBE_RECIPE,
+    "blocks": BLOCKS_RECIPE,
+    "blocks_logistic": BLOCKS_LOGISTIC_RECIPE,
+    "blocks_views": BLOCKS_VIEWS_RECIPE,
+}
+AUGMENT_CONFIG = "classify_phantom"  # the packaged config whose `data` augmentation `views` draws with
+# The demo's: of the recipes measured on the demo's data, the best validation mean AUROC over both
+# inits by far, at under 1 minute of one core, and what `finetune classify.mode=linear
+# classify.pool=blocks` trains (benchmarks/RESULTS.md, "the demo's classification recipe, chosen").
+DEFAULT_RECIPE = BLOCKS_VIEWS_RECIPE
 
 
 @dataclass
@@ -146,17 +192,43 @@ def load_split(shards: list[Path], splits: list[str], image_size) -> Split:
     return Split(torch.cat(images), torch.cat(labels), names, keys)
 
 
+def labelled_table(shards: list[Path], label_names: list[str], fraction: float, seed: int):
+    """The training SplitTable restricted to a `fraction` of its patients, as `finetune` draws it."""
+    from xray_pretrain.data.shards import SplitTable, open_folders
+
+    table = SplitTable(open_folders([str(s) for s in shards]), "train", label_names)
+    return label_fraction_subset(table, fraction, seed) if fraction < 1 else table
+
+
 def train_rows(
     shards: list[Path], label_names: list[str], fraction: float, seed: int, keys: list[str]
 ) -> np.ndarray:
     """Row indices (into `keys`, the loaded train split) of a `fraction` of the training patients."""
-    from xray_pretrain.data.shards import SplitTable, open_folders
-
-    table = SplitTable(open_folders([str(s) for s in shards]), "train", label_names)
-    if fraction < 1:
-        table = label_fraction_subset(table, fraction, seed)
+    table = labelled_table(shards, label_names, fraction, seed)
     chosen = {table.key(f, i) for f, size in enumerate(table.folder_sizes) for i in range(size)}
     return np.array([i for i, k in enumerate(keys) if k in chosen], dtype=np.int64)
+
+
+def augmented_views(
+    shards: list[Path], label_names: list[str], fraction: float, seed: int, num_views: int, image_size
+) -> tuple[torch.Tensor, list[str]]:
+    """(num_views * N, 1, H, W) views of the N labelled training images (view k of image n at row
+    k * N + n), each drawn by the training loader's own dataset and augmentation (`AUGMENT_CONFIG`'s
+    `data` section: what `finetune` trains with), under `seed`; and the N keys."""
+    from xray_pretrain.config import load_config
+    from xray_pretrain.data.loader import item_table, train_augment
+    from xray_pretrain.data.wds import TrainDataset
+
+    table = labelled_table(shards, label_names, fraction, seed)
+    pairs = [(f, i) for f, size in enumerate(table.folder_sizes) for i in range(size)]
+    augment = train_augment(load_config(AUGMENT_CONFIG, ["data.shards=[unused]"]).data)
+    dataset = TrainDataset(item_table(table, None), augment, seed, tuple(image_size))
+    images = [
+        dataset[(k * len(pairs) + n, f, i)]["image"]
+        for k in range(num_views)
+        for n, (f, i) in enumerate(pairs)
+    ]
+    return torch.stack(images), [table.key(f, i) for f, i in pairs]
 
 
 # ---- one classifier --------------------------------------------------------------------------------
@@ -180,10 +252,10 @@ def initialized_model(task: ClassifyTask, source: InitSource, seed: int):
 
 
 @torch.no_grad()
-def frozen_tokens(model, split: Split) -> torch.Tensor:
-    """(N, 1 + L, D) output of the model's frozen part for every image of `split` (eval mode)."""
+def frozen_tokens(model, images_NCHW: torch.Tensor) -> torch.Tensor:
+    """(N, 1 + L, D) output of the model's frozen part for every image (eval mode)."""
     model.eval()
-    return torch.cat([model.frozen_tokens(x) for x in split.images_NCHW.split(EVAL_BATCH)])
+    return torch.cat([model.frozen_tokens(x) for x in images_NCHW.split(EVAL_BATCH)])
 
 
 @torch.no_grad()
@@ -248,35 +320,46 @@ def _rows(probs_NC: np.ndarray, targets_NC: torch.Tensor) -> dict[str, list]:
 def pixel_baseline(
     data: dict[str, Split], rows: np.ndarray, label_names: list[str]
 ) -> tuple[np.ndarray, dict, dict]:
-    """Logistic regression per label on 32×32 area-downsampled, standardized pixels; C chosen on
-    validation mean AUROC. Returns (test probabilities (N, C), test metrics, what was chosen)."""
+    """Logistic regression per label on 32×32 area-downsampled pixels (`logistic_per_label`).
+    Returns (test probabilities (N, C), test metrics, what was chosen)."""
     import torch.nn.functional as F
+
+    pixels = {
+        n: F.adaptive_avg_pool2d(s.images_NCHW, PIXELS_SIDE).flatten(1).numpy() for n, s in data.items()
+    }
+    return logistic_per_label(pixels, data, rows, label_names, PIXELS_C_GRID)
+
+
+def logistic_per_label(
+    features: dict[str, np.ndarray], data: dict[str, Split], rows: np.ndarray, label_names: list[str],
+    c_grid: tuple[float, ...],
+) -> tuple[np.ndarray, dict, dict]:  # fmt: skip
+    """Per label, a logistic regression on `features[split]` (N, F) standardized on the labelled
+    `rows` of train, fit on those rows; C in `c_grid` chosen on validation mean AUROC, thresholds on
+    validation. Returns (test probabilities (N, C), test metrics, what was chosen)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
     from xray_pretrain.tasks.metrics import choose_thresholds, classification_metrics
 
-    pixels = {
-        n: F.adaptive_avg_pool2d(s.images_NCHW, PIXELS_SIDE).flatten(1).numpy() for n, s in data.items()
-    }
     targets = {n: s.targets_NC.numpy().astype(np.float64) for n, s in data.items()}
-    scaler = StandardScaler().fit(pixels["train"][rows])
-    pixels = {n: scaler.transform(x) for n, x in pixels.items()}
+    scaler = StandardScaler().fit(features["train"][rows])
+    features = {n: scaler.transform(x) for n, x in features.items()}
 
     def predict(c: float) -> dict[str, np.ndarray]:
-        probs = {n: np.full((len(x), len(label_names)), 0.5) for n, x in pixels.items()}
+        probs = {n: np.full((len(x), len(label_names)), 0.5) for n, x in features.items()}
         for j in range(len(label_names)):
             y = targets["train"][rows, j]
             known = ~np.isnan(y)
             if len(set(y[known])) < 2:
                 continue  # one kind of label in the subset: no model, p = 0.5 (unscorable anyway)
-            model = LogisticRegression(C=c, max_iter=2000).fit(pixels["train"][rows][known], y[known])
-            for n, x in pixels.items():
+            model = LogisticRegression(C=c, max_iter=2000).fit(features["train"][rows][known], y[known])
+            for n, x in features.items():
                 probs[n][:, j] = model.predict_proba(x)[:, 1]
         return probs
 
     best = None
-    for c in PIXELS_C_GRID:
+    for c in c_grid:
         probs = predict(c)
         thresholds = choose_thresholds(probs["val"], targets["val"])
         val = classification_metrics(probs["val"], targets["val"], label_names, thresholds)["mean_auroc"]
@@ -338,25 +421,52 @@ class Comparison:
             )
         return row
 
+    def _frozen(self, source: InitSource, recipe: Recipe, model) -> dict[str, torch.Tensor]:
+        """`model`'s frozen tokens of every split: the same for every seed and LR, so computed once."""
+        key = (str(source.path), source.kind, recipe.mode, recipe.freeze_blocks, recipe.pool == "blocks")
+        if key not in self.tokens_cache:
+            self.tokens_cache[key] = {
+                n: frozen_tokens(model, split.images_NCHW) for n, split in self.data.items()
+            }
+        return self.tokens_cache[key]
+
+    def _with_views(self, model, recipe: Recipe, seed: int, tokens: dict, targets: dict):
+        """`tokens` and `targets` with the train split replaced by `recipe.views` augmented views of
+        each labelled image, and the rows to train on (all of them)."""
+        images, keys = augmented_views(
+            [self.shards], self.label_names, recipe.label_fraction, seed, recipe.views, self.run_cfg.model.image_hw()
+        )  # fmt: skip
+        row_of = {key: i for i, key in enumerate(self.data["train"].keys)}
+        targets_NC = targets["train"][torch.tensor([row_of[key] for key in keys])]
+        view_tokens = frozen_tokens(model, images)
+        train_targets = targets_NC.repeat(recipe.views, 1)  # view k of image n at row k * N + n
+        return (
+            {**tokens, "train": view_tokens},
+            {**targets, "train": train_targets},
+            np.arange(len(keys) * recipe.views),
+        )
+
     def _best_of_grid(self, source: InitSource, recipe: Recipe, seed: int, rows: np.ndarray):
-        """One classifier per LR of the recipe's grid; the one best on validation (LR and step)
+        """One classifier per LR (or C) of the recipe's grid; the one best on validation (LR and step)
         scores the test split once. Returns (test probabilities (N, C), test metrics, the choice)."""
         task = classify_task(self.run_cfg, recipe, seed, self.label_names)
+        if recipe.head == "logistic":
+            tokens = self._frozen(source, recipe, initialized_model(task, source, seed))
+            features = {name: pool_tokens(t, recipe.pool).numpy() for name, t in tokens.items()}
+            return logistic_per_label(features, self.data, rows, self.label_names, recipe.cs)
         targets = {name: split.targets_NC for name, split in self.data.items()}
-        key = (str(source.path), source.kind, recipe.mode, recipe.freeze_blocks)
-        best = None
+        best, tokens = None, None
         for lr in recipe.lrs:
             model = initialized_model(task, source, seed)
-            if key not in self.tokens_cache:  # the frozen part is the same for every seed and LR
-                self.tokens_cache[key] = {
-                    name: frozen_tokens(model, split) for name, split in self.data.items()
-                }
-            score, step, state = fit(task, model, self.tokens_cache[key], targets, rows, lr, recipe, seed)
+            if tokens is None:
+                tokens = self._frozen(source, recipe, model)
+                if recipe.views:
+                    tokens, targets, rows = self._with_views(model, recipe, seed, tokens, targets)
+            score, step, state = fit(task, model, tokens, targets, rows, lr, recipe, seed)
             if best is None or score > best[0]:
                 best = (score, lr, step, state, model)
         score, lr, step, state, model = best
         model.load_state_dict(state)
-        tokens = self.tokens_cache[key]
         val = task.metrics(_rows(probabilities(model, tokens["val"]), targets["val"]), None)
         probs = probabilities(model, tokens["test"])
         test = task.metrics(_rows(probs, targets["test"]), {"thresholds": task.fitted_state()["thresholds"]})
@@ -435,7 +545,10 @@ def _compare(run_dir, shards, test_shards, recipe, probe, seeds, num_resamples, 
         "num_val": len(bench.data["val"].keys),
         "recipe": asdict(recipe),
         "probe_recipe": asdict(probe) if probe is not None else None,
-        "rows": {arm: {"test_mean_auroc": r.test_mean_auroc, "chosen": r.chosen} for arm, r in rows.items()},
+        "rows": {
+            arm: {"test_mean_auroc": r.test_mean_auroc, "test_auroc": r.test_auroc, "chosen": r.chosen}
+            for arm, r in rows.items()
+        },
     }
     return {"classify": summary, "details": details, "seconds": time.perf_counter() - start}
 

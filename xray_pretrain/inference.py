@@ -131,14 +131,57 @@ def export_classifier(path: Path, out_dir: Path, dtype: str = "fp32") -> dict:
     # export's pretrained_cfg must reproduce.
     data["normalization"] = dict(data["normalization"], **info["intensity"])
     weight_CD, bias_C = model.folded_head()
-    head = ClassifierHead(weight_CD, bias_C, list(info["label_names"]), TIMM_POOLS[model.pool])
     provenance = {
         "checkpoint": str(path),
         "checkpoint_tag": tag,
         "run_config": classifier.cfg.to_dict(),
         "classifier": {k: info.get(k) for k in ("mode", "pool", "thresholds", "uncertain", "image_size")},
     }
+    if model.pool == "blocks":
+        return export_block_classifier(
+            model.encoder, weight_CD, bias_C, list(info["label_names"]), out_dir, data, dtype, provenance,
+            run_metrics(root.parent),
+        )  # fmt: skip
+    head = ClassifierHead(weight_CD, bias_C, list(info["label_names"]), TIMM_POOLS[model.pool])
     return write_export(model.encoder, out_dir, data, dtype, head, provenance, run_metrics(root.parent))
+
+
+BLOCK_HEAD_WEIGHTS = "block_head.safetensors"
+
+
+def export_block_classifier(encoder, weight_CF, bias_C, label_names: list[str], out_dir: Path, data: dict,
+                            dtype: str, provenance: dict, metrics: dict) -> dict:  # fmt: skip
+    """A `classify.pool=blocks` classifier: timm has no head over every block's pooled tokens, so the
+    encoder exports as :func:`engine.export.write_export` writes it (timm loads it alone) and the
+    head, BatchNorm folded in, goes beside it (`block_head.safetensors`: `weight` (C, D * depth),
+    `bias` (C,), the label names in its metadata), described in the model card:
+    logits = block_pooled_features(encoder, images) @ weight.T + bias."""
+    from safetensors.torch import save_file
+
+    from xray_pretrain.config import PRECISION_DTYPES
+    from xray_pretrain.engine.export import CARD_FILE, write_export
+
+    provenance["classifier"] = dict(provenance["classifier"], label_names=label_names)
+    summary = write_export(encoder, out_dir, data, dtype, None, provenance, metrics)
+    tensors = {"weight": weight_CF, "bias": bias_C}
+    tensors = {k: v.detach().to(PRECISION_DTYPES[dtype]).contiguous() for k, v in tensors.items()}
+    save_file(tensors, Path(out_dir) / BLOCK_HEAD_WEIGHTS, metadata={"label_names": json.dumps(label_names)})
+    with open(Path(out_dir) / CARD_FILE, "a") as card:
+        card.write(
+            "\n## Classifier head over every block\n\n"
+            f"`{BLOCK_HEAD_WEIGHTS}` holds a linear classifier ({len(label_names)} labels: "
+            f"{', '.join(label_names)}) on {weight_CF.shape[1]} features: each of the encoder's "
+            f"{len(encoder.blocks)} blocks' output tokens, layer-normed without affine parameters, averaged "
+            "over the patch tokens, concatenated in block order (`xray_pretrain.models.block_pooled_features`; "
+            "the encoder's final norm is not used). The probe's BatchNorm is folded in: "
+            "`probabilities = sigmoid(block_pooled_features(encoder, images) @ weight.T + bias)`; the label "
+            "names are in the file's metadata (`label_names`). timm loads the encoder alone.\n"
+        )
+    summary["files"].append(BLOCK_HEAD_WEIGHTS)
+    summary["num_params"] += sum(v.numel() for v in tensors.values())
+    summary["head"] = {"num_classes": len(label_names), "global_pool": "blocks", "label_names": label_names,
+                       "num_features": int(weight_CF.shape[1])}  # fmt: skip
+    return summary
 
 
 REPORT_DECODER_WEIGHTS = "report_decoder.safetensors"
@@ -378,7 +421,8 @@ class FeatureModel:
 
 
 def load_feature_model(path: Path, device: str | None = None) -> FeatureModel:
-    """A classifier checkpoint (its pooling), or a pre-training checkpoint (its encoder's cls token)."""
+    """A classifier checkpoint (its pooling: D features, D * depth for `blocks`), or a pre-training
+    checkpoint (its encoder's cls token)."""
     from xray_pretrain.models.heads import pool_tokens
 
     root, tag = resolve_inference_checkpoint(path)

@@ -1,7 +1,7 @@
 """`xray-pretrain embed --checkpoint DIR --shards DIR [DIR ...] --out FILE.npz [--split NAME ...]`:
 one pooled encoder feature vector per sample (`key`, `split`, `features` (N, D) in an .npz file).
 
-DIR: a classifier (its pooling: cls or mean) or a pre-training run (its encoder's cls token): a run
+DIR: a classifier (its pooling: cls, mean, or blocks: D * depth features) or a pre-training run (its encoder's cls token): a run
 folder (best, else latest), its checkpoints folder (latest) or one step folder."""
 
 from __future__ import annotations

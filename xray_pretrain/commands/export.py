@@ -1,6 +1,7 @@
 """`xray-pretrain export --checkpoint DIR --out DIR`: a checkpoint's encoder (and a fine-tuned classifier's
 head), consolidated (any ZeRO stage), as a timm model folder with a model card (the hierarchical stem,
-which timm cannot express, keeps the project's own format)."""
+which timm cannot express, keeps the project's own format; a `classify.pool=blocks` head, which timm
+cannot express either, goes beside the encoder in its own file)."""
 
 from __future__ import annotations
 
@@ -29,4 +30,8 @@ def run(args) -> int:
     )
     if summary["format"] == "timm":
         print(f'load it: timm.create_model("local-dir:{args.out.resolve()}", pretrained=True)')
+    if summary["head"] and summary["head"]["global_pool"] == "blocks":
+        print(
+            f"the head over every block's pooled tokens (no timm form): {summary['files'][-1]}, see README.md"
+        )
     return 0

@@ -1,7 +1,8 @@
 """Task heads over a :class:`ViTEncoder`.
 
-``ClassificationModel``: encoder -> one feature per image (the cls token, or the mean of the patch
-tokens) -> logits. Two head forms, as MAE fine-tunes and probes:
+``ClassificationModel``: encoder -> one feature per image (the cls token, the mean of the patch
+tokens, or, for a frozen encoder, the mean patch token of every block: ``blocks``) -> logits. Two head
+forms, as MAE fine-tunes and probes:
 - fine-tuning: one linear layer, truncated-normal weights of std 2e-5 (MAE's fine-tuning init: the
   head starts near 0, so the first steps do not wreck the pre-trained encoder);
 - linear probe: a parameter-free BatchNorm (no affine, eps 1e-6) then the linear layer (std 0.01),
@@ -17,21 +18,23 @@ from torch import nn
 
 from .vit import LAYER_NORM_EPS, ViTEncoder, run_blocks
 
-POOLS = ("cls", "mean")
+# `blocks`: a head over every block's mean patch token (a frozen encoder only: its features are
+# `block_pooled_features`, D * depth wide). MAE's linear probe reads the last block alone; on the demo's
+# phantoms the earlier blocks keep findings the last one drops (benchmarks/RESULTS.md).
+POOLS = ("cls", "mean", "blocks")
 
 
 def pool_tokens(tokens_BND: torch.Tensor, pool: str) -> torch.Tensor:
-    """(B, 1 + L, D) encoder tokens (cls first) -> (B, D): the cls token, or the patch tokens' mean."""
+    """(B, 1 + L, D) tokens (cls first) -> (B, D): the cls token (`cls`), else the patch tokens' mean
+    (`mean`; `blocks` on the tokens of :func:`block_tokens`)."""
     return tokens_BND[:, 0] if pool == "cls" else tokens_BND[:, 1:].mean(dim=1)
 
 
 @torch.no_grad()
-def block_pooled_features(encoder: ViTEncoder, images_BCHW: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, D * depth) frozen features for a head on pooled tokens of several blocks:
-    each block's output, layer-normed without affine parameters, averaged over the patch tokens,
-    concatenated in block order. Goes through ``encoder.forward`` (its hooks fire); the caller picks
-    eval mode. With the final norm at its init (weight 1, bias 0) the last D columns equal the
-    mean-pooled encoder output."""
+def block_tokens(encoder: ViTEncoder, images_BCHW: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, 1 + L, D * depth): every block's output tokens, each layer-normed without
+    affine parameters, concatenated along the features in block order (cls first). Goes through
+    ``encoder.forward`` (its hooks fire); the caller picks eval mode."""
     outputs: list[torch.Tensor] = []
     hooks = [block.register_forward_hook(lambda _m, _i, out: outputs.append(out)) for block in encoder.blocks]
     try:
@@ -39,10 +42,16 @@ def block_pooled_features(encoder: ViTEncoder, images_BCHW: torch.Tensor) -> tor
     finally:
         for hook in hooks:
             hook.remove()
-    pooled = [
-        F.layer_norm(x_BND, x_BND.shape[-1:], eps=LAYER_NORM_EPS)[:, 1:].mean(dim=1) for x_BND in outputs
-    ]
-    return torch.cat(pooled, dim=1)
+    return torch.cat([F.layer_norm(x_BND, x_BND.shape[-1:], eps=LAYER_NORM_EPS) for x_BND in outputs], dim=2)
+
+
+@torch.no_grad()
+def block_pooled_features(encoder: ViTEncoder, images_BCHW: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, D * depth) frozen features for a head on pooled tokens of several blocks
+    (``pool="blocks"``): each block's output, layer-normed without affine parameters, averaged over
+    the patch tokens, concatenated in block order. With the final norm at its init (weight 1, bias 0)
+    the last D columns equal the mean-pooled encoder output."""
+    return pool_tokens(block_tokens(encoder, images_BCHW), "blocks")
 
 
 class ClassificationModel(nn.Module):
@@ -50,7 +59,9 @@ class ClassificationModel(nn.Module):
 
     ``num_frozen_blocks``: the stem, cls token and this many first blocks get ``requires_grad=False``
     (``-1`` freezes the whole encoder, the linear probe). A fully frozen encoder runs in eval mode
-    under ``no_grad``: no drop-path, no stored activations.
+    under ``no_grad``: no drop-path, no stored activations. ``pool="blocks"`` needs it frozen (its
+    features pass through the blocks' outputs without their trained final norm); the head then
+    takes D * depth features.
     """
 
     def __init__(
@@ -67,12 +78,15 @@ class ClassificationModel(nn.Module):
             raise ValueError(f"pool={pool!r}: use one of {POOLS}")
         self.encoder = encoder
         self.pool = pool
-        linear = nn.Linear(encoder.embed_dim, num_classes)
+        self.encoder_frozen = num_frozen_blocks < 0 or num_frozen_blocks >= len(encoder.blocks) + 1
+        if pool == "blocks" and not self.encoder_frozen:
+            raise ValueError("pool='blocks' needs a frozen encoder (num_frozen_blocks=-1, the linear probe)")
+        self.num_features = encoder.embed_dim * (len(encoder.blocks) if pool == "blocks" else 1)
+        linear = nn.Linear(self.num_features, num_classes)
         nn.init.trunc_normal_(linear.weight, std=head_init_std)
         nn.init.zeros_(linear.bias)
-        norm = nn.BatchNorm1d(encoder.embed_dim, affine=False, eps=1e-6) if probe_norm else nn.Identity()
+        norm = nn.BatchNorm1d(self.num_features, affine=False, eps=1e-6) if probe_norm else nn.Identity()
         self.head = nn.Sequential(norm, linear)
-        self.encoder_frozen = num_frozen_blocks < 0 or num_frozen_blocks >= len(encoder.blocks) + 1
         self.num_frozen_blocks = len(encoder.blocks) if self.encoder_frozen else num_frozen_blocks
         self._freeze(num_frozen_blocks)
 
@@ -94,7 +108,10 @@ class ClassificationModel(nn.Module):
         return self
 
     def features(self, images_BCHW: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, D) pooled encoder features (after the encoder's final norm)."""
+        """(B, C, H, W) -> (B, num_features) pooled encoder features: after the encoder's final norm
+        (cls, mean), or :func:`block_pooled_features` (blocks)."""
+        if self.pool == "blocks":
+            return block_pooled_features(self.encoder, images_BCHW)
         if self.encoder_frozen:
             with torch.no_grad():
                 tokens_BND = self.encoder(images_BCHW)
@@ -108,10 +125,13 @@ class ClassificationModel(nn.Module):
     @torch.no_grad()
     def frozen_tokens(self, images_BCHW: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, 1 + L, D), cls first: what the frozen part of the model outputs, which
-        no training step changes (the whole encoder, final norm included, when it is frozen; else the
-        stem and the first ``num_frozen_blocks`` blocks). :meth:`forward_frozen` finishes the pass:
-        in eval mode ``forward(x) == forward_frozen(frozen_tokens(x))``, so many heads trained on the
-        same images need this computed once."""
+        no training step changes (the whole encoder, final norm included, when it is frozen, or its
+        :func:`block_tokens`, D * depth wide, for ``pool="blocks"``; else the stem and the first
+        ``num_frozen_blocks`` blocks). :meth:`forward_frozen` finishes the pass: in eval mode
+        ``forward(x) == forward_frozen(frozen_tokens(x))``, so many heads trained on the same images
+        need this computed once."""
+        if self.pool == "blocks":
+            return block_tokens(self.encoder, images_BCHW)
         if self.encoder_frozen:
             return self.encoder(images_BCHW)
         if self.num_frozen_blocks < 1:
@@ -130,7 +150,7 @@ class ClassificationModel(nn.Module):
 
     @torch.no_grad()
     def folded_head(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(C, D) weight and (C,) bias of the one linear map the head is in eval mode: the linear
+        """(C, num_features) weight and (C,) bias of the one linear map the head is in eval mode: the linear
         probe's parameter-free BatchNorm, with its running statistics, folded into the linear layer
         (y = W (x - mu) / s + b = (W / s) x + (b - W mu / s), s = sqrt(var + eps), computed in fp64)."""
         norm, linear = self.head

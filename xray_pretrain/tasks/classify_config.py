@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 MODES = ("linear", "finetune", "partial")
 UNCERTAIN_POLICIES = ("ignore", "ones", "zeros")
-POOLS = ("cls", "mean")  # as models.heads.POOLS (kept here so the config imports no torch model code)
+# As models.heads.POOLS (kept here so that the config imports no torch model code).
+POOLS = ("cls", "mean", "blocks")
 
 
 @dataclass
@@ -20,7 +21,11 @@ class ClassifyConfig:
     mode: `linear` (frozen encoder; parameter-free BatchNorm + linear head, the MAE linear probe),
         `finetune` (everything trains, layer-wise LR decay), `partial` (the stem and the first
         `freeze_blocks` blocks frozen, the rest trains with layer decay).
-    pool: head input: the `cls` token or the `mean` of the patch tokens.
+    pool: head input: the `cls` token or the `mean` of the patch tokens (after the final norm), or
+        `blocks` (mode=linear only): every block's output, layer-normed without affine parameters,
+        averaged over the patch tokens, concatenated (`models.block_pooled_features`, D * depth
+        features). With trained blocks the earlier blocks' features would shift under the head while
+        it learns, and MAE fine-tunes on the final norm: no such mode is offered.
     layer_decay: LR of layer i is layer_decay ** (depth + 1 - i) of the head's (MAE/BEiT; 1 = off).
     label_fraction: train on this fraction of the training patients (all their images), drawn with
         `fraction_seed`; validation and test always use their whole splits.
@@ -47,6 +52,11 @@ class ClassifyConfig:
             )
         if self.pool not in POOLS:
             raise ValueError(f"classify.pool={self.pool!r}: use one of {POOLS}")
+        if self.pool == "blocks" and self.mode != "linear":
+            raise ValueError(
+                f"classify.pool=blocks needs classify.mode=linear (a frozen encoder), not {self.mode}: "
+                "use pool=mean or cls to train the encoder"
+            )
         if not 0 < self.layer_decay <= 1:
             raise ValueError(f"classify.layer_decay={self.layer_decay} must be in (0, 1] (1 = no decay)")
         if not 0 < self.label_fraction <= 1:
