@@ -249,6 +249,9 @@ def main() -> None:
         name = "_".join(f"{f:g}" for f in args.fractions)
         (args.work / f"results_lf{name}.json").write_text(json.dumps(part, indent=2, default=str))
     results = merge(args.work)
+    if not results["rows"]:
+        print(f"no {args.work}/results_lf*.json yet: run with --fractions to fine-tune")
+        return
     fractions = [f for f in FRACTIONS if all(f in cells for cells in results["rows"].values())]
     text = table(results, fractions, flops, pretrain_s, args)
     print(text)
