@@ -6,10 +6,12 @@ phantom findings at label fractions 1%, 10% and 100%, per seed, with 95% bootstr
 to random init (the runs' common step-0 weights) and a logistic regression on pixels.
 
     nice -n 10 env OMP_NUM_THREADS=1 python benchmarks/masking_compare.py --work /tmp/masking \\
-        [--num-images 6000] [--size 128] [--steps 600] [--recipe partial] [--results benchmarks/RESULTS.md]
+        [--num-images 9000] [--size 128] [--steps 600] [--recipe partial] [--results benchmarks/RESULTS.md]
 
 Stages (each skipped when its output exists, so an interrupted run continues): synth + convert
-(`xray-shard`, png16, long side 128), one plain pre-training process per strategy (`xray-pretrain
+(`xray-shard`, png16, long side 128), a count of each class's positives in every seed's training
+subset (the run stops there, before pre-training, when one has fewer than `--min-positives` at 1%:
+issue 8 asks for >= 15), one plain pre-training process per strategy (`xray-pretrain
 pretrain --config tiny_cpu`, norm_pix_loss as the demo's recipe), then every classifier in this
 process. `random` masks 75% (MAE); `context` and `rectangle` mask 90% overall, 95% inside the
 chest region and 85% outside (the paper's setting), so they cost fewer FLOPs per step: the table
@@ -95,15 +97,27 @@ def step_flops(strategy: str, recipe_overrides: list[str]) -> float:
     return estimate_step_flops(cfg.model, cfg.mask, cfg.train.global_batch)["total"]
 
 
-def positives_per_class(bench, fraction: float) -> list[int]:
-    """Fewest positives per class over the seeds' training subsets at `fraction`."""
-    train = bench.data["train"].targets_NC.numpy()
-    return [int(min((train[bench.train_subset(fraction, s), c] == 1).sum() for s in SEEDS))
-            for c in range(train.shape[1])]  # fmt: skip
+def count_positives(shards: Path, recipe_overrides: list[str], fractions) -> dict[float, list[int]]:
+    """Per label fraction, the fewest positives per class over the seeds' training subsets (the
+    subsets `Comparison.train_subset` draws), counted before any pre-training."""
+    from xray_pretrain.config import load_config
+    from xray_pretrain.demo_classify import DEFAULT_RECIPE, classify_task, load_split, train_rows
+
+    cfg = load_config("tiny_cpu", [f"data.shards=[{shards}]", *recipe_overrides])
+    train = load_split([shards], ["train"], cfg.model.image_hw())
+    train.set_targets(classify_task(cfg, DEFAULT_RECIPE, 0, train.label_names))
+    targets = train.targets_NC.numpy()
+    subsets = {
+        (f, s): train_rows([shards], train.label_names, f, s, train.keys) for f in fractions for s in SEEDS
+    }
+    return {
+        f: [int(min((targets[subsets[f, s], c] == 1).sum() for s in SEEDS)) for c in range(targets.shape[1])]
+        for f in fractions
+    }
 
 
 def compare_all(
-    work: Path, shards: Path, runs: dict[str, Path], fractions, num_resamples: int, recipe_name: str
+    shards: Path, runs: dict[str, Path], fractions, num_resamples: int, recipe_name: str, positives: dict
 ) -> dict:
     import torch
 
@@ -123,7 +137,7 @@ def compare_all(
     results: dict = {"num_train": len(bench.data["train"].keys), "num_val": len(bench.data["val"].keys),
                      "num_test": bench.num_test, "rows": {}, "min_positives": {}}  # fmt: skip
     for fraction in fractions:
-        results["min_positives"][fraction] = positives_per_class(bench, fraction)
+        results["min_positives"][fraction] = positives[fraction]
         recipe = replace(RECIPES[recipe_name], label_fraction=fraction)
         rows = {name: bench.row(source, recipe, SEEDS) for name, source in sources.items()}
         rows["pixels"] = bench.pixel_row(fraction, SEEDS)
@@ -195,10 +209,14 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, required=True)
-    p.add_argument("--num-images", type=int, default=6000)
+    p.add_argument("--num-images", type=int, default=9000)
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--num-resamples", type=int, default=1000)
+    p.add_argument(
+        "--min-positives", type=int, default=15,
+        help="stop before pre-training when a class has fewer positives in a seed's 1%% subset",
+    )  # fmt: skip
     p.add_argument(
         "--recipe", default="partial", choices=list(RECIPES), help="partial: as RESULTS.md measured"
     )
@@ -215,16 +233,25 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     recipe_overrides = list(RECIPES[args.recipe].pretrain_overrides)
     shards = make_data(args.work, args.num_images, args.size)
+    positives = count_positives(shards, recipe_overrides, FRACTIONS)
+    print("fewest positives of a class in a seed's training subset: "
+          + "; ".join(f"lf {f:g}: {min(p)} {p}" for f, p in positives.items()), flush=True)  # fmt: skip
+    if min(positives[min(FRACTIONS)]) < args.min_positives:
+        sys.exit(f"at lf {min(FRACTIONS):g} a class has only {min(positives[min(FRACTIONS)])} positives in a "
+                 f"seed's subset (< --min-positives {args.min_positives}): raise --num-images")  # fmt: skip
     runs = {s: pretrain(args.work, shards, s, args.steps, recipe_overrides) for s in STRATEGIES}
     flops = {s: step_flops(s, recipe_overrides) for s in STRATEGIES}
     pretrain_s = {s: float((runs[s] / "wall_s.txt").read_text()) for s in STRATEGIES}
     if args.fractions:
         start = time.perf_counter()
-        part = compare_all(args.work, shards, runs, args.fractions, args.num_resamples, args.recipe)
+        part = compare_all(shards, runs, args.fractions, args.num_resamples, args.recipe, positives)
         part["classify_wall_s"] = time.perf_counter() - start
         name = "_".join(f"{f:g}" for f in args.fractions)
         (args.work / f"results_lf{name}.json").write_text(json.dumps(part, indent=2, default=str))
     results = merge(args.work)
+    if not results["rows"]:
+        print(f"no {args.work}/results_lf*.json yet: run with --fractions to fine-tune")
+        return
     fractions = [f for f in FRACTIONS if all(f in cells for cells in results["rows"].values())]
     text = table(results, fractions, flops, pretrain_s, args)
     print(text)
