@@ -185,3 +185,25 @@ def test_tokenizer_survives_resume_and_export(report_run, phantom_shards, tmp_pa
     )
     config = json.loads((export / "config.json").read_text())
     assert config["xray_pretrain"]["report"]["decoder"]["dim"] == 32
+
+
+def test_demo_scores_every_split_of_held_out_shards_with_its_controls(report_run, phantom_shards):
+    """The demo's report stage scoring (demo_report.score_heldout), here with the training folder as
+    the held-out one: every item of every split scored, the controls beside, the reports in a CSV, and
+    the shuffled control fed only other studies' images."""
+    from xray_pretrain.data.shards import SplitTable, open_folders
+    from xray_pretrain.demo_report import REPORT_KEYS, SPLITS, other_study_order, score_heldout
+
+    scored = score_heldout(report_run, phantom_shards, phantom_shards)
+    tables = [SplitTable(open_folders([str(phantom_shards)]), split) for split in SPLITS]
+    assert scored["num_reports"] == sum(sum(t.folder_sizes) for t in tables)
+    report = scored["report"]
+    assert set(report) == {*REPORT_KEYS, "baseline", "shuffled_cider"} and set(report["baseline"]) == set(
+        REPORT_KEYS
+    )
+    assert all(isinstance(report[k], float) for k in ("bleu_4", "rouge_l", "cider", "shuffled_cider"))
+    rows = list(csv.DictReader(open(scored["csv"])))
+    assert len(rows) == scored["num_reports"] and all(r["reference"] for r in rows)
+    keys = [r["key"] for r in rows]
+    other = other_study_order(keys, tables)
+    assert sorted(other) == list(range(len(keys))) and all(i != j for i, j in enumerate(other))

@@ -9,7 +9,12 @@ import shutil
 
 import pytest
 
-from xray_pretrain.report.metrics import METRIC_NAMES, r2gen_truncated_references, score_reports
+from xray_pretrain.report.metrics import (
+    METRIC_NAMES,
+    r2gen_truncated_references,
+    score_reports,
+    score_systems,
+)
 from xray_pretrain.report.tokenizer import ReportTokenizer
 
 
@@ -78,9 +83,13 @@ def test_meteor_matches_pycocoevalcap_under_a_german_default_locale(monkeypatch)
         "no acute cardiopulmonary disease .",
         "small effusion on the left .",
     ]
-    scores = score_reports(refs, hyps)
+    # Two systems through one JVM (score_systems): the hypotheses, and the references themselves.
+    scores, perfect = score_systems(refs, [hyps, refs])
     # pycocoevalcap.meteor.Meteor().compute_score on the same items (Java 17, pycocoevalcap 1.2).
     assert scores["meteor"] == pytest.approx(0.42570821779184975, abs=1e-9)
+    assert 0.9 < perfect["meteor"] <= 1.0 and perfect["bleu_4"] == pytest.approx(1.0)
+    without_meteor = {**scores, "meteor": None}
+    assert score_reports(refs, hyps, meteor=False) == without_meteor  # the other metrics as one system
 
 
 def test_r2gen_truncated_references_are_the_decoded_training_ids():

@@ -69,7 +69,7 @@ def score_heldout(report_run: Path, train_shards: Path, heldout_shards: Path) ->
     from xray_pretrain.data.reports import train_report_texts
     from xray_pretrain.data.shards import SplitTable, open_folders
     from xray_pretrain.inference import load_trained, write_reports_csv
-    from xray_pretrain.report.metrics import score_reports
+    from xray_pretrain.report.metrics import score_reports, score_systems
 
     trained = load_trained(report_run, device="cpu", tasks=("report",))
     task, cfg, rcfg = trained.task, trained.cfg, trained.cfg.report
@@ -102,8 +102,8 @@ def score_heldout(report_run: Path, train_shards: Path, heldout_shards: Path) ->
 
     references = [task.tokenizer.clean(r) for r in rows["reference"]]
     rows["generated"] = generate(list(range(len(references))))
-    scores = score_reports(references, rows["generated"], meteor=rcfg.meteor)
-    baseline = score_reports(references, [most_common] * len(references), meteor=rcfg.meteor)
+    # METEOR (null without Java) whatever the run's report.meteor: one JVM for generator and baseline.
+    scores, baseline = score_systems(references, [rows["generated"], [most_common] * len(references)])
     tables = [SplitTable(open_folders([str(heldout_shards)]), split) for split in SPLITS]
     shuffled = score_reports(references, generate(other_study_order(rows["key"], tables)), meteor=False)
     csv_path = report_run / "heldout.csv"

@@ -60,26 +60,44 @@ def score_reports(
     Returns :data:`METRIC_NAMES` -> score (BLEU and ROUGE-L in [0, 1], CIDEr-D in [0, 10]);
     ``meteor`` is ``None`` when it was not computed (``meteor=False``, no Java, JVM failure).
     """
+    return score_systems(references, [hypotheses], meteor=meteor, meteor_timeout_s=meteor_timeout_s)[0]
+
+
+def score_systems(
+    references: Sequence[str],
+    systems: Sequence[Sequence[str]],
+    *,
+    meteor: bool = True,
+    meteor_timeout_s: float = METEOR_TIMEOUT_S,
+) -> list[dict[str, float | None]]:
+    """:func:`score_reports` for several sets of generated reports against the same references, with
+    one METEOR JVM for all of them (starting it and loading its paraphrase tables costs ~10 s)."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
-    if len(references) != len(hypotheses):
-        raise ValueError(f"{len(references)} references but {len(hypotheses)} generated reports")
     if not references:
         raise ValueError("no reports to score: the evaluation split is empty")
-    gts, res = _normalized(references, "references"), _normalized(hypotheses, "generated reports")
-    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    rouge, _ = Rouge().compute_score(gts, res)
-    cider, _ = Cider().compute_score(gts, res)
-    scores: dict[str, float | None] = {f"bleu_{n + 1}": float(b) for n, b in enumerate(bleu)}
-    scores["meteor"] = None
+    gts = _normalized(references, "references")
+    results = []
+    for hypotheses in systems:
+        if len(references) != len(hypotheses):
+            raise ValueError(f"{len(references)} references but {len(hypotheses)} generated reports")
+        res = _normalized(hypotheses, "generated reports")
+        bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+        rouge, _ = Rouge().compute_score(gts, res)
+        cider, _ = Cider().compute_score(gts, res)
+        scores: dict[str, float | None] = {f"bleu_{n + 1}": float(b) for n, b in enumerate(bleu)}
+        scores.update(meteor=None, rouge_l=float(rouge), cider=float(cider))
+        results.append({name: scores[name] for name in METRIC_NAMES})
     if meteor:
-        scores["meteor"], reason = meteor_score(gts, res, timeout_s=meteor_timeout_s)
+        all_res = [_normalized(hypotheses, "generated reports") for hypotheses in systems]
+        meteors, reason = meteor_scores(gts, all_res, timeout_s=meteor_timeout_s)
         if reason:
             log.warning("METEOR not computed (null in the metrics): %s", reason)
-    scores.update(rouge_l=float(rouge), cider=float(cider))
-    return {name: scores[name] for name in METRIC_NAMES}
+        for scores, value in zip(results, meteors or [None] * len(results)):
+            scores["meteor"] = value
+    return results
 
 
 def r2gen_truncated_references(tokenizer, reports: Sequence[str]) -> list[str]:
@@ -93,12 +111,13 @@ def meteor_jar() -> str:
     return str(importlib.resources.files("pycocoevalcap.meteor") / "meteor-1.5.jar")
 
 
-def meteor_score(
-    gts: dict[int, list[str]], res: dict[int, list[str]], timeout_s: float = METEOR_TIMEOUT_S
-) -> tuple[float | None, str]:
-    """(corpus METEOR, '') or (None, why not). pycocoevalcap's stdio protocol: one ``SCORE`` line per
-    item, answered by its statistics, then one ``EVAL`` line over all of them, answered by the
-    per-item scores and the corpus score."""
+def meteor_scores(
+    gts: dict[int, list[str]], systems: list[dict[int, list[str]]], timeout_s: float = METEOR_TIMEOUT_S
+) -> tuple[list[float] | None, str]:
+    """(corpus METEOR of each system, '') or (None, why not), every system through one JVM (as
+    pycocoevalcap reuses its JVM across calls). pycocoevalcap's stdio protocol, once per system: one
+    ``SCORE`` line per item, answered by its statistics, then one ``EVAL`` line over all of them,
+    answered by the per-item scores and the corpus score."""
     java = shutil.which("java")
     if java is None:
         return None, "no `java` on PATH (METEOR 1.5 is a Java program; install a JRE, e.g. openjdk-17-jre)"
@@ -119,7 +138,7 @@ def meteor_score(
         timer = threading.Timer(timeout_s, proc.kill)
         timer.start()
         try:
-            return _meteor_protocol(proc, gts, res), ""
+            return [_meteor_protocol(proc, gts, res) for res in systems], ""
         except (OSError, ValueError) as error:
             if not timer.is_alive():
                 return None, f"the METEOR JVM did not finish within {timeout_s:g} s and was killed"
