@@ -48,6 +48,34 @@ def ban_repeated_trigrams(tokens_NT: torch.Tensor, log_probs_NV: torch.Tensor) -
     log_probs_NV.masked_fill_(hits_NV > 0, float("-inf"))
 
 
+def _one_token_at_a_time(
+    step: StepFn,
+    choose: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    batch_size: int,
+    max_length: int,
+    bos_id: int,
+    eos_id: int,
+    pad_id: int,
+    all_finished: Callable[[bool], bool] | None,
+    device: torch.device | str,
+) -> torch.Tensor:
+    """The loop greedy search and sampling share: ``choose(tokens_BT, log_probs_BV) -> next_B`` picks
+    each row's next token (``<pad>`` and ``<bos>`` already at -inf); finished rows get ``<pad>``."""
+    all_finished = all_finished or _local
+    tokens_BT = torch.full((batch_size, 1), bos_id, dtype=torch.long, device=device)
+    done_B = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    for position in range(max_length - 1):
+        log_probs_BV = step(tokens_BT[:, -1], position)
+        log_probs_BV[:, [pad_id, bos_id]] = float("-inf")  # never generated (an untrained model may try)
+        next_B = choose(tokens_BT, log_probs_BV).masked_fill(done_B, pad_id)
+        tokens_BT = torch.cat([tokens_BT, next_B[:, None]], dim=1)
+        done_B |= next_B == eos_id
+        if all_finished(bool(done_B.all())):
+            break
+    return tokens_BT[:, 1:]
+
+
 def greedy_search(
     step: StepFn,
     *,
@@ -61,20 +89,16 @@ def greedy_search(
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """The most likely next token at every step -> (B, T <= max_length - 1) generated ids."""
-    all_finished = all_finished or _local
-    tokens_BT = torch.full((batch_size, 1), bos_id, dtype=torch.long, device=device)
-    done_B = torch.zeros(batch_size, dtype=torch.bool, device=device)
-    for position in range(max_length - 1):
-        log_probs_BV = step(tokens_BT[:, -1], position)
-        log_probs_BV[:, [pad_id, bos_id]] = float("-inf")  # never generated (an untrained model may try)
+
+    def most_likely(tokens_BT: torch.Tensor, log_probs_BV: torch.Tensor) -> torch.Tensor:
         if block_trigrams:
             ban_repeated_trigrams(tokens_BT, log_probs_BV)
-        next_B = log_probs_BV.argmax(-1).masked_fill(done_B, pad_id)
-        tokens_BT = torch.cat([tokens_BT, next_B[:, None]], dim=1)
-        done_B |= next_B == eos_id
-        if all_finished(bool(done_B.all())):
-            break
-    return tokens_BT[:, 1:]
+        return log_probs_BV.argmax(-1)
+
+    return _one_token_at_a_time(
+        step, most_likely, batch_size=batch_size, max_length=max_length, bos_id=bos_id, eos_id=eos_id,
+        pad_id=pad_id, all_finished=all_finished, device=device,
+    )  # fmt: skip
 
 
 def sample_search(
@@ -94,18 +118,14 @@ def sample_search(
     exploration; no trigram blocking (the samples must come from the model's own distribution)."""
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be > 0 (greedy_search is the zero limit)")
-    all_finished = all_finished or _local
-    tokens_BT = torch.full((batch_size, 1), bos_id, dtype=torch.long, device=device)
-    done_B = torch.zeros(batch_size, dtype=torch.bool, device=device)
-    for position in range(max_length - 1):
-        log_probs_BV = step(tokens_BT[:, -1], position) / temperature
-        log_probs_BV[:, [pad_id, bos_id]] = float("-inf")
-        next_B = torch.multinomial(log_probs_BV.softmax(-1), 1)[:, 0].masked_fill(done_B, pad_id)
-        tokens_BT = torch.cat([tokens_BT, next_B[:, None]], dim=1)
-        done_B |= next_B == eos_id
-        if all_finished(bool(done_B.all())):
-            break
-    return tokens_BT[:, 1:]
+
+    def drawn(_tokens_BT: torch.Tensor, log_probs_BV: torch.Tensor) -> torch.Tensor:
+        return torch.multinomial((log_probs_BV / temperature).softmax(-1), 1)[:, 0]
+
+    return _one_token_at_a_time(
+        step, drawn, batch_size=batch_size, max_length=max_length, bos_id=bos_id, eos_id=eos_id,
+        pad_id=pad_id, all_finished=all_finished, device=device,
+    )  # fmt: skip
 
 
 @dataclass
