@@ -79,11 +79,12 @@ def score_systems(
     if not references:
         raise ValueError("no reports to score: the evaluation split is empty")
     gts = _normalized(references, "references")
-    results = []
     for hypotheses in systems:
         if len(references) != len(hypotheses):
             raise ValueError(f"{len(references)} references but {len(hypotheses)} generated reports")
-        res = _normalized(hypotheses, "generated reports")
+    all_res = [_normalized(hypotheses, "generated reports") for hypotheses in systems]
+    results = []
+    for res in all_res:
         bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
         rouge, _ = Rouge().compute_score(gts, res)
         cider, _ = Cider().compute_score(gts, res)
@@ -91,7 +92,6 @@ def score_systems(
         scores.update(meteor=None, rouge_l=float(rouge), cider=float(cider))
         results.append({name: scores[name] for name in METRIC_NAMES})
     if meteor:
-        all_res = [_normalized(hypotheses, "generated reports") for hypotheses in systems]
         meteors, reason = meteor_scores(gts, all_res, timeout_s=meteor_timeout_s)
         if reason:
             log.warning("METEOR not computed (null in the metrics): %s", reason)
