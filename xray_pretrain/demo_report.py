@@ -104,7 +104,8 @@ def score_heldout(report_run: Path, train_shards: Path, heldout_shards: Path) ->
     rows["generated"] = generate(list(range(len(references))))
     # METEOR (null without Java) whatever the run's report.meteor: one JVM for generator and baseline.
     scores, baseline = score_systems(references, [rows["generated"], [most_common] * len(references)])
-    tables = [SplitTable(open_folders([str(heldout_shards)]), split) for split in SPLITS]
+    heldout = open_folders([str(heldout_shards)])
+    tables = [SplitTable(heldout, split) for split in SPLITS]
     shuffled = score_reports(references, generate(other_study_order(rows["key"], tables)), meteor=False)
     csv_path = report_run / "heldout.csv"
     write_reports_csv(csv_path, task, rows)
