@@ -24,7 +24,9 @@ token, `gridprobe`, and `multimax` / `multigem3` / `multitop8` / `multimeanmax` 
 block's tokens under a pooling that does not dilute a finding a few tokens wide; `NAME_views` fits NAME
 on augmented crops of the labelled images), attentive probes (`attn_*`: a learned query cross-attends
 the frozen tokens, AdamW) and gradient fine-tuning (`full*`, `partial*`). `pretrain --visible-weight W`
-adds W x the loss on the visible patches.
+adds W x the loss on the visible patches; `prepare --long-side 256` converts the phantoms at synth's
+own resolution (pre-train those with `model.image_size=[256,256] model.patch_size=32`: the same 64
+tokens).
 
 `--set` overrides `tiny_cpu` as packaged now (norm_pix_loss true, mask ratio 0.9 since this benchmark);
 the variants in benchmarks/RESULTS.md name both keys explicitly, so they reproduce either way.
@@ -142,7 +144,8 @@ class Data:
         return [i for i, k in enumerate(self.train.keys) if k in chosen]
 
 
-def prepare(work: Path) -> None:
+def prepare(work: Path, long_side: int = 128) -> None:
+    """The demo's phantoms converted at `long_side` (the demo's 128; 256 = synth's own resolution)."""
     from data_tools.convert import convert
     from data_tools.synth import synthesize
 
@@ -153,7 +156,7 @@ def prepare(work: Path) -> None:
         synthesize(work / f"phantoms{seed}", num_images=num, size=256, seed=seed)
         convert(
             work / f"phantoms{seed}", work / f"shards{seed}", source="csv", dataset="phantom",
-            image_format="png16", long_side=128, salt=DEMO_SALT,
+            image_format="png16", long_side=long_side, salt=DEMO_SALT,
         )  # fmt: skip
         print(f"seed {seed}: {num} phantoms in {time.perf_counter() - t:.0f} s", flush=True)
 
@@ -633,13 +636,14 @@ def main() -> None:
     p.add_argument(
         "--set", nargs="*", default=[], metavar="section.key=value", help="tiny_cpu overrides (pretrain)"
     )
+    p.add_argument("--long-side", type=int, default=128, help="prepare: conversion size (pixels)")
     p.add_argument(
         "--visible-weight", type=float, default=0.0, help="pretrain: weight of the loss on visible patches"
     )
     args = p.parse_args()
     torch.set_num_threads(1)
     if args.command == "prepare":
-        return prepare(args.work)
+        return prepare(args.work, args.long_side)
     if args.command == "table":
         return table(args.work)
     data = Data(args.work)
