@@ -607,25 +607,46 @@ def pixels(work: Path, fraction: float, data: Data) -> None:
 
 
 def table(work: Path) -> None:
-    print("| variant | recipe | lf | pre-trained | random init | gap [95% CI] | CPU s |")
-    print("|---|---|---|---|---|---|---|")
+    """One markdown row per results line; `val` = the chosen classifiers' validation mean AUROC, mean
+    over seeds and both inits (what a recipe is chosen on: it favours neither init)."""
+    print("| variant | recipe | lf | val | pre-trained | random init | gap [95% CI] | CPU s |")
+    print("|---|---|---|---|---|---|---|---|")
     for line in (work / "results.jsonl").read_text().splitlines():
         r = json.loads(line)
         pre = f"{np.mean(r['pretrained']):.3f} {r['pretrained']}"
         if "random" not in r:
-            print(f"| {r['name']} | {r['recipe']} | {r['lf']} | {pre} | | | |")
+            print(f"| {r['name']} | {r['recipe']} | {r['lf']} | | {pre} | | | |")
             continue
+        val = np.mean([c["val_mean_auroc"] for init in ("pretrained", "random") for c in r["chosen"][init]])
         rnd = f"{np.mean(r['random']):.3f} {r['random']}"
+        gap = f"{r['gap']:+.3f} [{r['gap_ci95'][0]:+.3f}, {r['gap_ci95'][1]:+.3f}]"
         print(
-            f"| {r['name']} | {r['recipe']} | {r['lf']} | {pre} | {rnd} | {r['gap']:+.3f} {r['gap_ci95']} | {r['cpu_s']} |"
+            f"| {r['name']} | {r['recipe']} | {r['lf']} | {val:.3f} | {pre} | {rnd} | {gap} | {r['cpu_s']} |"
         )
+
+
+def pooled(work: Path, names: list[str], recipe: str, fraction: float, data: Data) -> None:
+    """The gap over several pre-training runs (e.g. train.seed 0, 1, 2), each against its own step-0
+    encoder: the 3 label seeds of every run stacked (S = 3 x runs), one paired interval over test
+    images (the runs' saved test probabilities of `recipe`)."""
+    saved = [np.load(work / "variants" / n / f"{recipe}_lf{fraction}.npz") for n in names]
+    a = np.concatenate([z["pretrained"] for z in saved])
+    b = np.concatenate([z["random"] for z in saved])
+    y_test = data.test.labels_NC
+    gap = np.mean([mean_auroc(p, y_test) for p in a]) - np.mean([mean_auroc(p, y_test) for p in b])
+    low, high = bootstrap_interval(a, y_test, b, num_resamples=1000)
+    record = {"names": names, "recipe": recipe, "lf": fraction, "pretrained": round(np.mean([mean_auroc(p, y_test) for p in a]), 4),
+              "random": round(np.mean([mean_auroc(p, y_test) for p in b]), 4), "gap": round(float(gap), 4),
+              "gap_ci95": [round(low, 4), round(high, 4)],
+              "per_class": {"pretrained": per_class_auroc(a, y_test), "random": per_class_auroc(b, y_test)}}  # fmt: skip
+    print(json.dumps(record), flush=True)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("command", choices=("prepare", "pretrain", "downstream", "pixels", "table"))
+    p.add_argument("command", choices=("prepare", "pretrain", "downstream", "pixels", "table", "pooled"))
     p.add_argument("--work", type=Path, default=Path("runs/claim"))
-    p.add_argument("--name", help="variant name (pretrain, downstream)")
+    p.add_argument("--name", nargs="+", help="variant name (pretrain, downstream; pooled: several)")
     p.add_argument(
         "--recipe",
         nargs="+",
@@ -648,14 +669,18 @@ def main() -> None:
         return table(args.work)
     data = Data(args.work)
     if args.command == "pretrain":
-        pretrain(args.work, args.name, args.set, data, args.visible_weight)
+        pretrain(args.work, args.name[0], args.set, data, args.visible_weight)
+    elif args.command == "pooled":
+        for fraction in args.lf:
+            for recipe in args.recipe:
+                pooled(args.work, args.name, recipe, fraction, data)
     elif args.command == "pixels":
         for fraction in args.lf:
             pixels(args.work, fraction, data)
     else:
         for fraction in args.lf:
             for recipe in args.recipe:
-                downstream(args.work, args.name, recipe, fraction, data)
+                downstream(args.work, args.name[0], recipe, fraction, data)
 
 
 if __name__ == "__main__":
