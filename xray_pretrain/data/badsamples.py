@@ -69,11 +69,12 @@ class EvalReplacement:
         return int(replacement[0]), int(replacement[1])
 
     def settle(self, weight: float, bad: list[dict]) -> tuple[float, list[dict]]:
-        """(row weight, skips to report). A padding row whose sample is corrupt reports nothing: the
-        sample is reported once, at its real row."""
+        """(row weight, skips to report): only the row's own sample (the first record), and only from
+        a real row. A corrupt padding sample met as a replacement, or in a padding row, is reported
+        once, at its own real row."""
         if weight == 0:
             return 0.0, []
-        return (0.0 if bad else weight), bad
+        return (0.0 if bad else weight), bad[:1]
 
 
 def load_or_replace(
