@@ -218,9 +218,10 @@ def test_training_counts_skips_resumes_equal_and_stops_above_the_limit(corrupt, 
 @pytest.mark.parametrize("backend", ["wds", pytest.param("dali", marks=needs_dali)])
 def test_a_report_pair_with_one_corrupt_view_is_replaced_whole(tmp_path, backend):
     """Two-view report items: a damaged lateral image replaces the whole study (frontal, lateral and
-    text of another one), never a frontal paired with a stranger's lateral."""
+    text of another one), never a frontal paired with a stranger's lateral; in validation the whole
+    study becomes a padding row."""
     from data_fixtures import write_shard_folder
-    from test_report_loaders import study_meta, train_batches
+    from test_report_loaders import study_meta, train_batches, val_batches
 
     from xray_pretrain.data.reports import ReportSpec
 
@@ -236,6 +237,19 @@ def test_a_report_pair_with_one_corrupt_view_is_replaced_whole(tmp_path, backend
         assert batch["image"].shape[1] == 2 and frontal_of["train-s2"] not in batch["key"]
         for key, text in zip(batch["key"], batch["report"]):
             assert text == f"finding {fixture.samples[key].meta['study']}"  # the replacement's own text
+    # Validation: the damaged study's row is a padding row (weight 0, no text); the others intact.
+    val_lateral = next(k for k in fixture.keys("val") if fixture.samples[k].meta == study_meta(14, "val"))
+    damage_member(tmp_path, val_lateral, "png")
+    loader, batches = val_batches(tmp_path, ReportSpec("findings", 2), backend)
+    assert [record["key"] for record in loader.skipped] == [val_lateral]
+    real = {}
+    for batch in batches:
+        for key, text, weight in zip(batch["key"], batch["report"], batch["weight"].tolist()):
+            if weight > 0:
+                real[key] = text
+            else:
+                assert text == ""
+    assert real == {frontal_of[s]: f"finding {s}" for s in ("val-s6", "val-s8")}
 
 
 # ---- evaluation: a corrupt sample becomes a padding row, named and counted, left out of the metrics ----
