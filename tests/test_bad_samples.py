@@ -342,3 +342,36 @@ def test_evaluation_metrics_equal_the_metrics_of_the_remaining_samples(val_folde
     for name, value in expected.items():
         assert got[name] == pytest.approx(value, rel=1e-6, nan_ok=True), name
     assert got["val_num_samples"] == 7 - len(bad)
+
+
+def test_two_ranks_report_every_skip_and_score_as_one(val_folders):
+    """The engine's evaluation on 2 ranks (each reads its share; predictions and skip records
+    gathered): every rank gets both skips and the metrics of one process reading the whole split."""
+    from ranks import run_ranks
+
+    from xray_pretrain.config import load_config
+    from xray_pretrain.engine.trainer import evaluate_reporting_skips
+    from xray_pretrain.tasks import DataInfo, build_task
+
+    _, folder, _, bad = val_folders
+
+    def evaluate(rank: int, world: int = 2) -> dict:
+        cfg = load_config(
+            "classify_phantom", ["data.shards=[unused]", "model.image_size=[32,32]", "model.patch_size=8"]
+        )
+        task = build_task(cfg)
+        task.bind_data(DataInfo(["cardiomegaly", "effusion"], (32, 32), [], {}))
+        torch.manual_seed(0)
+        model = task.build_model().eval()
+        loader, _ = val_pass(folder, "wds", rank, world)
+        return evaluate_reporting_skips(task, model, loader, torch.device("cpu"), torch.float32)
+
+    one = evaluate(0, world=1)
+    results = run_ranks(evaluate)
+    assert one["val_num_skipped"] == 2 and [s["key"] for s in one["val_skipped"]] == sorted(bad)
+    for metrics in results.values():
+        assert metrics.keys() == one.keys()
+        assert metrics["val_skipped"] == one["val_skipped"]
+        for name, value in one.items():
+            if name != "val_skipped":
+                assert metrics[name] == pytest.approx(value, rel=1e-6, nan_ok=True), name
