@@ -11,8 +11,8 @@ backends, any world size and a resumed run read the same batches:
   augmentation; its `key` is the replacement's.
 - evaluation (`EvalReplacement`: validation, test, `evaluate`): the row becomes a padding row, the
   same weight-0 copy of the first validation sample that pads the ranks' last batches, so every
-  collective, loss and gathered prediction drops it as it drops padding. Nothing is read twice as
-  real, and nothing is dropped silently: the skip is reported.
+  collective, loss and gathered prediction drops it as it drops padding: no other sample stands in
+  for it in the metrics, and it is not dropped silently: the skip is reported.
 
 Each skip travels with its batch as a record (`batch["bad"]`: position, shard, key, reason) to the
 consuming process. Training: `BadSampleTally` logs one line per skip naming shard and key and counts
