@@ -238,6 +238,44 @@ def test_predict_on_dicoms_agrees_with_evaluate(finetune_run, phantom_shards, tm
             assert line["probabilities"][name] == pytest.approx(float(rows[key][f"p:{name}"]), abs=0.01)
 
 
+def test_evaluate_leaves_a_corrupt_sample_out_of_the_csv_and_names_it(finetune_run, phantom_shards, tmp_path):
+    """One test image damaged: evaluate completes, the CSV is the clean one without that row, the
+    JSON names the sample and its metrics are those of the 16 others."""
+    from data_fixtures import damage_member
+
+    from xray_pretrain.tasks.metrics import classification_metrics
+
+    def evaluate(shards: Path, name: str) -> tuple[dict, dict[str, dict]]:
+        args = ["evaluate", "--checkpoint", str(finetune_run), "--shards", str(shards), "--out"]
+        assert cli_main([*args, str(tmp_path / f"{name}.json"), "data.num_workers=0"]) == 0
+        rows = {row["key"]: row for row in csv.DictReader(open(tmp_path / f"{name}.csv"))}
+        return json.loads((tmp_path / f"{name}.json").read_text()), rows
+
+    clean, clean_rows = evaluate(phantom_shards, "clean")
+    bad_key = sorted(clean_rows)[5]
+    damaged_shards = tmp_path / "shards"
+    shutil.copytree(phantom_shards, damaged_shards)
+    damage_member(damaged_shards, bad_key, "png")
+    damaged, damaged_rows = evaluate(damaged_shards, "damaged")
+    assert clean["metrics"]["num_skipped"] == 0 and clean["metrics"]["skipped"] == []
+    assert damaged["metrics"]["num_skipped"] == 1 and damaged["metrics"]["num_samples"] == 16
+    (skip,) = damaged["metrics"]["skipped"]
+    assert (skip["shard"], skip["key"]) == ("csv-test-000000.tar", bad_key) and "does not decode" in skip[
+        "reason"
+    ]
+    remaining = {key: row for key, row in clean_rows.items() if key != bad_key}
+    assert damaged_rows.keys() == remaining.keys()
+    for key, row in damaged_rows.items():
+        assert [float(row[f"p:{n}"]) for n in LABELS] == pytest.approx(
+            [float(remaining[key][f"p:{n}"]) for n in LABELS], abs=2e-6
+        )
+    probs = np.array([[float(r[f"p:{n}"]) for n in LABELS] for r in remaining.values()])
+    labels = np.array([[float(r[f"label:{n}"] or "nan") for n in LABELS] for r in remaining.values()])
+    expected = classification_metrics(probs, labels, LABELS, [damaged["thresholds"][n] for n in LABELS])
+    for name, value in expected.items():
+        assert damaged["metrics"][name] == pytest.approx(value, abs=1e-4), name
+
+
 def test_predict_on_real_chest_dicoms_reports_an_unreadable_file(finetune_run, tmp_path, capsys):
     if not CORPUS.is_dir():
         pytest.skip(f"real chest X-ray corpus not found at {CORPUS}")

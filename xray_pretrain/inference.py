@@ -261,10 +261,12 @@ def evaluate(
     """Metrics of the whole `split` (of the run's validation folders, or of `shards`) into `out`
     (JSON) and one row per sample (a report model: per report item) into `out` with .csv: a
     classifier's key, label and probability per class (thresholds for F1: the ones validation chose
-    for this checkpoint); a report model's key, reference (cleaned, as scored) and generated report."""
+    for this checkpoint); a report model's key, reference (cleaned, as scored) and generated report.
+    A corrupt sample has no CSV row; the JSON names it (`num_skipped`, `skipped`)."""
     import yaml
 
     from xray_pretrain.config import set_value
+    from xray_pretrain.data.badsamples import skipped_metrics
     from xray_pretrain.data.loader import build_val_loader
 
     cfg = trained.cfg
@@ -298,6 +300,7 @@ def evaluate(
         result["thresholds"] = dict(zip(task.label_names, trained.info["thresholds"] or []))
         write_predictions_csv(out.with_suffix(CSV_SUFFIX), task.label_names, rows)
     result["metrics"] = {k.removeprefix("val_"): v for k, v in metrics.items()}
+    result["metrics"].update(skipped_metrics(loader.skipped))  # corrupt samples: not in the CSV, named here
     out.write_text(json.dumps(result, indent=2))
     return result
 
