@@ -304,11 +304,25 @@ def test_embed_writes_one_feature_vector_per_sample(finetune_run, phantom_shards
     assert len(set(data["key"].tolist())) == 31 and set(data["split"].tolist()) == {"val", "test"}
 
 
-def test_embed_a_pretraining_run(zero2_run, phantom_shards, tmp_path):
+def test_embed_a_pretraining_run_and_name_a_corrupt_sample(zero2_run, phantom_shards, tmp_path, capsys):
+    from data_fixtures import damage_member
+
     out, _ = zero2_run
+    damaged_shards = tmp_path / "shards"
+    shutil.copytree(phantom_shards, damaged_shards)
+    capsys.readouterr()
     assert cli_main(["embed", "--checkpoint", str(out), "--shards", str(phantom_shards), "--out",
                      str(tmp_path / "f.npz"), "--split", "val"]) == 0  # fmt: skip
-    assert np.load(tmp_path / "f.npz")["features"].shape == (14, 96)
+    clean = np.load(tmp_path / "f.npz")
+    assert clean["features"].shape == (14, 96)
+    bad_key = sorted(clean["key"].tolist())[3]
+    damage_member(damaged_shards, bad_key, "png")
+    assert cli_main(["embed", "--checkpoint", str(out), "--shards", str(damaged_shards), "--out",
+                     str(tmp_path / "d.npz"), "--split", "val"]) == 0  # fmt: skip
+    summaries = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [s["num_skipped"] for s in summaries] == [0, 1] and summaries[1]["skipped"][0]["key"] == bad_key
+    damaged = np.load(tmp_path / "d.npz")
+    assert sorted(damaged["key"].tolist()) == sorted(k for k in clean["key"].tolist() if k != bad_key)
 
 
 def test_predict_refuses_a_pretraining_checkpoint(zero2_run, capsys):

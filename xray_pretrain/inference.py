@@ -450,12 +450,14 @@ def load_feature_model(path: Path, device: str | None = None) -> FeatureModel:
 @torch.no_grad()
 def embed(model: FeatureModel, shards: list[str], splits: list[str], out: Path) -> dict:
     """One pooled encoder feature vector per sample of `splits` of `shards` into `out` (.npz:
-    `key` (N,) str, `split` (N,) str, `features` (N, D) float32)."""
+    `key` (N,) str, `split` (N,) str, `features` (N, D) float32). Returns a summary: the count, the
+    feature size, and the corrupt samples left out (`num_skipped`, `skipped`)."""
+    from xray_pretrain.data.badsamples import skipped_metrics
     from xray_pretrain.data.config import DataConfig
     from xray_pretrain.data.loader import build_val_loader
 
     data = DataConfig(shards=list(shards), backend=model.data.backend, num_workers=model.data.num_workers)
-    keys, names, features = [], [], []
+    keys, names, features, skipped = [], [], [], []
     for split in splits:
         loader = build_val_loader(
             data, image_size=model.image_size, micro_batch=model.micro_batch, rank=0, world_size=1,
@@ -467,6 +469,7 @@ def embed(model: FeatureModel, shards: list[str], splits: list[str], out: Path) 
             keys.extend(k for k, kept in zip(batch["key"], keep) if kept)
             names.extend([split] * int(keep.sum()))
             features.append(feats[keep])
+        skipped += loader.skipped
     if not keys:
         raise ValueError(f"no samples of splits {splits} in {shards}")
     array = np.concatenate(features).astype(np.float32)
@@ -474,4 +477,4 @@ def embed(model: FeatureModel, shards: list[str], splits: list[str], out: Path) 
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "wb") as f:  # np.savez would append .npz to another suffix
         np.savez(f, key=np.array(keys), split=np.array(names), features=array)
-    return {"num_samples": len(keys), "dim": int(array.shape[1]), "out": str(out)}
+    return {"num_samples": len(keys), "dim": int(array.shape[1]), "out": str(out), **skipped_metrics(skipped)}
