@@ -300,3 +300,18 @@ def link_scaled_folder(real: Path, out: Path, num_links: dict[str, int]) -> dict
     (out / MANIFEST_NAME).write_text(json.dumps(manifest))
     (out / SKIPPED_NAME).write_text("")
     return manifest
+
+
+def damage_member(folder: Path, key: str, component: str, where: str = "middle") -> str:
+    """Flip 4 bytes of `key`'s `component` in place (its image header at "start", else inside its
+    data); returns the tar's name."""
+    for tar in sorted(folder.glob("*.tar")):
+        sample = next((s for s in read_idx(tar.with_suffix(".idx")) if s.key == key), None)
+        if sample is not None:
+            offset, size = sample.components[component]
+            at = offset + (0 if where == "start" else size // 2)
+            data = bytearray(tar.read_bytes())
+            data[at : at + 4] = bytes(b ^ 0xFF for b in data[at : at + 4])
+            tar.write_bytes(bytes(data))
+            return tar.name
+    raise KeyError(key)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_CONFIG, base_overrides
-from data_fixtures import needs_dali
+from data_fixtures import damage_member, needs_dali
 
 from data_tools.cli import main as shard_main
 from data_tools.verify import verify
@@ -39,8 +39,9 @@ CORRUPTIONS = {
 
 
 def corrupt_copy(phantom_shards: Path, out: Path) -> tuple[Path, dict[str, int]]:
-    """A copy of the phantom shards with every corruption of CORRUPTIONS in its train tar; returns
-    (folder, {corrupt key: sample index})."""
+    """A copy of the phantom shards with every corruption of CORRUPTIONS in its train tar and the
+    image of the first validation sample (`first_val_key`) damaged; returns (folder, {corrupt train
+    key: sample index})."""
     shutil.copytree(phantom_shards, out)
     tar = out / "csv-train-000000.tar"
     with open(tar, "rb") as f:
@@ -74,7 +75,14 @@ def corrupt_copy(phantom_shards: Path, out: Path) -> tuple[Path, dict[str, int]]
     last_image_offset = int(lines[1 + 128].split()[1])
     with open(tar, "r+b") as f:
         f.truncate(last_image_offset + 100)
+    damage_member(out, first_val_key(out), "png")
     return out, {samples[i][0]: i for i in CORRUPTIONS}
+
+
+def first_val_key(folder: Path) -> str:
+    """The key of validation item 0 (sorted-key order): the sample that also pads the ranks."""
+    table = SplitTable(open_folders([str(folder)]), "val")
+    return table.key(*table.first_by_key(1)[0])
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +190,12 @@ def test_training_counts_skips_resumes_equal_and_stops_above_the_limit(corrupt, 
     assert [r["data/bad_samples"] for r in rows if r["step"] == 8 and "data/bad_samples" in r] == [
         len(expected)
     ]
+    # The damaged validation sample: left out of the loss, named in the summary, counted in the log.
+    assert straight["val_num_skipped"] == 1 and straight["val_num_samples"] == 13  # of the 14
+    assert [(s["shard"], s["key"]) for s in straight["val_skipped"]] == [
+        ("csv-val-000000.tar", first_val_key(folder))
+    ]
+    assert [r["val/num_skipped"] for r in rows if "val/num_skipped" in r] == [1]
 
     copy_checkpoint(tmp_path / "straight", "step00000004", tmp_path / "resumed")
     resumed = _train(folder, tmp_path / "resumed", [*steps, "checkpoint.resume=auto"])
@@ -204,9 +218,10 @@ def test_training_counts_skips_resumes_equal_and_stops_above_the_limit(corrupt, 
 @pytest.mark.parametrize("backend", ["wds", pytest.param("dali", marks=needs_dali)])
 def test_a_report_pair_with_one_corrupt_view_is_replaced_whole(tmp_path, backend):
     """Two-view report items: a damaged lateral image replaces the whole study (frontal, lateral and
-    text of another one), never a frontal paired with a stranger's lateral."""
+    text of another one), never a frontal paired with a stranger's lateral; in validation the whole
+    study becomes a padding row."""
     from data_fixtures import write_shard_folder
-    from test_report_loaders import study_meta, train_batches
+    from test_report_loaders import study_meta, train_batches, val_batches
 
     from xray_pretrain.data.reports import ReportSpec
 
@@ -214,17 +229,7 @@ def test_a_report_pair_with_one_corrupt_view_is_replaced_whole(tmp_path, backend
         tmp_path, splits={"train": 12, "val": 6}, size_hw=(40, 32), seed=3, meta_fn=study_meta
     )
     lateral = next(k for k in fixture.keys("train") if fixture.samples[k].meta == study_meta(4, "train"))
-    tar = next(
-        p
-        for p in tmp_path.glob("*-train-*.tar")
-        if any(s.key == lateral for s in read_idx(p.with_suffix(".idx")))
-    )
-    offset, size = next(s for s in read_idx(tar.with_suffix(".idx")) if s.key == lateral).components["png"]
-    data = bytearray(tar.read_bytes())
-    data[offset + size // 2 : offset + size // 2 + 4] = bytes(
-        b ^ 0xFF for b in data[offset + size // 2 : offset + size // 2 + 4]
-    )
-    tar.write_bytes(bytes(data))
+    damage_member(tmp_path, lateral, "png")
     frontal_of = {s.meta["study"]: k for k, s in fixture.samples.items() if s.meta["view"] == "PA"}
     loader, batches = train_batches(tmp_path, ReportSpec("findings", 2), backend, 4)
     assert loader.bad.num_bad >= 1 and loader.bad.last["key"] == lateral
@@ -232,3 +237,141 @@ def test_a_report_pair_with_one_corrupt_view_is_replaced_whole(tmp_path, backend
         assert batch["image"].shape[1] == 2 and frontal_of["train-s2"] not in batch["key"]
         for key, text in zip(batch["key"], batch["report"]):
             assert text == f"finding {fixture.samples[key].meta['study']}"  # the replacement's own text
+    # Validation: the damaged study's row is a padding row (weight 0, no text); the others intact.
+    val_lateral = next(k for k in fixture.keys("val") if fixture.samples[k].meta == study_meta(14, "val"))
+    damage_member(tmp_path, val_lateral, "png")
+    loader, batches = val_batches(tmp_path, ReportSpec("findings", 2), backend)
+    assert [record["key"] for record in loader.skipped] == [val_lateral]
+    real = {}
+    for batch in batches:
+        for key, text, weight in zip(batch["key"], batch["report"], batch["weight"].tolist()):
+            if weight > 0:
+                real[key] = text
+            else:
+                assert text == ""
+    assert real == {frontal_of[s]: f"finding {s}" for s in ("val-s6", "val-s8")}
+
+
+# ---- evaluation: a corrupt sample becomes a padding row, named and counted, left out of the metrics ----
+def val_folder_pair(root: Path) -> tuple[Path, Path, list[str], dict[str, str]]:
+    """(clean folder, the same folder with 2 corrupt val members, the val keys in sorted order,
+    {bad key: what the skip says}).
+    7 val samples in sorted-key order; item 0 (the padding sample) has image bytes that only a
+    decoder finds (DALI's fails the batch), item 3 a json that does not parse (the host's check)."""
+    from data_fixtures import write_shard_folder
+
+    clean, corrupt = root / "clean", root / "corrupt"
+    for folder in (clean, corrupt):
+        fixture = write_shard_folder(folder, splits={"train": 2, "val": 7}, size_hw=(40, 32), seed=5)
+    keys = sorted(fixture.keys("val"))
+    damage_member(corrupt, keys[0], "png")
+    damage_member(corrupt, keys[3], "json")
+    return clean, corrupt, keys, {keys[0]: "does not decode", keys[3]: "json"}
+
+
+@pytest.fixture(scope="module")
+def val_folders(tmp_path_factory) -> tuple[Path, Path, list[str], dict[str, str]]:
+    return val_folder_pair(tmp_path_factory.mktemp("corrupt_val"))
+
+
+def val_pass(folder: Path, backend: str, rank: int = 0, world: int = 1, image_size=(32, 32)):
+    from xray_pretrain.data.loader import build_val_loader
+
+    cfg = DataConfig(shards=[str(folder)], backend=backend, num_workers=1 if backend == "dali" else 0)
+    loader = build_val_loader(
+        cfg, image_size=image_size, micro_batch=2, rank=rank, world_size=world, whole_split=True
+    )
+    return loader, list(loader)
+
+
+@pytest.mark.parametrize("backend", ["wds", pytest.param("dali", marks=needs_dali)])
+def test_a_corrupt_evaluation_sample_is_a_padding_row_named_and_counted(val_folders, backend, caplog):
+    """Two ranks: the pass completes; each corrupt item's row has weight 0 (left out like padding),
+    its skip is reported once by the rank that owns it (not again by the other rank's padding row,
+    which is the corrupt item 0's position too) and logged with shard and key; all else is intact."""
+    from xray_pretrain.data.badsamples import skipped_metrics
+
+    _, folder, keys, bad = val_folders
+    rows, skipped = {}, []
+    with caplog.at_level("WARNING", logger="xray_pretrain.data.badsamples"):
+        for rank in (0, 1):
+            loader, batches = val_pass(folder, backend, rank, 2)
+            assert len(batches) == len(loader) == 2 and all("bad" not in b for b in batches)
+            skipped += loader.skipped
+            for b in batches:
+                assert b["image"].shape[0] == len(b["key"]) == 2
+                assert np.isfinite(b["image"].numpy()).all()
+                for key, position, weight in zip(b["key"], b["position"].tolist(), b["weight"].tolist()):
+                    if weight > 0:
+                        rows[position] = key
+                    else:  # padding: the first intact item, never the corrupt one
+                        assert key == keys[1]
+    assert rows == {i: key for i, key in enumerate(keys) if key not in bad}
+    summary = skipped_metrics(skipped)
+    assert summary["num_skipped"] == 2 and [s["key"] for s in summary["skipped"]] == sorted(bad)
+    for record in summary["skipped"]:
+        assert record["shard"].startswith("phantom-val-") and bad[record["key"]] in record["reason"]
+        line = next(
+            r.getMessage() for r in caplog.records if f"{record['shard']}:{record['key']}" in r.getMessage()
+        )
+        assert "corrupt evaluation sample skipped" in line and "left out of the metrics" in line
+
+
+@pytest.mark.parametrize("config", ["tiny_cpu", "classify_phantom"])
+def test_evaluation_metrics_equal_the_metrics_of_the_remaining_samples(val_folders, config):
+    """The task's evaluation of the corrupt folder == its evaluation of the clean folder with the
+    damaged samples' rows weighted 0: the skipped rows count nowhere (pre-training's loss sums,
+    the classifier's gathered predictions)."""
+    from xray_pretrain.config import load_config
+    from xray_pretrain.tasks import DataInfo, build_task
+
+    clean, corrupt, _, bad = val_folders
+    cfg = load_config(config, ["data.shards=[unused]", "model.image_size=[32,32]", "model.patch_size=8"])
+    task = build_task(cfg)
+    task.bind_data(DataInfo(["cardiomegaly", "effusion"], (32, 32), [], {}))
+    torch.manual_seed(0)
+    model = task.build_model().eval()
+    _, damaged = val_pass(corrupt, "wds")
+    _, intact = val_pass(clean, "wds")
+    remaining = [
+        {**b, "weight": b["weight"] * torch.tensor([float(k not in bad) for k in b["key"]])} for b in intact
+    ]
+    got = task.evaluate(model, damaged, torch.device("cpu"), torch.float32)
+    expected = task.evaluate(model, remaining, torch.device("cpu"), torch.float32)
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        assert got[name] == pytest.approx(value, rel=1e-6, nan_ok=True), name
+    assert got["val_num_samples"] == 7 - len(bad)
+
+
+def test_two_ranks_report_every_skip_and_score_as_one(val_folders):
+    """The engine's evaluation on 2 ranks (each reads its share; predictions and skip records
+    gathered): every rank gets both skips and the metrics of one process reading the whole split."""
+    from ranks import run_ranks
+
+    from xray_pretrain.config import load_config
+    from xray_pretrain.engine.trainer import evaluate_reporting_skips
+    from xray_pretrain.tasks import DataInfo, build_task
+
+    _, folder, _, bad = val_folders
+
+    def evaluate(rank: int, world: int = 2) -> dict:
+        cfg = load_config(
+            "classify_phantom", ["data.shards=[unused]", "model.image_size=[32,32]", "model.patch_size=8"]
+        )
+        task = build_task(cfg)
+        task.bind_data(DataInfo(["cardiomegaly", "effusion"], (32, 32), [], {}))
+        torch.manual_seed(0)
+        model = task.build_model().eval()
+        loader, _ = val_pass(folder, "wds", rank, world)
+        return evaluate_reporting_skips(task, model, loader, torch.device("cpu"), torch.float32)
+
+    one = evaluate(0, world=1)
+    results = run_ranks(evaluate)
+    assert one["val_num_skipped"] == 2 and [s["key"] for s in one["val_skipped"]] == sorted(bad)
+    for metrics in results.values():
+        assert metrics.keys() == one.keys()
+        assert metrics["val_skipped"] == one["val_skipped"]
+        for name, value in one.items():
+            if name != "val_skipped":
+                assert metrics[name] == pytest.approx(value, rel=1e-6, nan_ok=True), name

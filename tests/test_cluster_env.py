@@ -1,11 +1,13 @@
-"""What a process makes of its launcher's environment, and a restarted run's single history (fast,
-no processes). The same behaviour under a real Slurm is in test_slurm.py."""
+"""What a process makes of its launcher's environment, and a restarted run's single history (fast;
+one short process). The same behaviour under a real Slurm is in test_slurm.py."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -130,3 +132,19 @@ def test_run_info_keeps_one_entry_per_start(tmp_path, monkeypatch):
     (tmp_path / "run_info.json").write_text(json.dumps(second))
     third = with_start_history({**first, "started": "t2"}, tmp_path, 12)
     assert [s["started"] for s in third["starts"]] == ["t0", "t1", "t2"]
+
+
+def test_a_lone_rank_leaves_no_shared_memory_file(tmp_path):
+    """DeepSpeed maps its CPU all-reduce file for one rank too when LOCAL_SIZE is 1 (`deepspeed
+    --num_gpus 1`); init removes it (a fresh process: DeepSpeed's shm op initializes once per process)."""
+    script = (
+        "from xray_pretrain.engine.dist import init_distributed, shm_buffer_paths\n"
+        "ctx = init_distributed(60)\n"
+        "print('LEFT', [str(p) for p in shm_buffer_paths([0]) if p.exists()])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env["LOCAL_SIZE"] = "1"
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=180)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "LEFT []" in done.stdout, done.stdout

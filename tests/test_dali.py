@@ -12,7 +12,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from data_fixtures import needs_dali, write_shard_folder
+from data_fixtures import EXTENSION, damage_member, needs_dali, write_shard_folder
 
 from xray_pretrain.data.config import DataConfig
 from xray_pretrain.data.loader import build_train_loader, build_val_loader, resolve_backend
@@ -49,12 +49,30 @@ def assert_same_rows(
 
 @pytest.mark.parametrize("image_format", ["png16", "jpg", "jp2"])
 def test_dali_cpu_decodes_same_pixels_as_wds(tmp_path, image_format):
-    write_shard_folder(tmp_path, image_format=image_format, size_hw=(48, 40), splits={"train": 2, "val": 5})
+    """Same rows from both backends, a corrupt member (its image header damaged) included: the same
+    padding row in its place and the same skip record."""
+    fixture = write_shard_folder(
+        tmp_path, image_format=image_format, size_hw=(48, 40), splits={"train": 2, "val": 6}
+    )
+    bad_key = sorted(fixture.keys("val"))[4]
+    damage_member(tmp_path, bad_key, EXTENSION[image_format], where="start")
     std = ShardFolder(tmp_path).intensity_std
-    wds = val_batches(DataConfig(shards=[str(tmp_path)], backend="wds", num_workers=0), (20, 17))
-    dali = val_batches(DataConfig(shards=[str(tmp_path)], backend="dali", num_workers=1), (20, 17))
-    assert [len(b["key"]) for b in dali] == [3, 2]
+    loaders = {
+        backend: build_val_loader(
+            DataConfig(shards=[str(tmp_path)], backend=backend, num_workers=int(backend == "dali")),
+            image_size=(20, 17),
+            micro_batch=3,
+            rank=0,
+            world_size=1,
+        )
+        for backend in ("wds", "dali")
+    }
+    wds, dali = (list(loaders[backend]) for backend in ("wds", "dali"))
+    assert [len(b["key"]) for b in dali] == [3, 3]
+    assert [b["weight"].tolist() for b in dali] == [[1.0, 1.0, 1.0], [1.0, 0.0, 1.0]]
     assert_same_rows(wds, dali, std)
+    named = {b: [(r["position"], r["shard"], r["key"]) for r in loaders[b].skipped] for b in loaders}
+    assert named["wds"] == named["dali"] == [(4, "phantom-val-000000.tar", bad_key)]  # reasons word it apart
 
 
 def test_dali_applies_the_same_augmentation_as_wds(tmp_path):

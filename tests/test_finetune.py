@@ -238,6 +238,44 @@ def test_predict_on_dicoms_agrees_with_evaluate(finetune_run, phantom_shards, tm
             assert line["probabilities"][name] == pytest.approx(float(rows[key][f"p:{name}"]), abs=0.01)
 
 
+def test_evaluate_leaves_a_corrupt_sample_out_of_the_csv_and_names_it(finetune_run, phantom_shards, tmp_path):
+    """One test image damaged: evaluate completes, the CSV is the clean one without that row, the
+    JSON names the sample and its metrics are those of the 16 others."""
+    from data_fixtures import damage_member
+
+    from xray_pretrain.tasks.metrics import classification_metrics
+
+    def evaluate(shards: Path, name: str) -> tuple[dict, dict[str, dict]]:
+        args = ["evaluate", "--checkpoint", str(finetune_run), "--shards", str(shards), "--out"]
+        assert cli_main([*args, str(tmp_path / f"{name}.json"), "data.num_workers=0"]) == 0
+        rows = {row["key"]: row for row in csv.DictReader(open(tmp_path / f"{name}.csv"))}
+        return json.loads((tmp_path / f"{name}.json").read_text()), rows
+
+    clean, clean_rows = evaluate(phantom_shards, "clean")
+    bad_key = sorted(clean_rows)[5]
+    damaged_shards = tmp_path / "shards"
+    shutil.copytree(phantom_shards, damaged_shards)
+    damage_member(damaged_shards, bad_key, "png")
+    damaged, damaged_rows = evaluate(damaged_shards, "damaged")
+    assert clean["metrics"]["num_skipped"] == 0 and clean["metrics"]["skipped"] == []
+    assert damaged["metrics"]["num_skipped"] == 1 and damaged["metrics"]["num_samples"] == 16
+    (skip,) = damaged["metrics"]["skipped"]
+    assert (skip["shard"], skip["key"]) == ("csv-test-000000.tar", bad_key) and "does not decode" in skip[
+        "reason"
+    ]
+    remaining = {key: row for key, row in clean_rows.items() if key != bad_key}
+    assert damaged_rows.keys() == remaining.keys()
+    for key, row in damaged_rows.items():
+        assert [float(row[f"p:{n}"]) for n in LABELS] == pytest.approx(
+            [float(remaining[key][f"p:{n}"]) for n in LABELS], abs=2e-6
+        )
+    probs = np.array([[float(r[f"p:{n}"]) for n in LABELS] for r in remaining.values()])
+    labels = np.array([[float(r[f"label:{n}"] or "nan") for n in LABELS] for r in remaining.values()])
+    expected = classification_metrics(probs, labels, LABELS, [damaged["thresholds"][n] for n in LABELS])
+    for name, value in expected.items():
+        assert damaged["metrics"][name] == pytest.approx(value, abs=1e-4), name
+
+
 def test_predict_on_real_chest_dicoms_reports_an_unreadable_file(finetune_run, tmp_path, capsys):
     if not CORPUS.is_dir():
         pytest.skip(f"real chest X-ray corpus not found at {CORPUS}")
@@ -266,11 +304,25 @@ def test_embed_writes_one_feature_vector_per_sample(finetune_run, phantom_shards
     assert len(set(data["key"].tolist())) == 31 and set(data["split"].tolist()) == {"val", "test"}
 
 
-def test_embed_a_pretraining_run(zero2_run, phantom_shards, tmp_path):
+def test_embed_a_pretraining_run_and_name_a_corrupt_sample(zero2_run, phantom_shards, tmp_path, capsys):
+    from data_fixtures import damage_member
+
     out, _ = zero2_run
+    damaged_shards = tmp_path / "shards"
+    shutil.copytree(phantom_shards, damaged_shards)
+    capsys.readouterr()
     assert cli_main(["embed", "--checkpoint", str(out), "--shards", str(phantom_shards), "--out",
                      str(tmp_path / "f.npz"), "--split", "val"]) == 0  # fmt: skip
-    assert np.load(tmp_path / "f.npz")["features"].shape == (14, 96)
+    clean = np.load(tmp_path / "f.npz")
+    assert clean["features"].shape == (14, 96)
+    bad_key = sorted(clean["key"].tolist())[3]
+    damage_member(damaged_shards, bad_key, "png")
+    assert cli_main(["embed", "--checkpoint", str(out), "--shards", str(damaged_shards), "--out",
+                     str(tmp_path / "d.npz"), "--split", "val"]) == 0  # fmt: skip
+    summaries = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [s["num_skipped"] for s in summaries] == [0, 1] and summaries[1]["skipped"][0]["key"] == bad_key
+    damaged = np.load(tmp_path / "d.npz")
+    assert sorted(damaged["key"].tolist()) == sorted(k for k in clean["key"].tolist() if k != bad_key)
 
 
 def test_predict_refuses_a_pretraining_checkpoint(zero2_run, capsys):

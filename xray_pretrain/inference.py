@@ -261,10 +261,12 @@ def evaluate(
     """Metrics of the whole `split` (of the run's validation folders, or of `shards`) into `out`
     (JSON) and one row per sample (a report model: per report item) into `out` with .csv: a
     classifier's key, label and probability per class (thresholds for F1: the ones validation chose
-    for this checkpoint); a report model's key, reference (cleaned, as scored) and generated report."""
+    for this checkpoint); a report model's key, reference (cleaned, as scored) and generated report.
+    A corrupt sample has no CSV row; the JSON names it (`num_skipped`, `skipped`)."""
     import yaml
 
     from xray_pretrain.config import set_value
+    from xray_pretrain.data.badsamples import skipped_metrics
     from xray_pretrain.data.loader import build_val_loader
 
     cfg = trained.cfg
@@ -298,6 +300,7 @@ def evaluate(
         result["thresholds"] = dict(zip(task.label_names, trained.info["thresholds"] or []))
         write_predictions_csv(out.with_suffix(CSV_SUFFIX), task.label_names, rows)
     result["metrics"] = {k.removeprefix("val_"): v for k, v in metrics.items()}
+    result["metrics"].update(skipped_metrics(loader.skipped))  # corrupt samples: not in the CSV, named here
     out.write_text(json.dumps(result, indent=2))
     return result
 
@@ -447,12 +450,14 @@ def load_feature_model(path: Path, device: str | None = None) -> FeatureModel:
 @torch.no_grad()
 def embed(model: FeatureModel, shards: list[str], splits: list[str], out: Path) -> dict:
     """One pooled encoder feature vector per sample of `splits` of `shards` into `out` (.npz:
-    `key` (N,) str, `split` (N,) str, `features` (N, D) float32)."""
+    `key` (N,) str, `split` (N,) str, `features` (N, D) float32). Returns a summary: the count, the
+    feature size, and the corrupt samples left out (`num_skipped`, `skipped`)."""
+    from xray_pretrain.data.badsamples import skipped_metrics
     from xray_pretrain.data.config import DataConfig
     from xray_pretrain.data.loader import build_val_loader
 
     data = DataConfig(shards=list(shards), backend=model.data.backend, num_workers=model.data.num_workers)
-    keys, names, features = [], [], []
+    keys, names, features, skipped = [], [], [], []
     for split in splits:
         loader = build_val_loader(
             data, image_size=model.image_size, micro_batch=model.micro_batch, rank=0, world_size=1,
@@ -464,6 +469,7 @@ def embed(model: FeatureModel, shards: list[str], splits: list[str], out: Path) 
             keys.extend(k for k, kept in zip(batch["key"], keep) if kept)
             names.extend([split] * int(keep.sum()))
             features.append(feats[keep])
+        skipped += loader.skipped
     if not keys:
         raise ValueError(f"no samples of splits {splits} in {shards}")
     array = np.concatenate(features).astype(np.float32)
@@ -471,4 +477,4 @@ def embed(model: FeatureModel, shards: list[str], splits: list[str], out: Path) 
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "wb") as f:  # np.savez would append .npz to another suffix
         np.savez(f, key=np.array(keys), split=np.array(names), features=array)
-    return {"num_samples": len(keys), "dim": int(array.shape[1]), "out": str(out)}
+    return {"num_samples": len(keys), "dim": int(array.shape[1]), "out": str(out), **skipped_metrics(skipped)}

@@ -9,7 +9,7 @@
 - wds.py      CPU backend: torch DataLoader
 - dali.py     NVIDIA DALI backend (GPU decode; CPU-only pipelines where there is no GPU)
 - loader.py   `build_train_loader` / `build_val_loader`: backend choice, one batch contract
-- badsamples.py  corrupt samples: skipped, replaced by position, counted (both backends)
+- badsamples.py  corrupt samples: skipped, replaced by position (evaluation: a padding row), counted
 
 Importing this package imports neither torch nor DALI.
 """

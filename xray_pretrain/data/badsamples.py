@@ -1,23 +1,32 @@
 """Corrupt samples inside shards: skipped where they are read, replaced by position, counted, bounded.
 
-A training sample whose stored bytes are unusable (`shards.CorruptSample`: a tar cut short, an idx
-entry that does not point at its member, labels.npy of the wrong shape, a missing or unparsable json,
-an image that does not decode) is skipped by the backend that reads it (wds worker or DALI host feed).
-Its slot in the batch is filled by a replacement drawn from the same folder by a generator seeded
-with (seed, position, attempt) only, so the global batch keeps its size and a resumed run, on any
-world size or backend, reads exactly what an uninterrupted run read. The batch row keeps the
-position's augmentation; its `key` is the replacement's.
+A sample whose stored bytes are unusable (`shards.CorruptSample`: a tar cut short, an idx entry that
+does not point at its member, labels.npy of the wrong shape, a missing or unparsable json, an image
+that does not decode) is skipped by the backend that reads it (wds worker or DALI host feed), and
+its slot in the batch is filled by a replacement that depends on nothing but the row, so both
+backends, any world size and a resumed run read the same batches:
+
+- training (`TrainReplacement`): a sample drawn from the same folder by a generator seeded with
+  (seed, position, attempt), so the global batch keeps its size. The batch row keeps the position's
+  augmentation; its `key` is the replacement's.
+- evaluation (`EvalReplacement`: validation, test, `evaluate`): the row becomes a padding row, the
+  same weight-0 copy of the first validation sample that pads the ranks' last batches, so every
+  collective, loss and gathered prediction drops it as it drops padding: no other sample stands in
+  for it in the metrics, and it is not dropped silently: the skip is reported.
 
 Each skip travels with its batch as a record (`batch["bad"]`: position, shard, key, reason) to the
-training process, where `BadSampleTally` logs one line per skip naming shard and key and counts them.
-The engine sums the counts over ranks every step (TensorBoard `data/bad_samples`, the run summary's
-`num_bad_samples`) and stops the run once they exceed `data.max_bad_fraction` (`exceeded`).
+consuming process. Training: `BadSampleTally` logs one line per skip naming shard and key and counts
+them; the engine sums the counts over ranks every step (TensorBoard `data/bad_samples`, the run
+summary's `num_bad_samples`) and stops the run once they exceed `data.max_bad_fraction`
+(`exceeded`). Evaluation: `ValLoader` logs one line per skipped sample and keeps the pass's records;
+the evaluation's metrics carry them over all ranks (`skipped_metrics`: `num_skipped`, `skipped`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 from xray_pretrain.data.order import TAG_REPLACE, seeded_rng
@@ -34,11 +43,50 @@ def replacement_index(seed: int, position: int, attempt: int, folder_size: int) 
     return int(seeded_rng(seed, TAG_REPLACE, position, attempt).integers(folder_size))
 
 
+@dataclass(frozen=True)
+class TrainReplacement:
+    """Training: a seeded draw from the corrupt sample's folder; the row keeps counting."""
+
+    seed: int
+    folder_sizes: Sequence[int]
+
+    def __call__(self, position: int, folder: int, attempt: int) -> tuple[int, int]:
+        return folder, replacement_index(self.seed, position, attempt, self.folder_sizes[folder])
+
+    def settle(self, weight: float, bad: list[dict]) -> tuple[float, list[dict]]:
+        return weight, bad
+
+
+@dataclass(frozen=True)
+class EvalReplacement:
+    """Evaluation: the padding sample (validation item 0, the next one when that is corrupt too),
+    with weight 0, so that metrics leave the row out exactly as they leave out padding."""
+
+    pairs: Sequence  # (n, 2) (folder, index) of the validation list, in its order
+
+    def __call__(self, position: int, folder: int, attempt: int) -> tuple[int, int]:
+        replacement = self.pairs[attempt % len(self.pairs)]
+        return int(replacement[0]), int(replacement[1])
+
+    def settle(self, weight: float, bad: list[dict]) -> tuple[float, list[dict]]:
+        """(row weight, skips to report): only the row's own sample (the first record), and only from
+        a real row. A corrupt padding sample met as a replacement, or in a padding row, is reported
+        once, at its own real row."""
+        if weight == 0:
+            return 0.0, []
+        return (0.0 if bad else weight), bad[:1]
+
+
 def load_or_replace(
-    load: Callable[[int, int], Item], folder: int, index: int, position: int, seed: int, folder_size: int
+    load: Callable[[int, int], Item],
+    folder: int,
+    index: int,
+    position: int,
+    replace: Callable[[int, int, int], tuple[int, int]],
 ) -> tuple[Item, list[dict]]:
-    """(`load(folder, index)`, []) or, when that raises `CorruptSample`, the first replacement that
-    loads, with one record per corrupt sample met. Raises CorruptSample after MAX_ATTEMPTS replacements."""
+    """(`load(folder, index)`, []) or, when that raises `CorruptSample`, the first replacement
+    `replace(position, folder, attempt)` that loads, with one record per corrupt sample met. Raises
+    CorruptSample after MAX_ATTEMPTS replacements."""
     bad: list[dict] = []
     for attempt in range(MAX_ATTEMPTS + 1):
         try:
@@ -49,7 +97,7 @@ def load_or_replace(
                 bad.append(
                     {"position": int(position), "shard": error.shard, "key": error.key, "reason": reason}
                 )
-            index = replacement_index(seed, position, attempt, folder_size)
+            folder, index = replace(position, folder, attempt)
     raise CorruptSample(
         f"position {position}: the sample and {MAX_ATTEMPTS} replacements are all corrupt, the last: "
         f"{bad[-1]['reason']}; check the folder with `xray-shard verify`",
@@ -103,3 +151,20 @@ def stop_message(num_bad: int, samples_read: int, max_fraction: float, last: dic
         f"{max_fraction} allows{named}. `xray-shard verify FOLDER` lists every damaged sample: re-convert "
         "or repair those shards, or raise data.max_bad_fraction"
     )
+
+
+def warn_eval_skip(record: dict) -> None:
+    log.warning(
+        "corrupt evaluation sample skipped: %s:%s (item %d of the split), left out of the metrics (%s)",
+        record["shard"], record["key"], record["position"], record["reason"],
+    )  # fmt: skip
+
+
+def skipped_metrics(records: Iterable[dict]) -> dict:
+    """An evaluation's skips (every rank's records) for its metrics: `num_skipped` and `skipped`
+    (shard, key, reason of each, in split order)."""
+    ordered = sorted(records, key=lambda record: record["position"])
+    return {
+        "num_skipped": len(ordered),
+        "skipped": [{name: record[name] for name in ("shard", "key", "reason")} for record in ordered],
+    }

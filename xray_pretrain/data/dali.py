@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from xray_pretrain.data.augment import FULL_VIEW, AugmentParams, TrainAugment, crop_box_pixels
-from xray_pretrain.data.badsamples import load_or_replace
+from xray_pretrain.data.badsamples import EvalReplacement, TrainReplacement, load_or_replace
 from xray_pretrain.data.decode import decode_image, decode_roi, encode_roi_png, estimate_roi, verify_image
 from xray_pretrain.data.decode import image_size as encoded_image_size
 from xray_pretrain.data.order import RankShare, TrainBatchSampler
@@ -68,18 +68,18 @@ class HostFeed:
     Called by DALI ahead of consumption (prefetch) with `BatchInfo.iteration`, so it depends only on
     the batch number (`first` + iteration), never on how far the consumer has got.
 
-    Corrupt samples (`badsamples.py`): with a `seed` (training) an item one of whose views fails the
-    host's checks (`SplitTable.read`, the image header, or membership of `known_bad`: items that made
-    DALI's decoder fail before, see `DaliBatches`) is replaced whole by position; without one
-    (validation) it raises. `fed[number]` holds what was fed per batch: each item's (folder, index)
-    and key, and the skips.
+    Corrupt samples (`badsamples.py`): an item one of whose views fails the host's checks
+    (`SplitTable.read`, the image header, or membership of `known_bad`: items that made DALI's
+    decoder fail before, see `DaliBatches`) is replaced whole as `replace` says (training: by
+    position; evaluation: by the padding sample, weight 0). `fed[number]` holds what was fed per
+    batch: each item's (folder, index), key and weight, and the skips.
     """
 
     def __init__(
-        self, items: ItemTable, rows_for: RowsFor, jitter: bool, *, seed: int | None = None,
-        first: int = 0, known_bad: dict[tuple[int, int], tuple[str, str]] | None = None,
+        self, items: ItemTable, rows_for: RowsFor, jitter: bool, replace: TrainReplacement | EvalReplacement,
+        *, first: int = 0, known_bad: dict[tuple[int, int], tuple[str, str]] | None = None,
     ):  # fmt: skip
-        self.items, self.rows_for, self.seed, self.first = items, rows_for, seed, first
+        self.items, self.rows_for, self.replace, self.first = items, rows_for, replace, first
         self.outputs = GEOMETRY_OUTPUTS + (JITTER_OUTPUTS if jitter else ())
         self.reader = ShardReader()
         self.known_bad = known_bad if known_bad is not None else {}  # item -> (shard, key) that failed
@@ -88,12 +88,14 @@ class HostFeed:
     def __call__(self, batch_info) -> tuple[list[np.ndarray], ...]:
         number = self.first + batch_info.iteration
         columns: dict[str, list[np.ndarray]] = {name: [] for name in self.outputs}
-        fed = {"items": [], "keys": [], "bad": []}
+        fed = {"items": [], "keys": [], "weights": [], "bad": []}
         rows = self.rows_for(number)
         for start in range(0, len(rows), self.items.num_views):  # the views of an item are adjacent
             views, (folder, index), bad = self.checked_item(rows[start : start + self.items.num_views])
+            weight, bad = self.replace.settle(rows[start].weight, bad)
             fed["items"].append((folder, index))
             fed["keys"].append(self.items.key(folder, index))
+            fed["weights"].append(weight)
             fed["bad"] += bad
             for inputs in views:
                 for name in self.outputs:
@@ -113,10 +115,7 @@ class HostFeed:
             return [self.sample_inputs(row, folder, index) for row in rows], (folder, index)
 
         first = rows[0]
-        if self.seed is None:
-            return (*load(first.folder, first.index), [])
-        size = self.items.folder_sizes[first.folder]
-        (views, fed), bad = load_or_replace(load, first.folder, first.index, first.position, self.seed, size)
+        (views, fed), bad = load_or_replace(load, first.folder, first.index, first.position, self.replace)
         return views, fed, bad
 
     def sample_inputs(self, row: Row, folder: int, index: int) -> dict[str, np.ndarray]:
@@ -245,10 +244,10 @@ class DaliBatches:
         num_workers: int,
         device: str,
         jitter: bool,
-        seed: int | None = None,
+        replace: TrainReplacement | EvalReplacement,
     ):
-        """`seed`: replace corrupt items by position (training); None: raise (validation)."""
-        self.items, self.rows_for, self.num_batches, self.seed = items, rows_for, num_batches, seed
+        """`replace`: what a corrupt item becomes (`badsamples.py`)."""
+        self.items, self.rows_for, self.num_batches, self.replace = items, rows_for, num_batches, replace
         self.batch_size, self.image_size = batch_size, tuple(image_size)  # items per batch
         self.num_threads = max(1, num_workers)  # DALI's CPU thread pool plays the workers' part
         self.device_id = resolve_device_id(device)
@@ -258,15 +257,15 @@ class DaliBatches:
     def __iter__(self) -> Iterator[dict]:
         """Batches from 0. When DALI's decoder fails on a batch (bytes that pass the host's checks
         but do not decode), the items of that batch that Pillow cannot decode either join
-        `known_bad`, and a fresh pipeline restarts at that batch with them replaced by position (the
-        same replacement the wds backend makes); a failure no item explains is raised."""
+        `known_bad`, and a fresh pipeline restarts at that batch with them replaced (the same
+        replacement the wds backend makes); a failure no item explains is raised."""
         if self.num_batches == 0:
             return
         known_bad: dict[tuple[int, int], tuple[str, str]] = {}
         number = 0
         while True:
             feed = HostFeed(
-                self.items, self.rows_for, self.jitter, seed=self.seed, first=number, known_bad=known_bad
+                self.items, self.rows_for, self.jitter, self.replace, first=number, known_bad=known_bad
             )
             try:
                 for out in self._outputs(feed):
@@ -277,7 +276,7 @@ class DaliBatches:
                 found = {
                     item: named for item, named in feed.undecodable(number).items() if item not in known_bad
                 }
-                if self.seed is None or not found:
+                if not found:
                     keys = feed.fed.get(number, {}).get("keys")
                     raise RuntimeError(f"DALI failed on batch {number} (keys {keys}): {error}") from error
                 known_bad.update(found)
@@ -311,12 +310,12 @@ class DaliBatches:
             "labels": dense["labels"][::num_views],
             "key": fed["keys"],
             "position": torch.tensor([row.position for row in rows], dtype=torch.int64),
-            "weight": torch.tensor([row.weight for row in rows], dtype=torch.float32),
+            "weight": torch.tensor(fed["weights"], dtype=torch.float32),
             "bad": fed["bad"],
         }
         if self.items.texts is not None:  # '' for padding rows, as the wds backend
             texts = [self.items.text(*item) for item in fed["items"]]
-            batch["report"] = [text if row.weight > 0 else "" for text, row in zip(texts, rows)]
+            batch["report"] = [text if weight > 0 else "" for text, weight in zip(texts, fed["weights"])]
         return batch
 
 
@@ -374,7 +373,7 @@ def dali_train_batches(
         num_workers=num_workers,
         device=device,
         jitter=augment.brightness > 0 or augment.contrast > 0,
-        seed=seed,
+        replace=TrainReplacement(seed, items.folder_sizes),
     )
 
 
@@ -386,7 +385,8 @@ def dali_val_batches(
     num_workers: int,
     device: str,
 ) -> DaliBatches:
-    """This rank's validation batches on DALI (no randomness; finite; re-iterable)."""
+    """This rank's validation batches on DALI (no randomness; finite; re-iterable; a corrupt item
+    becomes a padding row)."""
     return DaliBatches(
         items,
         ValSchedule(pairs, rank_batches, items.num_views),
@@ -396,4 +396,5 @@ def dali_val_batches(
         num_workers=num_workers,
         device=device,
         jitter=False,
+        replace=EvalReplacement(pairs),
     )

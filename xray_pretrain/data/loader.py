@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from xray_pretrain.data.augment import TrainAugment
-from xray_pretrain.data.badsamples import BadSampleTally
+from xray_pretrain.data.badsamples import BadSampleTally, warn_eval_skip
 from xray_pretrain.data.config import DataConfig, dali_available
 from xray_pretrain.data.order import (
     GlobalOrder,
@@ -90,7 +90,11 @@ class TrainLoader:
 
 @dataclass
 class ValLoader:
-    """Finite, re-iterable validation batches for one rank (same number of batches on every rank)."""
+    """Finite, re-iterable validation batches for one rank (same number of batches on every rank).
+
+    Corrupt samples come as padding rows (weight 0, `badsamples.EvalReplacement`); their records are
+    taken out of the batches, logged (once per loader) and kept in `skipped` for the latest pass, for
+    the evaluation's metrics (`badsamples.skipped_metrics` over all ranks)."""
 
     batches: Iterable[dict]
     label_names: list[str]
@@ -99,9 +103,21 @@ class ValLoader:
     backend: str
     decode_device: str
     report_counts: dict | None = None  # report task: items, and images left out and why (`reports.py`)
+    skipped: list[dict] = field(default_factory=list)  # this rank's corrupt samples in the latest pass
+    warned: set[str] = field(default_factory=set)  # keys already logged
 
     def __iter__(self) -> Iterator[dict]:
-        return iter(self.batches)
+        self.skipped = []
+        return self._taking_skips(self.skipped)
+
+    def _taking_skips(self, skipped: list[dict]) -> Iterator[dict]:
+        for batch in self.batches:
+            for record in batch.pop("bad", None) or []:
+                if record["key"] not in self.warned:
+                    warn_eval_skip(record)
+                    self.warned.add(record["key"])
+                skipped.append(record)
+            yield batch
 
     def __len__(self) -> int:
         return self.num_batches

@@ -9,8 +9,8 @@ reads. Each worker opens its own tar descriptors lazily (after the fork) and kee
 Batch contract (both backends): `image` float32 (B, 1, H, W) normalized; `roi` uint8 (B, 1, H, W)
 0/1; `labels` float32 (B, C) NaN unknown; `key` list[str]; `position` int64 (B,) global stream
 positions (validation: index in the sorted validation list); `weight` float32 (B,) 1.0, 0.0 for
-validation padding rows; `bad` list[dict] training samples skipped as corrupt (`badsamples.py`),
-removed from the batch by the train loader.
+validation padding rows and for evaluation samples skipped as corrupt; `bad` list[dict] samples
+skipped as corrupt (`badsamples.py`), removed from the batch by the train and validation loaders.
 
 Report task (`loader.py`'s `reports`): rows are report items; `report` list[str] (B) of the items'
 texts (`report.studies.report_text` of `report.section`), '' for padding rows. With
@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from xray_pretrain.data.augment import FULL_VIEW, AugmentParams, TrainAugment, transform_sample
-from xray_pretrain.data.badsamples import load_or_replace
+from xray_pretrain.data.badsamples import EvalReplacement, TrainReplacement, load_or_replace
 from xray_pretrain.data.decode import decode_image, decode_roi, estimate_roi, verify_image
 from xray_pretrain.data.reports import ItemTable
 from xray_pretrain.data.shards import CorruptSample, ShardReader, SplitTable
@@ -68,10 +68,8 @@ def load_row(
     index: int,
     params: list[AugmentParams],
     image_size: tuple[int, int],
-    real: bool = True,
 ) -> dict:
-    """One batch row of `items`: its view(s) (params[v] for view v) and, for a report task, its text
-    ('' when not `real`, i.e. a padding row)."""
+    """One batch row of `items`: its view(s) (params[v] for view v) and, for a report task, its text."""
     views = [load_item(t, reader, folder, index, p, image_size) for t, p in zip(items.views, params)]
     row = views[0]
     if items.num_views > 1:
@@ -81,7 +79,7 @@ def load_row(
             "roi": torch.stack([v["roi"] for v in views]),
         }
     if items.texts is not None:
-        row["report"] = items.text(folder, index) if real else ""
+        row["report"] = items.text(folder, index)
     return row
 
 
@@ -91,6 +89,7 @@ class TrainDataset(Dataset):
     def __init__(self, items: ItemTable, augment: TrainAugment, seed: int, image_size: tuple[int, int]):
         self.items, self.augment = items, augment
         self.seed, self.image_size = seed, tuple(image_size)
+        self.replace = TrainReplacement(seed, items.folder_sizes)
         self.reader = ShardReader()
 
     def __getitem__(self, row: tuple[int, int, int]) -> dict:
@@ -99,17 +98,19 @@ class TrainDataset(Dataset):
         params = [self.augment.sample(self.seed, position, view) for view in range(self.items.num_views)]
         item, bad = load_or_replace(  # a report item is replaced whole (all its views)
             lambda f, i: load_row(self.items, self.reader, f, i, params, self.image_size),
-            folder, index, position, self.seed, self.items.folder_sizes[folder],
+            folder, index, position, self.replace,
         )  # fmt: skip
         return {**item, "position": int(position), "weight": 1.0, "bad": bad}
 
 
 class ValDataset(Dataset):
-    """Map-style dataset over rows (index into `pairs`, weight); no randomness."""
+    """Map-style dataset over rows (index into `pairs`, weight); no randomness. A corrupt item becomes
+    a padding row (`badsamples.EvalReplacement`) and is reported in "bad"."""
 
     def __init__(self, items: ItemTable, pairs: np.ndarray, image_size: tuple[int, int]):
         """`pairs`: (n, 2) int (folder, index) rows in validation order."""
         self.items, self.pairs, self.image_size = items, pairs, tuple(image_size)
+        self.replace = EvalReplacement(pairs)
         self.reader = ShardReader()
 
     def __len__(self) -> int:
@@ -119,8 +120,14 @@ class ValDataset(Dataset):
         index, weight = row
         folder, sample = self.pairs[index]
         params = [FULL_VIEW] * self.items.num_views
-        item = load_row(self.items, self.reader, folder, sample, params, self.image_size, real=weight > 0)
-        return {**item, "position": int(index), "weight": float(weight)}
+        item, bad = load_or_replace(
+            lambda f, i: load_row(self.items, self.reader, f, i, params, self.image_size),
+            folder, sample, index, self.replace,
+        )  # fmt: skip
+        weight, bad = self.replace.settle(weight, bad)
+        if "report" in item and weight == 0:  # padding rows carry no text
+            item["report"] = ""
+        return {**item, "position": int(index), "weight": float(weight), "bad": bad}
 
 
 def collate(items: list[dict]) -> dict:

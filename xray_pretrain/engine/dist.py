@@ -165,12 +165,13 @@ def init_distributed(timeout_s: float) -> DistContext:
         device=device,
         env_added=tuple(added),
     )
+    # DeepSpeed's CPU all-reduce maps one /dev/shm file per rank and never removes them (67 MB each,
+    # RAM); it makes them whenever LOCAL_SIZE equals the world size, one rank included (`deepspeed
+    # --num_gpus 1`). Once every rank is past init, each has mapped all of them: unlinking now keeps
+    # the mappings and leaves nothing behind, however the run ends.
     if ctx.world_size > 1:
-        # DeepSpeed's CPU all-reduce maps one /dev/shm file per rank and never removes them (67 MB
-        # each, RAM). Once every rank is past init, each has mapped all of them: unlinking now
-        # keeps the mappings and leaves nothing behind, however the run ends.
         torch.distributed.barrier()
-        remove_shm_buffers([ctx.rank])
+    remove_shm_buffers([ctx.rank])
     return ctx
 
 

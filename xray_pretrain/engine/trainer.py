@@ -25,8 +25,9 @@ from pathlib import Path
 
 import torch
 
-from xray_pretrain.collectives import all_reduce_mean
+from xray_pretrain.collectives import all_gather_objects, all_reduce_mean
 from xray_pretrain.config import RunConfig, save_resolved_config
+from xray_pretrain.data.badsamples import skipped_metrics
 from xray_pretrain.data.order import ORDER_VERSION
 from xray_pretrain.engine import checkpoint, init_weights, preempt
 from xray_pretrain.engine.dist import DistContext, init_distributed, release_distributed
@@ -383,7 +384,9 @@ class Trainer:
         self.monitor.progress(state.step, {"loss": loss_mean, "img/s": scalars["perf/images_per_s"]})
 
     def _validate(self) -> dict:
-        metrics = self.task.evaluate(self.engine, self.val_loader, self.ctx.device, self.dtype)
+        metrics = evaluate_reporting_skips(
+            self.task, self.engine, self.val_loader, self.ctx.device, self.dtype
+        )
         self.monitor.scalars(
             self.state.step,
             {f"val/{k.removeprefix('val_')}": v for k, v in metrics.items() if _is_number(v)},
@@ -441,8 +444,13 @@ class Trainer:
             )
             return None
         checkpoint.load(self.engine, self.ckpt_dir, checkpoint.BEST_TAG)
-        metrics = self.task.evaluate(
-            self.engine, test_loader, self.ctx.device, self.dtype, fitted=self.selection.best_fitted
+        metrics = evaluate_reporting_skips(
+            self.task,
+            self.engine,
+            test_loader,
+            self.ctx.device,
+            self.dtype,
+            fitted=self.selection.best_fitted,
         )
         test = {k.replace("val_", "test_", 1): v for k, v in metrics.items()}
         if self.ctx.is_main:
@@ -468,6 +476,15 @@ class Trainer:
             cfg.checkpoint.keep_last,
             self.inference_info(self.task.fitted_state()),
         )
+
+
+def evaluate_reporting_skips(task, model, loader, device, dtype, fitted: dict | None = None) -> dict:
+    """`task.evaluate` of one pass over `loader` (every rank), with the corrupt samples it skipped on
+    any rank (`val_num_skipped`, `val_skipped`: shard, key, reason): left out of the metrics, never
+    silently."""
+    metrics = task.evaluate(model, loader, device, dtype, fitted=fitted)
+    skipped = skipped_metrics(record for part in all_gather_objects(loader.skipped) for record in part)
+    return {**metrics, **{f"val_{name}": value for name, value in skipped.items()}}
 
 
 def _is_number(value) -> bool:
