@@ -19,6 +19,15 @@ hyperparameter grid chosen on its val split; test: every image of a second synth
     nice -n 10 python benchmarks/claim_levers.py downstream --work runs/claim --name np_m90 --recipe multiprobe --lf 0.1
     python benchmarks/claim_levers.py table --work runs/claim
 
+Recipes (`--recipe`): logistic probes on frozen features (`probe`, `multiprobe` = every block's mean
+token, `gridprobe`, and `multimax` / `multigem3` / `multitop8` / `multimeanmax` / `multimaxmin`: every
+block's tokens under a pooling that does not dilute a finding a few tokens wide; `NAME_views` fits NAME
+on augmented crops of the labelled images), attentive probes (`attn_*`: a learned query cross-attends
+the frozen tokens, AdamW) and gradient fine-tuning (`full*`, `partial*`). `pretrain --visible-weight W`
+adds W x the loss on the visible patches; `prepare --long-side 256` converts the phantoms at synth's
+own resolution (pre-train those with `model.image_size=[256,256] model.patch_size=32`: the same 64
+tokens).
+
 `--set` overrides `tiny_cpu` as packaged now (norm_pix_loss true, mask ratio 0.9 since this benchmark);
 the variants in benchmarks/RESULTS.md name both keys explicitly, so they reproduce either way.
 Each `downstream` appends one JSON line per (variant, recipe, label fraction) to WORK/results.jsonl,
@@ -31,21 +40,24 @@ import argparse
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from xray_pretrain.config import load_config
 from xray_pretrain.data.augment import FULL_VIEW, TrainAugment, transform_sample
 from xray_pretrain.data.decode import decode_image, decode_roi, estimate_roi
 from xray_pretrain.data.loader import train_augment
 from xray_pretrain.data.shards import ShardFolder, ShardReader, SplitTable
+from xray_pretrain.demo_classify import augmented_views, drop_tokens
 from xray_pretrain.engine.optim import build_optimizer, lr_at, set_lr
 from xray_pretrain.models import ClassificationModel, block_pooled_features, build_encoder
-from xray_pretrain.models.heads import pool_tokens
+from xray_pretrain.models.heads import block_tokens, pool_tokens
+from xray_pretrain.models.mae import masked_patch_loss
 from xray_pretrain.models.param_groups import encoder_layer_decay_groups
 from xray_pretrain.tasks.classify import HEAD_INIT_STD, label_fraction_subset
 from xray_pretrain.tasks.metrics import bootstrap_interval, classification_metrics
@@ -132,7 +144,8 @@ class Data:
         return [i for i, k in enumerate(self.train.keys) if k in chosen]
 
 
-def prepare(work: Path) -> None:
+def prepare(work: Path, long_side: int = 128) -> None:
+    """The demo's phantoms converted at `long_side` (the demo's 128; 256 = synth's own resolution)."""
     from data_tools.convert import convert
     from data_tools.synth import synthesize
 
@@ -143,7 +156,7 @@ def prepare(work: Path) -> None:
         synthesize(work / f"phantoms{seed}", num_images=num, size=256, seed=seed)
         convert(
             work / f"phantoms{seed}", work / f"shards{seed}", source="csv", dataset="phantom",
-            image_format="png16", long_side=128, salt=DEMO_SALT,
+            image_format="png16", long_side=long_side, salt=DEMO_SALT,
         )  # fmt: skip
         print(f"seed {seed}: {num} phantoms in {time.perf_counter() - t:.0f} s", flush=True)
 
@@ -160,9 +173,26 @@ class Clock:
         }
 
 
-def pretrain(work: Path, name: str, overrides: list[str], data: Data) -> None:
+class VisibleLoss(nn.Module):
+    """The MAE with its loss plus `weight` x the same per-patch loss on the visible patches (which the
+    decoder predicts anyway): each visible token must keep its own patch, a nodule or a pleural rim
+    included, which the masked-patch loss alone never asks for. `module` is the MAE (what
+    `PretrainTask` unwraps, as for DeepSpeed)."""
+
+    def __init__(self, mae, weight: float):
+        super().__init__()
+        self.module, self.weight = mae, weight
+
+    def forward(self, images, roi, noise):
+        out = self.module(images, roi, noise)
+        visible = masked_patch_loss(out.pred_BLP, out.target_BLP, 1.0 - out.mask_BL)
+        return replace(out, loss=out.loss + self.weight * visible)
+
+
+def pretrain(work: Path, name: str, overrides: list[str], data: Data, visible_weight: float = 0.0) -> None:
     """Pre-train `tiny_cpu` + overrides in-process (one rank, global batch at once); saves the step-0
-    and final encoders and the validation loss ratio the demo's CI gate checks."""
+    and final encoders and the validation loss ratio the demo's CI gate checks (masked patches only).
+    `visible_weight` > 0 adds the loss on visible patches (`VisibleLoss`)."""
     cfg = load_config("tiny_cpu", ["data.shards=[unused]", *overrides])
     out = work / "variants" / name
     out.mkdir(parents=True, exist_ok=True)
@@ -170,6 +200,7 @@ def pretrain(work: Path, name: str, overrides: list[str], data: Data) -> None:
     task = PretrainTask(cfg)
     model = task.build_model()
     torch.save(model.encoder.state_dict(), out / "init.pt")
+    trained = VisibleLoss(model, visible_weight) if visible_weight > 0 else model
     params = [p for p in model.parameters() if p.requires_grad]
     peak_lr = cfg.optim.lr(cfg.train.global_batch)
     optimizer = build_optimizer(
@@ -193,7 +224,7 @@ def pretrain(work: Path, name: str, overrides: list[str], data: Data) -> None:
         )
         torch.manual_seed(cfg.train.seed * 1_000_003 + step * 4099)
         loss, _ = task.training_loss(
-            model,
+            trained,
             {"image": images, "roi": rois, "position": torch.from_numpy(positions)},
             "cpu",
             torch.float32,
@@ -215,7 +246,7 @@ def pretrain(work: Path, name: str, overrides: list[str], data: Data) -> None:
     val = task.evaluate(model, [val_batch], "cpu", torch.float32)
     torch.save(model.encoder.state_dict(), out / "final.pt")
     record = {
-        "name": name, "overrides": overrides, "steps": cfg.train.steps, **cost,
+        "name": name, "overrides": overrides, "visible_weight": visible_weight, "steps": cfg.train.steps, **cost,
         "val_ratio": val["val_loss"] / val["val_loss_baseline"],
         "loss_at": {s: round(losses[s], 4) for s in (0, 100, 300, len(losses) - 1) if s < len(losses)},
     }  # fmt: skip
@@ -249,7 +280,40 @@ def encoder_features(encoder, images: torch.Tensor, blocks: str) -> np.ndarray:
             for chunk in images.split(64)
         ]
         return torch.cat([F.adaptive_avg_pool2d(g, 2).flatten(1) for g in grids]).numpy()
+    if blocks.startswith("all_"):  # every block's layer-normed patch tokens under another pooling
+        pool = TOKEN_POOLS[blocks[len("all_") :]]
+        return torch.cat([pool(block_tokens(encoder, chunk)[:, 1:]) for chunk in images.split(64)]).numpy()
     return torch.cat([block_pooled_features(encoder, chunk) for chunk in images.split(64)]).numpy()
+
+
+def signed_gem(tokens_BLD: torch.Tensor, p: int = 3) -> torch.Tensor:
+    """(B, L, D) -> (B, D) generalized mean of odd power `p` with the sign kept (GeM for tokens that
+    are layer-normed, so of either sign): sign(m) |m|^(1/p), m = mean over L of x^p; between the mean
+    (p = 1) and the signed extreme (p -> inf)."""
+    moment = tokens_BLD.double().pow(p).mean(dim=1)
+    return (moment.sign() * moment.abs().pow(1.0 / p)).float()
+
+
+# Poolings over the 64 patch tokens that do not dilute a finding a few tokens wide as the mean does
+# (`multiprobe` is `all` = mean): each applied to every block's tokens, concatenated (D * depth).
+TOKEN_POOLS = {
+    "max": lambda t: t.amax(dim=1),
+    "gem3": signed_gem,
+    "top8": lambda t: t.topk(8, dim=1).values.mean(dim=1),  # mean of the 8 largest per feature (1/8)
+    "meanmax": lambda t: torch.cat([t.mean(dim=1), t.amax(dim=1)], dim=1),  # (B, 2 D)
+    "maxmin": lambda t: torch.cat([t.amax(dim=1), t.amin(dim=1)], dim=1),  # both signed extremes (B, 2 D)
+}
+
+
+def view_features(work: Path, data: Data, encoder, image_hw, blocks: str, fraction: float, seed: int):
+    """(NUM_VIEWS * N, F) features of NUM_VIEWS augmented crops of each of the N labelled images (the
+    label subset of `fraction`, `seed`) and their (NUM_VIEWS * N, C) labels."""
+    images, keys = augmented_views(
+        [work / "shards0"], data.label_names, fraction, seed, NUM_VIEWS, image_hw
+    )  # view k of image n at row k * N + n
+    row_of = {key: i for i, key in enumerate(data.train.keys)}
+    labels_NC = data.train.labels_NC[[row_of[key] for key in keys]]
+    return encoder_features(encoder, images, blocks), np.tile(labels_NC, (NUM_VIEWS, 1))
 
 
 def fit_logistic(x_train, y_train, x_val, y_val, x_test) -> tuple[np.ndarray, dict]:
@@ -346,7 +410,113 @@ FINETUNE_RECIPES = {
     "full_hi": FinetuneRecipe(frozen=0, lrs=(1e-2, 3e-2), epochs=60),
     "full_bn": FinetuneRecipe(frozen=0, lrs=(1e-3, 3e-3), epochs=60, probe_norm=True),
 }
-PROBE_RECIPES = {"probe": "last", "multiprobe": "all", "gridprobe": "grid"}
+PROBE_RECIPES = {"probe": "last", "multiprobe": "all", "gridprobe": "grid"} | {
+    f"multi{name}": f"all_{name}" for name in TOKEN_POOLS
+}
+# `NAME_views`: the probe NAME fitted on NUM_VIEWS crops of each labelled image drawn by `finetune`'s
+# own augmentation (`demo_classify.augmented_views`, as the demo's `blocks_views`) instead of the image.
+NUM_VIEWS = 16
+PROBE_RECIPES |= {f"{name}_views": blocks for name, blocks in PROBE_RECIPES.items()}
+
+
+# ---- attentive probe -------------------------------------------------------------------------------
+class AttentiveProbe(nn.Module):
+    """Attentive probing (AIM, V-JEPA): learned queries cross-attend the frozen patch tokens, then a
+    linear head. (B, L, D) tokens -> (B, C) logits. One query shared by the classes, or one query per
+    class (`per_class`: query c's output feeds logit c only, so each finding can look elsewhere).
+    Layer norm on the tokens and on the pooled vector; V-JEPA's MLP after the attention is left out
+    (~40 labelled images)."""
+
+    def __init__(self, dim: int, num_classes: int, num_heads: int, per_class: bool):
+        super().__init__()
+        self.num_classes, self.per_class = num_classes, per_class
+        self.norm = nn.LayerNorm(dim)
+        self.query = nn.Parameter(torch.zeros(1, num_classes if per_class else 1, dim))
+        nn.init.trunc_normal_(self.query, std=0.02)
+        self.attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+        self.out_norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=0.01)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, tokens_BLD: torch.Tensor) -> torch.Tensor:
+        x_BLD = self.norm(tokens_BLD)
+        pooled_BQD, _ = self.attn(self.query.expand(len(x_BLD), -1, -1), x_BLD, x_BLD, need_weights=False)
+        logits_BQC = self.head(self.out_norm(pooled_BQD))
+        return logits_BQC.diagonal(dim1=1, dim2=2) if self.per_class else logits_BQC[:, 0]
+
+
+@dataclass
+class AttentiveRecipe:
+    """An attentive probe on frozen tokens: `tokens` = `last` (final-norm tokens, D) or `blocks` (every
+    block's layer-normed tokens, D * depth); AdamW, warm-up 10% + cosine, batch 16 drawn with
+    replacement, `token_drop` of the patch tokens left out per sample and step (as the demo's probes);
+    LR in `lrs` and the step (every 50) chosen on validation mean AUROC."""
+
+    tokens: str
+    per_class: bool
+    num_heads: int
+    lrs: tuple[float, ...] = (1e-3, 3e-3)
+    steps: int = 300
+    batch: int = 16
+    weight_decay: float = 0.05
+    token_drop: float = 0.25
+    val_every: int = 50
+
+
+ATTENTIVE_RECIPES = {
+    "attn_last": AttentiveRecipe(tokens="last", per_class=False, num_heads=3),
+    "attn_blocks": AttentiveRecipe(tokens="blocks", per_class=False, num_heads=4),
+    "attn_blocks_pc": AttentiveRecipe(tokens="blocks", per_class=True, num_heads=4),
+}
+
+
+@torch.no_grad()
+def frozen_split_tokens(encoder, images: torch.Tensor, which: str) -> torch.Tensor:
+    """(N, 1 + L, D) final-norm tokens (`last`) or (N, 1 + L, D * depth) `block_tokens` (`blocks`)."""
+    encoder.eval()
+    run = encoder if which == "last" else (lambda x: block_tokens(encoder, x))
+    return torch.cat([run(chunk) for chunk in images.split(64)])
+
+
+def fit_attentive(recipe: AttentiveRecipe, lr: float, tokens: dict, data: Data, rows: list[int], seed: int):
+    """Train one attentive probe; returns (best val mean AUROC, its step, val probs, test probs)."""
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    probe = AttentiveProbe(
+        tokens["train"].shape[2], len(data.label_names), recipe.num_heads, recipe.per_class
+    )
+    decay = [p for n, p in probe.named_parameters() if p.ndim >= 2 and n != "query"]
+    rest = [p for n, p in probe.named_parameters() if not (p.ndim >= 2 and n != "query")]
+    groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    optimizer = build_optimizer(groups, lr, (0.9, 0.999))
+    labels = torch.from_numpy(data.train.labels_NC)
+    rows_t = torch.tensor(rows)
+
+    @torch.no_grad()
+    def predict(split: str) -> np.ndarray:
+        probe.eval()
+        out = torch.cat([torch.sigmoid(probe(t[:, 1:])) for t in tokens[split].split(128)]).numpy()
+        probe.train()
+        return out
+
+    best = (-math.inf, 0, None, None)
+    for step in range(recipe.steps):
+        set_lr(optimizer, lr_at(step, peak_lr=lr, warmup_steps=recipe.steps // 10, total_steps=recipe.steps,
+                                min_lr=0.0))  # fmt: skip
+        batch = rows_t[torch.randint(len(rows_t), (recipe.batch,), generator=generator)]
+        x_BTD = drop_tokens(tokens["train"][batch], recipe.token_drop, generator)
+        loss = F.binary_cross_entropy_with_logits(probe(x_BTD[:, 1:]), labels[batch])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(probe.parameters(), 1.0)
+        optimizer.step()
+        if (step + 1) % recipe.val_every == 0:
+            val_probs = predict("val")
+            score = mean_auroc(val_probs, data.val.labels_NC)
+            if score > best[0]:
+                best = (score, step + 1, val_probs, predict("test"))
+    return best
 
 
 def downstream(work: Path, name: str, recipe: str, fraction: float, data: Data) -> dict:
@@ -362,12 +532,28 @@ def downstream(work: Path, name: str, recipe: str, fraction: float, data: Data) 
                 s: encoder_features(encoder, getattr(data, s).full(image_hw), PROBE_RECIPES[recipe])
                 for s in ("train", "val", "test")
             }
+        elif recipe in ATTENTIVE_RECIPES:
+            spec = ATTENTIVE_RECIPES[recipe]
+            encoder, image_hw = load_encoder(work, name, which)
+            tokens = {
+                s: frozen_split_tokens(encoder, getattr(data, s).full(image_hw), spec.tokens)
+                for s in ("train", "val", "test")
+            }
         for seed in SEEDS:
             rows = data.label_rows(fraction, seed)
             if recipe in PROBE_RECIPES:
-                test_probs, pick = fit_logistic(
-                    feats["train"][rows], data.train.labels_NC[rows], feats["val"], y_val, feats["test"]
+                x_train, y_train = feats["train"][rows], data.train.labels_NC[rows]
+                if recipe.endswith("_views"):
+                    x_train, y_train = view_features(work, data, encoder, image_hw, PROBE_RECIPES[recipe],
+                                                     fraction, seed)  # fmt: skip
+                test_probs, pick = fit_logistic(x_train, y_train, feats["val"], y_val, feats["test"])
+            elif recipe in ATTENTIVE_RECIPES:
+                best = max(
+                    ((fit_attentive(spec, lr, tokens, data, rows, seed), lr) for lr in spec.lrs),
+                    key=lambda pair: pair[0][0],
                 )
+                (score, step, _, test_probs), lr = best
+                pick = {"lr": lr, "step": step, "val_mean_auroc": score}
             else:
                 spec = FINETUNE_RECIPES[recipe]
                 best = None
@@ -421,46 +607,80 @@ def pixels(work: Path, fraction: float, data: Data) -> None:
 
 
 def table(work: Path) -> None:
-    print("| variant | recipe | lf | pre-trained | random init | gap [95% CI] | CPU s |")
-    print("|---|---|---|---|---|---|---|")
+    """One markdown row per results line; `val` = the chosen classifiers' validation mean AUROC, mean
+    over seeds and both inits (what a recipe is chosen on: it favours neither init)."""
+    print("| variant | recipe | lf | val | pre-trained | random init | gap [95% CI] | CPU s |")
+    print("|---|---|---|---|---|---|---|---|")
     for line in (work / "results.jsonl").read_text().splitlines():
         r = json.loads(line)
         pre = f"{np.mean(r['pretrained']):.3f} {r['pretrained']}"
         if "random" not in r:
-            print(f"| {r['name']} | {r['recipe']} | {r['lf']} | {pre} | | | |")
+            print(f"| {r['name']} | {r['recipe']} | {r['lf']} | | {pre} | | | |")
             continue
+        val = np.mean([c["val_mean_auroc"] for init in ("pretrained", "random") for c in r["chosen"][init]])
         rnd = f"{np.mean(r['random']):.3f} {r['random']}"
+        gap = f"{r['gap']:+.3f} [{r['gap_ci95'][0]:+.3f}, {r['gap_ci95'][1]:+.3f}]"
         print(
-            f"| {r['name']} | {r['recipe']} | {r['lf']} | {pre} | {rnd} | {r['gap']:+.3f} {r['gap_ci95']} | {r['cpu_s']} |"
+            f"| {r['name']} | {r['recipe']} | {r['lf']} | {val:.3f} | {pre} | {rnd} | {gap} | {r['cpu_s']} |"
         )
+
+
+def pooled(work: Path, names: list[str], recipe: str, fraction: float, data: Data) -> None:
+    """The gap over several pre-training runs (e.g. train.seed 0, 1, 2), each against its own step-0
+    encoder: the 3 label seeds of every run stacked (S = 3 x runs), one paired interval over test
+    images (the runs' saved test probabilities of `recipe`)."""
+    saved = [np.load(work / "variants" / n / f"{recipe}_lf{fraction}.npz") for n in names]
+    a = np.concatenate([z["pretrained"] for z in saved])
+    b = np.concatenate([z["random"] for z in saved])
+    y_test = data.test.labels_NC
+    gap = np.mean([mean_auroc(p, y_test) for p in a]) - np.mean([mean_auroc(p, y_test) for p in b])
+    low, high = bootstrap_interval(a, y_test, b, num_resamples=1000)
+    record = {"names": names, "recipe": recipe, "lf": fraction, "pretrained": round(np.mean([mean_auroc(p, y_test) for p in a]), 4),
+              "random": round(np.mean([mean_auroc(p, y_test) for p in b]), 4), "gap": round(float(gap), 4),
+              "gap_ci95": [round(low, 4), round(high, 4)],
+              "per_class": {"pretrained": per_class_auroc(a, y_test), "random": per_class_auroc(b, y_test)}}  # fmt: skip
+    print(json.dumps(record), flush=True)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("command", choices=("prepare", "pretrain", "downstream", "pixels", "table"))
+    p.add_argument("command", choices=("prepare", "pretrain", "downstream", "pixels", "table", "pooled"))
     p.add_argument("--work", type=Path, default=Path("runs/claim"))
-    p.add_argument("--name", help="variant name (pretrain, downstream)")
-    p.add_argument("--recipe", nargs="+", default=["probe"], choices=[*PROBE_RECIPES, *FINETUNE_RECIPES])
+    p.add_argument("--name", nargs="+", help="variant name (pretrain, downstream; pooled: several)")
+    p.add_argument(
+        "--recipe",
+        nargs="+",
+        default=["probe"],
+        choices=[*PROBE_RECIPES, *ATTENTIVE_RECIPES, *FINETUNE_RECIPES],
+    )
     p.add_argument("--lf", type=float, nargs="+", default=[0.1])
     p.add_argument(
         "--set", nargs="*", default=[], metavar="section.key=value", help="tiny_cpu overrides (pretrain)"
     )
+    p.add_argument("--long-side", type=int, default=128, help="prepare: conversion size (pixels)")
+    p.add_argument(
+        "--visible-weight", type=float, default=0.0, help="pretrain: weight of the loss on visible patches"
+    )
     args = p.parse_args()
     torch.set_num_threads(1)
     if args.command == "prepare":
-        return prepare(args.work)
+        return prepare(args.work, args.long_side)
     if args.command == "table":
         return table(args.work)
     data = Data(args.work)
     if args.command == "pretrain":
-        pretrain(args.work, args.name, args.set, data)
+        pretrain(args.work, args.name[0], args.set, data, args.visible_weight)
+    elif args.command == "pooled":
+        for fraction in args.lf:
+            for recipe in args.recipe:
+                pooled(args.work, args.name, recipe, fraction, data)
     elif args.command == "pixels":
         for fraction in args.lf:
             pixels(args.work, fraction, data)
     else:
         for fraction in args.lf:
             for recipe in args.recipe:
-                downstream(args.work, args.name, recipe, fraction, data)
+                downstream(args.work, args.name[0], recipe, fraction, data)
 
 
 if __name__ == "__main__":
