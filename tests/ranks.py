@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 
 import torch
@@ -25,6 +26,11 @@ def run_ranks(
         # A one-rank group an earlier in-process test left in pytest's process: tear it down here,
         # where its store threads live; a forked copy of it cannot be torn down (it hangs).
         torch.distributed.destroy_process_group()
+        # DeepSpeed keeps a clone of the world group it saw (deepspeed.utils.groups._WORLD_GROUP) and
+        # would hand the destroyed one to the next in-process run ("Group ... is not registered").
+        groups = sys.modules.get("deepspeed.utils.groups")
+        if groups is not None:
+            groups._WORLD_GROUP = None
     results = mp.Manager().dict()
     port = free_port()
     mp.start_processes(
