@@ -58,7 +58,7 @@ from xray_pretrain.engine.optim import build_optimizer, lr_at, set_lr
 from xray_pretrain.models import ClassificationModel, block_pooled_features, build_encoder
 from xray_pretrain.models.heads import block_tokens, pool_tokens
 from xray_pretrain.models.mae import masked_patch_loss
-from xray_pretrain.models.param_groups import encoder_layer_decay_groups
+from xray_pretrain.models.param_groups import encoder_layer_decay_groups, is_no_decay
 from xray_pretrain.tasks.classify import HEAD_INIT_STD, label_fraction_subset
 from xray_pretrain.tasks.metrics import bootstrap_interval, classification_metrics
 from xray_pretrain.tasks.pretrain import PretrainTask
@@ -486,8 +486,10 @@ def fit_attentive(recipe: AttentiveRecipe, lr: float, tokens: dict, data: Data, 
     probe = AttentiveProbe(
         tokens["train"].shape[2], len(data.label_names), recipe.num_heads, recipe.per_class
     )
-    decay = [p for n, p in probe.named_parameters() if p.ndim >= 2 and n != "query"]
-    rest = [p for n, p in probe.named_parameters() if not (p.ndim >= 2 and n != "query")]
+    # The project's rule (no decay on norms and biases) and none on the query, a learned token like cls.
+    named = list(probe.named_parameters())
+    rest = [p for n, p in named if is_no_decay(n, p) or n == "query"]
+    decay = [p for n, p in named if not (is_no_decay(n, p) or n == "query")]
     groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": rest, "weight_decay": 0.0}]
     optimizer = build_optimizer(groups, lr, (0.9, 0.999))
     labels = torch.from_numpy(data.train.labels_NC)
@@ -633,10 +635,10 @@ def pooled(work: Path, names: list[str], recipe: str, fraction: float, data: Dat
     a = np.concatenate([z["pretrained"] for z in saved])
     b = np.concatenate([z["random"] for z in saved])
     y_test = data.test.labels_NC
-    gap = np.mean([mean_auroc(p, y_test) for p in a]) - np.mean([mean_auroc(p, y_test) for p in b])
+    pre, rnd = (np.mean([mean_auroc(p, y_test) for p in probs]) for probs in (a, b))
     low, high = bootstrap_interval(a, y_test, b, num_resamples=1000)
-    record = {"names": names, "recipe": recipe, "lf": fraction, "pretrained": round(np.mean([mean_auroc(p, y_test) for p in a]), 4),
-              "random": round(np.mean([mean_auroc(p, y_test) for p in b]), 4), "gap": round(float(gap), 4),
+    record = {"names": names, "recipe": recipe, "lf": fraction, "pretrained": round(pre, 4),
+              "random": round(rnd, 4), "gap": round(float(pre - rnd), 4),
               "gap_ci95": [round(low, 4), round(high, 4)],
               "per_class": {"pretrained": per_class_auroc(a, y_test), "random": per_class_auroc(b, y_test)}}  # fmt: skip
     print(json.dumps(record), flush=True)
