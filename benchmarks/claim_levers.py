@@ -305,24 +305,29 @@ TOKEN_POOLS = {
 }
 
 
-def view_features(work: Path, data: Data, encoder, image_hw, blocks: str, fraction: float, seed: int):
-    """(NUM_VIEWS * N, F) features of NUM_VIEWS augmented crops of each of the N labelled images (the
-    label subset of `fraction`, `seed`) and their (NUM_VIEWS * N, C) labels."""
-    images, keys = augmented_views(
-        [work / "shards0"], data.label_names, fraction, seed, NUM_VIEWS, image_hw
-    )  # view k of image n at row k * N + n
+def labelled_views(work: Path, data: Data, image_hw, fraction: float, seed: int):
+    """(NUM_VIEWS * N, 1, H, W) augmented crops of each of the N labelled images (the label subset of
+    `fraction`, `seed`; view k of image n at row k * N + n) and their (NUM_VIEWS * N, C) labels."""
+    images, keys = augmented_views([work / "shards0"], data.label_names, fraction, seed, NUM_VIEWS, image_hw)
     row_of = {key: i for i, key in enumerate(data.train.keys)}
     labels_NC = data.train.labels_NC[[row_of[key] for key in keys]]
-    return encoder_features(encoder, images, blocks), np.tile(labels_NC, (NUM_VIEWS, 1))
+    return images, np.tile(labels_NC, (NUM_VIEWS, 1))
 
 
-def fit_logistic(x_train, y_train, x_val, y_val, x_test) -> tuple[np.ndarray, dict]:
-    """Per class, standardized features -> logistic regression, C chosen on validation mean AUROC."""
+def view_features(work: Path, data: Data, encoder, image_hw, blocks: str, fraction: float, seed: int):
+    """(NUM_VIEWS * N, F) features of `labelled_views` and their (NUM_VIEWS * N, C) labels."""
+    images, labels_NC = labelled_views(work, data, image_hw, fraction, seed)
+    return encoder_features(encoder, images, blocks), labels_NC
+
+
+def fit_logistic_models(x_train, y_train, x_val, y_val):
+    """Per class, standardized features -> logistic regression, C chosen on validation mean AUROC.
+    Returns (the fitted StandardScaler, the C per-class models, {"C", "val_mean_auroc"})."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
     scaler = StandardScaler().fit(x_train)
-    x_train, x_val, x_test = (scaler.transform(x) for x in (x_train, x_val, x_test))
+    x_train, x_val = scaler.transform(x_train), scaler.transform(x_val)
     best = None
     for c_value in PROBE_C:
         models = [
@@ -333,8 +338,14 @@ def fit_logistic(x_train, y_train, x_val, y_val, x_test) -> tuple[np.ndarray, di
         score = mean_auroc(val_probs, y_val)
         if best is None or score > best[0]:
             best = (score, c_value, models)
-    test_probs = np.stack([m.predict_proba(x_test)[:, 1] for m in best[2]], axis=1)
-    return test_probs, {"C": best[1], "val_mean_auroc": best[0]}
+    return scaler, best[2], {"C": best[1], "val_mean_auroc": best[0]}
+
+
+def fit_logistic(x_train, y_train, x_val, y_val, x_test) -> tuple[np.ndarray, dict]:
+    """`fit_logistic_models`, then (N_test, C) test probabilities and what validation chose."""
+    scaler, models, pick = fit_logistic_models(x_train, y_train, x_val, y_val)
+    x_test = scaler.transform(x_test)
+    return np.stack([m.predict_proba(x_test)[:, 1] for m in models], axis=1), pick
 
 
 def mean_auroc(probs_NC, labels_NC) -> float:
@@ -366,6 +377,35 @@ class FinetuneRecipe:
     weight_decay: float = 0.05
     drop_path: float = 0.1
     probe_norm: bool = False  # head = parameter-free BatchNorm + linear (std 0.01), as the linear probe
+    # LP-FT (Kumar et al. 2022): start from the linear probe fitted on the frozen encoder (`set_probe_head`)
+    # instead of a random head, whose first gradients would distort the pre-trained features. Needs
+    # probe_norm; the norm then keeps the probe's standardization (eval mode) throughout.
+    probe_init: bool = False
+
+
+@torch.no_grad()
+def set_probe_head(model: ClassificationModel, data: Data, rows: list[int], image_hw) -> dict:
+    """LP-FT's first stage: the logistic probe (`fit_logistic_models`, C chosen on validation) on the
+    model's own features (mean-pooled final-norm tokens of the whole images, the encoder frozen), put
+    into its head exactly: BatchNorm running mean / variance = the probe's standardization, linear layer
+    = the probe's coefficients. In eval mode the model then outputs the probe's logits."""
+    model.eval()
+    images = {
+        "train": data.train.view(rows, [FULL_VIEW] * len(rows), image_hw)[0],
+        "val": data.val.full(image_hw),
+    }
+    feats = {
+        s: torch.cat([model.features(chunk) for chunk in x.split(64)]).numpy() for s, x in images.items()
+    }
+    scaler, models, pick = fit_logistic_models(
+        feats["train"], data.train.labels_NC[rows], feats["val"], data.val.labels_NC
+    )
+    norm, linear = model.head
+    norm.running_mean.copy_(torch.from_numpy(scaler.mean_))
+    norm.running_var.copy_(torch.from_numpy(scaler.var_))  # StandardScaler's population variance, as BN's
+    linear.weight.copy_(torch.from_numpy(np.concatenate([m.coef_ for m in models])))
+    linear.bias.copy_(torch.from_numpy(np.concatenate([m.intercept_ for m in models])))
+    return {"probe_C": pick["C"], "probe_val_mean_auroc": pick["val_mean_auroc"]}
 
 
 def finetune(recipe: FinetuneRecipe, lr: float, encoder, image_hw, data: Data, rows: list[int], seed: int):
@@ -374,6 +414,8 @@ def finetune(recipe: FinetuneRecipe, lr: float, encoder, image_hw, data: Data, r
     model = ClassificationModel(encoder, len(data.label_names), pool="mean", num_frozen_blocks=recipe.frozen,
                                 probe_norm=recipe.probe_norm,
                                 head_init_std=HEAD_INIT_STD["linear" if recipe.probe_norm else "finetune"])  # fmt: skip
+    if recipe.probe_init:
+        set_probe_head(model, data, rows, image_hw)
     groups = encoder_layer_decay_groups(model, recipe.weight_decay, recipe.layer_decay)
     optimizer = build_optimizer(groups, lr, (0.9, 0.999))
     augment = TrainAugment(crop_scale=(0.7, 1.0), crop_ratio=(0.9, 1.1), brightness=0.1, contrast=0.1)
@@ -382,6 +424,8 @@ def finetune(recipe: FinetuneRecipe, lr: float, encoder, image_hw, data: Data, r
     rng = np.random.default_rng(seed)
     labels = torch.from_numpy(data.train.labels_NC)
     model.train()
+    if recipe.probe_init:  # keep the probe's standardization: batch statistics of 16 crops would move it
+        model.head[0].eval()
     for step in range(total):
         if step % steps_per_epoch == 0:
             order = rng.permutation(rows)
@@ -409,6 +453,8 @@ FINETUNE_RECIPES = {
     "full_low": FinetuneRecipe(frozen=0, lrs=(3e-4, 1e-3), epochs=40, layer_decay=0.5),
     "full_hi": FinetuneRecipe(frozen=0, lrs=(1e-2, 3e-2), epochs=60),
     "full_bn": FinetuneRecipe(frozen=0, lrs=(1e-3, 3e-3), epochs=60, probe_norm=True),
+    "lpft20": FinetuneRecipe(frozen=0, lrs=(1e-4, 3e-4), epochs=20, probe_norm=True, probe_init=True),
+    "lpft40": FinetuneRecipe(frozen=0, lrs=(1e-4, 3e-4), epochs=40, probe_norm=True, probe_init=True),
 }
 PROBE_RECIPES = {"probe": "last", "multiprobe": "all", "gridprobe": "grid"} | {
     f"multi{name}": f"all_{name}" for name in TOKEN_POOLS
@@ -521,6 +567,87 @@ def fit_attentive(recipe: AttentiveRecipe, lr: float, tokens: dict, data: Data, 
     return best
 
 
+# ---- multiple-instance heads -----------------------------------------------------------------------
+@dataclass
+class MilRecipe:
+    """Multiple-instance learning on the frozen tokens (a finding is local: one token may carry it):
+    every block's layer-normed patch tokens (`block_tokens`, L x D * depth), standardized per feature
+    over the labelled images' tokens; a linear score per token and finding; the image logit pools the
+    L token scores: `max`, `mean` (= a linear model on mean-pooled tokens) or `lse`, the log-mean-exp
+    at temperature r, (log sum exp(r s) - log L) / r, between the mean (r -> 0) and the max. Fitted
+    full-batch by L-BFGS on BCE + ||W||^2 / (2 C N) (per finding, sklearn's logistic regression loss
+    up to a factor), C in `cs` chosen on validation mean AUROC."""
+
+    pool: str
+    temperature: float = 1.0
+    # 10x the logistic probes' grid: per-token standardization leaves pooled features a smaller scale
+    # (mil_mean needs C >= 1 to match `multiprobe`'s 0.713 at seed 0)
+    cs: tuple[float, ...] = (0.1, 1.0, 10.0)
+    max_iter: int = 200
+
+
+MIL_RECIPES = {
+    "mil_max": MilRecipe("max"),
+    "mil_lse1": MilRecipe("lse", 1.0),
+    "mil_lse5": MilRecipe("lse", 5.0),
+    "mil_mean": MilRecipe("mean"),
+}
+MIL_RECIPES |= {f"{name}_views": spec for name, spec in MIL_RECIPES.items()}  # fitted on NUM_VIEWS crops
+
+
+def mil_logits(recipe: MilRecipe, scores_BLC: torch.Tensor) -> torch.Tensor:
+    """(B, L, C) token scores -> (B, C) image logits under the recipe's pooling."""
+    if recipe.pool == "max":
+        return scores_BLC.amax(dim=1)
+    if recipe.pool == "mean":
+        return scores_BLC.mean(dim=1)
+    r = recipe.temperature
+    return (torch.logsumexp(r * scores_BLC, dim=1) - math.log(scores_BLC.shape[1])) / r
+
+
+def fit_mil_linear(recipe: MilRecipe, x_NLF: torch.Tensor, targets_NC: torch.Tensor, c_value: float):
+    """L-BFGS on BCE of the pooled token scores + ||W||^2 / (2 C N); (F, C) W and (C,) b. W starts
+    small and random (seeded): at W = 0 every token ties and max pooling has no descent direction."""
+    generator = torch.Generator().manual_seed(0)
+    weight_FC = (
+        1e-3 * torch.randn(x_NLF.shape[2], targets_NC.shape[1], generator=generator)
+    ).requires_grad_()
+    bias_C = torch.zeros(targets_NC.shape[1], requires_grad=True)
+    optimizer = torch.optim.LBFGS(
+        [weight_FC, bias_C], max_iter=recipe.max_iter, line_search_fn="strong_wolfe"
+    )
+
+    def closure():
+        optimizer.zero_grad()
+        logits = mil_logits(recipe, x_NLF @ weight_FC + bias_C)
+        bce = F.binary_cross_entropy_with_logits(logits, targets_NC, reduction="sum") / len(targets_NC)
+        loss = bce + weight_FC.pow(2).sum() / (2 * c_value * len(targets_NC))
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return weight_FC.detach(), bias_C.detach()
+
+
+def fit_mil(recipe: MilRecipe, x_train, y_train, x_val, y_val, x_test) -> tuple[np.ndarray, dict]:
+    """(N, L, F) patch tokens of the labelled images, (N, C) labels, val / test tokens -> (N_test, C)
+    test probabilities and what validation chose."""
+    mean_F = x_train.mean(dim=(0, 1))
+    std_F = x_train.std(dim=(0, 1)) + 1e-6
+    x_train, x_val, x_test = ((x - mean_F) / std_F for x in (x_train, x_val, x_test))
+    targets = torch.from_numpy(y_train).float()
+    best = None
+    for c_value in recipe.cs:
+        weight_FC, bias_C = fit_mil_linear(recipe, x_train, targets, c_value)
+        val_probs, test_probs = (
+            torch.sigmoid(mil_logits(recipe, x @ weight_FC + bias_C)).numpy() for x in (x_val, x_test)
+        )
+        score = mean_auroc(val_probs, y_val)
+        if best is None or score > best[0]:
+            best = (score, c_value, test_probs)
+    return best[2], {"C": best[1], "val_mean_auroc": best[0]}
+
+
 def downstream(work: Path, name: str, recipe: str, fraction: float, data: Data) -> dict:
     """Pre-trained and random init (and pixels) under one recipe; test probs saved, gap + interval."""
     clock = Clock()
@@ -534,11 +661,13 @@ def downstream(work: Path, name: str, recipe: str, fraction: float, data: Data) 
                 s: encoder_features(encoder, getattr(data, s).full(image_hw), PROBE_RECIPES[recipe])
                 for s in ("train", "val", "test")
             }
-        elif recipe in ATTENTIVE_RECIPES:
-            spec = ATTENTIVE_RECIPES[recipe]
+        elif recipe in ATTENTIVE_RECIPES or recipe in MIL_RECIPES:
+            spec = ATTENTIVE_RECIPES.get(recipe) or MIL_RECIPES[recipe]
             encoder, image_hw = load_encoder(work, name, which)
             tokens = {
-                s: frozen_split_tokens(encoder, getattr(data, s).full(image_hw), spec.tokens)
+                s: frozen_split_tokens(
+                    encoder, getattr(data, s).full(image_hw), getattr(spec, "tokens", "blocks")
+                )
                 for s in ("train", "val", "test")
             }
         for seed in SEEDS:
@@ -549,6 +678,14 @@ def downstream(work: Path, name: str, recipe: str, fraction: float, data: Data) 
                     x_train, y_train = view_features(work, data, encoder, image_hw, PROBE_RECIPES[recipe],
                                                      fraction, seed)  # fmt: skip
                 test_probs, pick = fit_logistic(x_train, y_train, feats["val"], y_val, feats["test"])
+            elif recipe in MIL_RECIPES:
+                x_train, y_train = tokens["train"][rows, 1:], data.train.labels_NC[rows]
+                if recipe.endswith("_views"):
+                    images, y_train = labelled_views(work, data, image_hw, fraction, seed)
+                    x_train = frozen_split_tokens(encoder, images, "blocks")[:, 1:]
+                test_probs, pick = fit_mil(
+                    spec, x_train, y_train, tokens["val"][:, 1:], y_val, tokens["test"][:, 1:]
+                )
             elif recipe in ATTENTIVE_RECIPES:
                 best = max(
                     ((fit_attentive(spec, lr, tokens, data, rows, seed), lr) for lr in spec.lrs),
@@ -653,7 +790,7 @@ def main() -> None:
         "--recipe",
         nargs="+",
         default=["probe"],
-        choices=[*PROBE_RECIPES, *ATTENTIVE_RECIPES, *FINETUNE_RECIPES],
+        choices=[*PROBE_RECIPES, *ATTENTIVE_RECIPES, *MIL_RECIPES, *FINETUNE_RECIPES],
     )
     p.add_argument("--lf", type=float, nargs="+", default=[0.1])
     p.add_argument(
