@@ -214,6 +214,13 @@ def test_training_counts_skips_resumes_equal_and_stops_above_the_limit(corrupt, 
     assert f"csv-train-000000.tar:{expected[second]}" in stopped["stopped"]
     assert "data.max_bad_fraction=0.01" in stopped["stopped"]
 
+    # 0.05 allows the training skips of one step but not 1 of the 14 validation samples: the run stops
+    # at its validation, naming the sample, instead of scoring a split that shrank.
+    at_val = _train(folder, tmp_path / "val_limit", ["train.steps=1", "data.max_bad_fraction=0.05"])
+    assert at_val["steps"] == 1 and "val_num_skipped" not in at_val
+    assert "1 of the 14 samples of the 'val' split" in at_val["stopped"]
+    assert f"csv-val-000000.tar:{first_val_key(folder)}" in at_val["stopped"]
+
 
 @pytest.mark.parametrize("backend", ["wds", pytest.param("dali", marks=needs_dali)])
 def test_a_report_pair_with_one_corrupt_view_is_replaced_whole(tmp_path, backend):
@@ -350,12 +357,13 @@ def test_two_ranks_report_every_skip_and_score_as_one(val_folders):
     from ranks import run_ranks
 
     from xray_pretrain.config import load_config
+    from xray_pretrain.data.badsamples import TooManySkipped
     from xray_pretrain.engine.trainer import evaluate_reporting_skips
     from xray_pretrain.tasks import DataInfo, build_task
 
     _, folder, _, bad = val_folders
 
-    def evaluate(rank: int, world: int = 2) -> dict:
+    def evaluate(rank: int, world: int = 2, max_fraction: float = 0.5) -> dict:
         cfg = load_config(
             "classify_phantom", ["data.shards=[unused]", "model.image_size=[32,32]", "model.patch_size=8"]
         )
@@ -364,10 +372,23 @@ def test_two_ranks_report_every_skip_and_score_as_one(val_folders):
         torch.manual_seed(0)
         model = task.build_model().eval()
         loader, _ = val_pass(folder, "wds", rank, world)
-        return evaluate_reporting_skips(task, model, loader, torch.device("cpu"), torch.float32)
+        return evaluate_reporting_skips(
+            task, model, loader, torch.device("cpu"), torch.float32, split="val", max_fraction=max_fraction
+        )
+
+    def over_the_limit(rank: int, world: int = 2) -> str:
+        try:
+            evaluate(rank, world, max_fraction=0.2)  # 2 of 7 corrupt
+        except TooManySkipped as error:
+            return str(error)
+        return "not stopped"
 
     one = evaluate(0, world=1)
     results = run_ranks(evaluate)
+    stops = run_ranks(over_the_limit)  # every rank stops (none waits in a collective), with one message
+    first = sorted(bad)[0]
+    assert len(set(stops.values())) == 1 and "2 of the 7 samples of the 'val' split" in stops[0]
+    assert f":{first}, " in stops[0] and "max_bad_fraction=0.2" in stops[0]
     assert one["val_num_skipped"] == 2 and [s["key"] for s in one["val_skipped"]] == sorted(bad)
     for metrics in results.values():
         assert metrics.keys() == one.keys()
