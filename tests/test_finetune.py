@@ -269,7 +269,7 @@ def test_evaluate_leaves_a_corrupt_sample_out_of_the_csv_and_names_it(
     assert clean["metrics"]["num_skipped"] == 0 and clean["metrics"]["skipped"] == []
     assert damaged["metrics"]["num_skipped"] == 1 and damaged["metrics"]["num_samples"] == 16
     (skip,) = damaged["metrics"]["skipped"]
-    assert (skip["shard"], skip["key"]) == ("csv-test-000000.tar", bad_key) and "does not decode" in skip[
+    assert (skip["shard"], skip["key"]) == ("csv-test-000000.tar", bad_key) and "png changed since" in skip[
         "reason"
     ]
     remaining = {key: row for key, row in clean_rows.items() if key != bad_key}
