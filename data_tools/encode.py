@@ -49,6 +49,7 @@ from xray_core.images import (
 )
 from xray_core.load import load_image
 from xray_core.roi import ChestRegion, estimate_chest_region_detail, small_copy
+from xray_core.shardio import CHECKSUM_FIELD, member_checksums
 
 IMAGE_FORMATS = ("png16", "jpg", "jp2")
 FORMAT_EXTENSION = {"png16": "png", "jpg": "jpg", "jp2": "jp2"}
@@ -269,8 +270,9 @@ def build_sample(record: Record, key: str, split: str, options: SampleOptions) -
         FORMAT_EXTENSION[options.image_format]: image_bytes,
         "roi.png": encode_png(region.mask_hw, ROI_PNG_LEVEL, zlib.Z_DEFAULT_STRATEGY),
         "labels.npy": encode_labels(list(labels.values())),
-        "json": encode_json(meta),
     }
+    meta[CHECKSUM_FIELD] = member_checksums(components)
+    components["json"] = encode_json(meta)
     # Statistics over the pixels a loader will see: a lossy JPEG is decoded again to get them.
     seen = decode_stored(image_bytes) if options.image_format == "jpg" else stored
     pixel_sum, pixel_sumsq = pixel_sums(seen)

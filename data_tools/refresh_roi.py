@@ -30,7 +30,16 @@ from data_tools.encode import (
 from data_tools.manifest import read_manifest, write_atomic, write_manifest
 from data_tools.writer import STATE_DIR
 from xray_core.roi import estimate_chest_region_detail, small_copy
-from xray_core.shardio import ROI_EXTENSION, ShardTarWriter, idx_path_for, read_idx, read_sample
+from xray_core.shardio import (
+    CHECKSUM_FIELD,
+    META_EXTENSION,
+    ROI_EXTENSION,
+    ShardTarWriter,
+    idx_path_for,
+    member_checksums,
+    read_idx,
+    read_sample,
+)
 
 # roi flags of this and of earlier estimates (roi_body / roi_fallback: the Otsu estimate's fallbacks)
 ROI_FLAGS = frozenset({"roi_lateral", "roi_not_chest", "roi_unsure", "roi_body", "roi_fallback"})
@@ -46,7 +55,8 @@ def refresh_components(components: dict[str, bytes]) -> tuple[dict[str, bytes], 
     meta["flags"] = [flag for flag in meta["flags"] if flag not in ROI_FLAGS] + region_flags(region)
     refreshed = dict(components)
     refreshed[ROI_EXTENSION] = encode_png(region.mask_hw, ROI_PNG_LEVEL, zlib.Z_DEFAULT_STRATEGY)
-    refreshed["json"] = encode_json(meta)
+    meta[CHECKSUM_FIELD] = member_checksums(refreshed)  # the roi.png changed
+    refreshed[META_EXTENSION] = encode_json(meta)
     return refreshed, roi_path(meta)
 
 

@@ -4,9 +4,10 @@ Checks, per shard listed in manifest.json: the tar's size and sha256; the idx pa
 fresh scan of the tar (shardio.index_tar: same keys, components, offsets, sizes); every sample
 decodes (image in the manifest's format and bit depth, size = json "size"; roi.png 0/255 with the
 contract's size; labels.npy float32 of len(label_names) with values 1/0/-1/NaN matching the json);
-json keys, key, dataset and split. Over the folder: no stray or missing tars, no duplicate keys,
-counts per shard/split/label and intensity mean/std recomputed from the decoded pixels equal the
-manifest, skipped.jsonl has num_skipped lines, and samples + skipped = inputs.
+json keys, key, dataset and split, and each member's crc32 equal to the json's (where recorded).
+Over the folder: no stray or missing tars, no duplicate keys, counts per shard/split/label and
+intensity mean/std recomputed from the decoded pixels equal the manifest, skipped.jsonl has
+num_skipped lines, and samples + skipped = inputs.
 `--quick` decodes nothing: manifest keys, stray/missing tars, each tar's size and sha256, each idx
 parses with offsets inside its tar, per-sample components present (image of the manifest's format,
 roi.png, labels.npy, json), counts per shard/split/folder, no duplicate keys, skipped.jsonl; label
@@ -41,8 +42,11 @@ from xray_core.images import FULL_SCALE
 from xray_core.roi import roi_size
 from xray_core.shardindex import IMAGE_SLOT, MISSING, SLOTS, shard_records
 from xray_core.shardio import (
+    CHECKSUM_FIELD,
     IMAGE_EXTENSIONS,
+    META_EXTENSION,
     SKIPPED_NAME,
+    changed_members,
     idx_path_for,
     index_tar,
     read_idx,
@@ -56,6 +60,7 @@ JSON_KEYS = {
 KEEP_PATHS_KEYS = {"source_id", "source_path", "patient_id", "study_id"}
 ROI_KEYS = {"roi_method", "roi_confidence"}  # since the atlas estimate; older shards lack them
 OPTIONAL_KEYS = {"view_order"}  # only where the source orders a study's images (iu-xray)
+CHECKSUM_KEYS = {CHECKSUM_FIELD}  # the members' crc32, since loaders check them; older shards lack it
 IMAGE_MODES = {"png16": {"I;16", "I;16B", "I;16L"}, "jp2": {"I;16", "I;16B", "I;16L"}, "jpg": {"L"}}
 MANIFEST_KEYS = {
     "format_version", "tool", "tool_version", "command", "dataset", "source", "image_format", "options",
@@ -173,6 +178,7 @@ def _check_meta(comps, key, manifest, split, where) -> tuple[list[str], dict]:
         JSON_KEYS
         | ROI_KEYS
         | OPTIONAL_KEYS
+        | CHECKSUM_KEYS
         | (KEEP_PATHS_KEYS if manifest.get("options", {}).get("keep_paths") else set())
     )
     if not JSON_KEYS <= set(meta) <= allowed:
@@ -182,6 +188,10 @@ def _check_meta(comps, key, manifest, split, where) -> tuple[list[str], dict]:
     for field, expected in (("key", key), ("dataset", manifest.get("dataset")), ("split", split)):
         if meta.get(field) != expected:
             problems.append(f"{where}: json {field} {meta.get(field)!r} != {expected!r}")
+    recorded = meta.get(CHECKSUM_FIELD)
+    if recorded is not None and set(recorded) != set(comps) - {META_EXTENSION}:
+        problems.append(f"{where}: json crc32 covers {sorted(recorded)}, the members are {sorted(comps)}")
+    problems += [f"{where}: {ext} changed since conversion (crc32)" for ext in changed_members(comps, meta)]
     box = meta.get("roi_box")
     if not (
         isinstance(box, list) and len(box) == 4 and 0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1

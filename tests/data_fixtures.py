@@ -22,11 +22,13 @@ import pytest
 from PIL import Image
 
 from xray_core.shardio import (
+    CHECKSUM_FIELD,
     MANIFEST_NAME,
     SKIPPED_NAME,
     ShardTarWriter,
     idx_path_for,
     index_tar,
+    member_checksums,
     read_idx,
     sample_key,
     shard_name,
@@ -131,8 +133,11 @@ def write_shard_folder(
     image_fn: ImageFn | None = None,
     roi_fn: RoiFn | None = None,
     meta_fn: MetaFn | None = None,
+    checksums: bool = False,
 ) -> FixtureFolder:
     """Write a shard folder at `root` with `splits` {split: num_samples}; returns paths and arrays.
+    `checksums`: each json records its members' crc32 as `xray-shard convert` writes it (off: as
+    shards converted before the field existed, so the decoders are what find damage).
 
     image_fn(rng, i, size_hw, image_format) -> stored array; roi_fn(image) -> stored 0/255 mask;
     meta_fn(i, split) -> json keys added to sample i's json (e.g. dataset, study, view, report).
@@ -153,7 +158,7 @@ def write_shard_folder(
                 sample = _make_sample(rng, dataset, split, sample_index, size_hw, image_format, label_names,
                                       make_image, roi_fn, with_roi, with_labels)  # fmt: skip
                 sample.meta = meta_fn(sample_index, split) if meta_fn else {}
-                writer.write_sample(sample.key, _components(sample, image_format, split))
+                writer.write_sample(sample.key, _components(sample, image_format, split, checksums))
                 folder.samples[sample.key] = sample
                 sample_index += 1
                 keys_written += 1
@@ -178,7 +183,7 @@ def _make_sample(
     return FixtureSample(sample_key(dataset, f"{split}/{i:05d}.dcm"), split, image, roi, labels)
 
 
-def _components(sample: FixtureSample, image_format: str, split: str) -> dict[str, bytes]:
+def _components(sample: FixtureSample, image_format: str, split: str, checksums: bool) -> dict[str, bytes]:
     components = {EXTENSION[image_format]: encode_image(sample.image, image_format)}
     if sample.roi is not None:
         components["roi.png"] = encode_png8(sample.roi)
@@ -191,6 +196,8 @@ def _components(sample: FixtureSample, image_format: str, split: str) -> dict[st
         "original_size": list(sample.image.shape),
         **sample.meta,
     }
+    if checksums:
+        meta[CHECKSUM_FIELD] = member_checksums(components)
     components["json"] = json.dumps(meta).encode()
     return components
 
@@ -302,16 +309,18 @@ def link_scaled_folder(real: Path, out: Path, num_links: dict[str, int]) -> dict
     return manifest
 
 
-def damage_member(folder: Path, key: str, component: str, where: str = "middle") -> str:
+def damage_member(
+    folder: Path, key: str, component: str, where: str = "middle", pattern: bytes | None = None
+) -> str:
     """Flip 4 bytes of `key`'s `component` in place (its image header at "start", else inside its
-    data); returns the tar's name."""
+    data), or write `pattern` there instead; returns the tar's name."""
     for tar in sorted(folder.glob("*.tar")):
         sample = next((s for s in read_idx(tar.with_suffix(".idx")) if s.key == key), None)
         if sample is not None:
             offset, size = sample.components[component]
             at = offset + (0 if where == "start" else size // 2)
             data = bytearray(tar.read_bytes())
-            data[at : at + 4] = bytes(b ^ 0xFF for b in data[at : at + 4])
+            data[at : at + 4] = pattern or bytes(b ^ 0xFF for b in data[at : at + 4])
             tar.write_bytes(bytes(data))
             return tar.name
     raise KeyError(key)

@@ -29,7 +29,7 @@ MICRO = 8
 EPOCH_BATCHES = 16  # 128 positions of the 129-sample train split
 # sample index in the train tar -> the corruption injected there, and what the skip must say
 CORRUPTIONS = {
-    3: ("image bytes flipped inside the PNG data", "does not decode"),
+    3: ("image bytes flipped inside the PNG data", "png changed since conversion (crc32"),
     10: ("no json member", "json"),
     20: ("json bytes that do not parse", "json"),
     30: ("labels.npy of 3 values for 5 labels", "labels.npy has 3 values"),
@@ -130,9 +130,7 @@ def test_each_corruption_is_skipped_named_and_replaced_by_position(corrupt, back
             assert key == table.key(*order.locate(position))
     logged = [r.getMessage() for r in caplog.records]
     for position, key in expected.items():
-        reason = CORRUPTIONS[bad_keys[key]][1]
-        if backend == "dali" and bad_keys[key] == 3:
-            reason = "does not decode"  # found by DALI's decoder, confirmed with Pillow
+        reason = CORRUPTIONS[bad_keys[key]][1]  # the same on both backends: found before any decoder
         line = next(m for m in logged if f"csv-train-000000.tar:{key} at position {position}" in m)
         assert reason in line, line
     assert np.isfinite(torch.cat([b["image"] for b in batches]).numpy()).all()
@@ -213,6 +211,13 @@ def test_training_counts_skips_resumes_equal_and_stops_above_the_limit(corrupt, 
     assert stopped["steps"] == second // 16 + 1 and stopped["num_bad_samples"] == 2
     assert f"csv-train-000000.tar:{expected[second]}" in stopped["stopped"]
     assert "data.max_bad_fraction=0.01" in stopped["stopped"]
+
+    # 0.05 allows the training skips of one step but not 1 of the 14 validation samples: the run stops
+    # at its validation, naming the sample, instead of scoring a split that shrank.
+    at_val = _train(folder, tmp_path / "val_limit", ["train.steps=1", "data.max_bad_fraction=0.05"])
+    assert at_val["steps"] == 1 and "val_num_skipped" not in at_val
+    assert "1 of the 14 samples of the 'val' split" in at_val["stopped"]
+    assert f"csv-val-000000.tar:{first_val_key(folder)}" in at_val["stopped"]
 
 
 @pytest.mark.parametrize("backend", ["wds", pytest.param("dali", marks=needs_dali)])
@@ -350,12 +355,13 @@ def test_two_ranks_report_every_skip_and_score_as_one(val_folders):
     from ranks import run_ranks
 
     from xray_pretrain.config import load_config
+    from xray_pretrain.data.badsamples import TooManySkipped
     from xray_pretrain.engine.trainer import evaluate_reporting_skips
     from xray_pretrain.tasks import DataInfo, build_task
 
     _, folder, _, bad = val_folders
 
-    def evaluate(rank: int, world: int = 2) -> dict:
+    def evaluate(rank: int, world: int = 2, max_fraction: float = 0.5) -> dict:
         cfg = load_config(
             "classify_phantom", ["data.shards=[unused]", "model.image_size=[32,32]", "model.patch_size=8"]
         )
@@ -364,10 +370,23 @@ def test_two_ranks_report_every_skip_and_score_as_one(val_folders):
         torch.manual_seed(0)
         model = task.build_model().eval()
         loader, _ = val_pass(folder, "wds", rank, world)
-        return evaluate_reporting_skips(task, model, loader, torch.device("cpu"), torch.float32)
+        return evaluate_reporting_skips(
+            task, model, loader, torch.device("cpu"), torch.float32, split="val", max_fraction=max_fraction
+        )
+
+    def over_the_limit(rank: int, world: int = 2) -> str:
+        try:
+            evaluate(rank, world, max_fraction=0.2)  # 2 of 7 corrupt
+        except TooManySkipped as error:
+            return str(error)
+        return "not stopped"
 
     one = evaluate(0, world=1)
     results = run_ranks(evaluate)
+    stops = run_ranks(over_the_limit)  # every rank stops (none waits in a collective), with one message
+    first = sorted(bad)[0]
+    assert len(set(stops.values())) == 1 and "2 of the 7 samples of the 'val' split" in stops[0]
+    assert f":{first}, " in stops[0] and "max_bad_fraction=0.2" in stops[0]
     assert one["val_num_skipped"] == 2 and [s["key"] for s in one["val_skipped"]] == sorted(bad)
     for metrics in results.values():
         assert metrics.keys() == one.keys()

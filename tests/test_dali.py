@@ -29,6 +29,20 @@ def val_batches(cfg: DataConfig, image_size, micro=3, rank=0, world=1) -> list[d
     return list(build_val_loader(cfg, image_size=image_size, micro_batch=micro, rank=rank, world_size=world))
 
 
+def val_loaders_of_both_backends(folder, image_size) -> dict:
+    """{"wds": loader, "dali": loader} over the val split of `folder`, micro-batch 3, one rank."""
+    return {
+        backend: build_val_loader(
+            DataConfig(shards=[str(folder)], backend=backend, num_workers=int(backend == "dali")),
+            image_size=image_size,
+            micro_batch=3,
+            rank=0,
+            world_size=1,
+        )  # fmt: skip
+        for backend in ("wds", "dali")
+    }
+
+
 def assert_same_rows(
     wds: list[dict], dali: list[dict], std: float, border_tolerance: float = BORDER_TOLERANCE
 ) -> None:
@@ -57,22 +71,58 @@ def test_dali_cpu_decodes_same_pixels_as_wds(tmp_path, image_format):
     bad_key = sorted(fixture.keys("val"))[4]
     damage_member(tmp_path, bad_key, EXTENSION[image_format], where="start")
     std = ShardFolder(tmp_path).intensity_std
-    loaders = {
-        backend: build_val_loader(
-            DataConfig(shards=[str(tmp_path)], backend=backend, num_workers=int(backend == "dali")),
-            image_size=(20, 17),
-            micro_batch=3,
-            rank=0,
-            world_size=1,
-        )
-        for backend in ("wds", "dali")
-    }
+    loaders = val_loaders_of_both_backends(tmp_path, image_size=(20, 17))
     wds, dali = (list(loaders[backend]) for backend in ("wds", "dali"))
     assert [len(b["key"]) for b in dali] == [3, 3]
     assert [b["weight"].tolist() for b in dali] == [[1.0, 1.0, 1.0], [1.0, 0.0, 1.0]]
     assert_same_rows(wds, dali, std)
     named = {b: [(r["position"], r["shard"], r["key"]) for r in loaders[b].skipped] for b in loaders}
     assert named["wds"] == named["dali"] == [(4, "phantom-val-000000.tar", bad_key)]  # reasons word it apart
+
+
+def test_damaged_jpeg_scan_data_is_skipped_by_both_backends_alike(tmp_path):
+    """A stray marker inside a JPEG's scan data: Pillow refuses it, DALI's libjpeg decodes it into
+    noise without an error, so the decoders alone disagree on what is corrupt (and plain flipped bits
+    there pass both). The crc32 the converter records in each json settles it before any decoder:
+    both backends skip that sample with the same record and give the same rows."""
+    import io
+
+    from nvidia.dali import fn, pipeline_def, types
+    from PIL import Image
+
+    from xray_core.shardio import read_idx, read_sample
+
+    fixture = write_shard_folder(
+        tmp_path, image_format="jpg", size_hw=(96, 80), splits={"val": 6}, checksums=True
+    )
+    bad_key = sorted(fixture.keys("val"))[2]
+    shard = damage_member(tmp_path, bad_key, "jpg", where="middle", pattern=b"\x00\xff\x12\x34")
+    with open(tmp_path / shard, "rb") as f:
+        sample = next(s for s in read_idx((tmp_path / shard).with_suffix(".idx")) if s.key == bad_key)
+        damaged = read_sample(f, sample)["jpg"]
+    with pytest.raises(OSError):  # the premise: Pillow refuses the damaged scan data ...
+        Image.open(io.BytesIO(damaged)).load()
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def decode_only():
+        encoded = fn.external_source(source=lambda: [np.frombuffer(damaged, np.uint8)], batch=True)
+        return fn.decoders.image(encoded, device="cpu", output_type=types.GRAY, dtype=types.UINT16)
+
+    pipe = decode_only()
+    pipe.build()
+    pipe.run()  # ... and DALI's decoder accepts it
+
+    std = ShardFolder(tmp_path).intensity_std
+    loaders = val_loaders_of_both_backends(tmp_path, image_size=(24, 20))
+    wds, dali = (list(loaders[backend]) for backend in ("wds", "dali"))
+    assert [b["weight"].tolist() for b in dali] == [[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]]
+    assert_same_rows(wds, dali, std)
+    records = {
+        b: [(r["position"], r["shard"], r["key"], r["reason"]) for r in loaders[b].skipped] for b in loaders
+    }
+    (record,) = records["wds"]
+    assert records["dali"] == records["wds"] and record[:3] == (2, shard, bad_key)
+    assert "jpg changed since conversion" in record[3]
 
 
 def test_dali_applies_the_same_augmentation_as_wds(tmp_path):

@@ -238,16 +238,19 @@ def test_predict_on_dicoms_agrees_with_evaluate(finetune_run, phantom_shards, tm
             assert line["probabilities"][name] == pytest.approx(float(rows[key][f"p:{name}"]), abs=0.01)
 
 
-def test_evaluate_leaves_a_corrupt_sample_out_of_the_csv_and_names_it(finetune_run, phantom_shards, tmp_path):
-    """One test image damaged: evaluate completes, the CSV is the clean one without that row, the
-    JSON names the sample and its metrics are those of the 16 others."""
+def test_evaluate_leaves_a_corrupt_sample_out_of_the_csv_and_names_it(
+    finetune_run, phantom_shards, tmp_path, capsys
+):
+    """One test image damaged: above data.max_bad_fraction (the run's 0.001) evaluate stops with one
+    line and writes nothing; with the limit raised it completes, the CSV is the clean one without that
+    row, the JSON names the sample and its metrics are those of the 16 others."""
     from data_fixtures import damage_member
 
     from xray_pretrain.tasks.metrics import classification_metrics
 
-    def evaluate(shards: Path, name: str) -> tuple[dict, dict[str, dict]]:
+    def evaluate(shards: Path, name: str, *overrides: str) -> tuple[dict, dict[str, dict]]:
         args = ["evaluate", "--checkpoint", str(finetune_run), "--shards", str(shards), "--out"]
-        assert cli_main([*args, str(tmp_path / f"{name}.json"), "data.num_workers=0"]) == 0
+        assert cli_main([*args, str(tmp_path / f"{name}.json"), "data.num_workers=0", *overrides]) == 0
         rows = {row["key"]: row for row in csv.DictReader(open(tmp_path / f"{name}.csv"))}
         return json.loads((tmp_path / f"{name}.json").read_text()), rows
 
@@ -256,11 +259,17 @@ def test_evaluate_leaves_a_corrupt_sample_out_of_the_csv_and_names_it(finetune_r
     damaged_shards = tmp_path / "shards"
     shutil.copytree(phantom_shards, damaged_shards)
     damage_member(damaged_shards, bad_key, "png")
-    damaged, damaged_rows = evaluate(damaged_shards, "damaged")
+    capsys.readouterr()
+    args = ["evaluate", "--checkpoint", str(finetune_run), "--shards", str(damaged_shards)]
+    assert cli_main([*args, "--out", str(tmp_path / "stopped.json"), "data.num_workers=0"]) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]  # + the warning
+    assert "1 of the 17 samples of the 'test' split are corrupt" in line and bad_key in line
+    assert "data.max_bad_fraction=0.001" in line and not list(tmp_path.glob("stopped.*"))
+    damaged, damaged_rows = evaluate(damaged_shards, "damaged", "data.max_bad_fraction=0.1")
     assert clean["metrics"]["num_skipped"] == 0 and clean["metrics"]["skipped"] == []
     assert damaged["metrics"]["num_skipped"] == 1 and damaged["metrics"]["num_samples"] == 16
     (skip,) = damaged["metrics"]["skipped"]
-    assert (skip["shard"], skip["key"]) == ("csv-test-000000.tar", bad_key) and "does not decode" in skip[
+    assert (skip["shard"], skip["key"]) == ("csv-test-000000.tar", bad_key) and "png changed since" in skip[
         "reason"
     ]
     remaining = {key: row for key, row in clean_rows.items() if key != bad_key}

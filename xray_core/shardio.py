@@ -6,7 +6,8 @@ A shard folder holds:
   named ``{key}.{component}``; the key is 16 hex chars (see `sample_key`), the components are
   ``png`` (16-bit gray) | ``jpg`` (8-bit) | ``jp2`` (16-bit JPEG 2000) for the image, ``roi.png``
   (8-bit chest-region mask, 0/255, same aspect as the image), ``labels.npy`` (float32 vector in the
-  order of the manifest's ``label_names``, NaN = unknown, -1 = uncertain) and ``json`` (metadata).
+  order of the manifest's ``label_names``, NaN = unknown, -1 = uncertain) and ``json`` (metadata; its
+  ``crc32`` field holds the zlib CRC-32 of each other member, see `member_checksums`).
 - ``{same name}.idx`` beside each tar, in DALI's ``wds2idx`` v1.2 text format: a header line
   ``v1.2 <num_samples>`` and one line per sample, ``<ext> <data offset> <size> <member name>``
   repeated per component. DALI's ``fn.readers.webdataset`` reads it, and so does our random-access
@@ -24,6 +25,7 @@ import hashlib
 import io
 import os
 import tarfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +38,25 @@ COMPONENT_ORDER = (*IMAGE_EXTENSIONS, ROI_EXTENSION, LABELS_EXTENSION, META_EXTE
 IDX_VERSION = "v1.2"
 MANIFEST_NAME = "manifest.json"
 SKIPPED_NAME = "skipped.jsonl"
+
+
+# json field: {member extension: zlib.crc32 of its bytes} for every member but the json itself.
+# Both loaders check it before decoding, so bytes damaged after conversion are found the same way
+# whichever decoder would read them: libjpeg inside DALI decodes a JPEG with damaged scan data into
+# noise without an error, where Pillow refuses it, so the decoders alone do not agree on what is corrupt.
+CHECKSUM_FIELD = "crc32"
+
+
+def member_checksums(components: dict[str, bytes]) -> dict[str, int]:
+    """The `CHECKSUM_FIELD` value for one sample's members (the json excluded)."""
+    return {ext: zlib.crc32(data) for ext, data in components.items() if ext != META_EXTENSION}
+
+
+def changed_members(components: dict[str, bytes], meta: dict) -> list[str]:
+    """Members of `components` whose bytes no longer match the checksums in their json `meta`
+    (none to check in shards written before the field existed)."""
+    recorded = meta.get(CHECKSUM_FIELD) or {}
+    return [ext for ext, crc in recorded.items() if ext in components and zlib.crc32(components[ext]) != crc]
 
 
 def sample_key(dataset: str, source_id: str) -> str:

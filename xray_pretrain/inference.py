@@ -262,11 +262,13 @@ def evaluate(
     (JSON) and one row per sample (a report model: per report item) into `out` with .csv: a
     classifier's key, label and probability per class (thresholds for F1: the ones validation chose
     for this checkpoint); a report model's key, reference (cleaned, as scored) and generated report.
-    A corrupt sample has no CSV row; the JSON names it (`num_skipped`, `skipped`)."""
+    A corrupt sample has no CSV row; the JSON names it (`num_skipped`, `skipped`). More of them than
+    `data.max_bad_fraction` of the split (an override like the others) write nothing and raise
+    `badsamples.TooManySkipped`."""
     import yaml
 
     from xray_pretrain.config import set_value
-    from xray_pretrain.data.badsamples import skipped_metrics
+    from xray_pretrain.data.badsamples import check_eval_skips, skipped_metrics
     from xray_pretrain.data.loader import build_val_loader
 
     cfg = trained.cfg
@@ -291,16 +293,19 @@ def evaluate(
     task = trained.task
     if cfg.task == "report":
         rows = task.predict_rows(trained.model, loader, trained.device, torch.float32)
-        metrics = task.metrics(rows["reference"], rows["generated"])
-        write_reports_csv(out.with_suffix(CSV_SUFFIX), task, rows)
     else:
         task.bind_labels(trained.info["label_names"], loader.label_names)
         rows = task.predict(trained.model, loader, trained.device, torch.float32)
+    skipped = skipped_metrics(loader.skipped)  # corrupt samples: not in the CSV, named in the JSON
+    check_eval_skips(skipped, loader.num_samples, cfg.data.max_bad_fraction, split)  # before any file
+    if cfg.task == "report":
+        metrics = task.metrics(rows["reference"], rows["generated"])
+        write_reports_csv(out.with_suffix(CSV_SUFFIX), task, rows)
+    else:
         metrics = task.metrics(rows, {"thresholds": trained.info["thresholds"]})
         result["thresholds"] = dict(zip(task.label_names, trained.info["thresholds"] or []))
         write_predictions_csv(out.with_suffix(CSV_SUFFIX), task.label_names, rows)
-    result["metrics"] = {k.removeprefix("val_"): v for k, v in metrics.items()}
-    result["metrics"].update(skipped_metrics(loader.skipped))  # corrupt samples: not in the CSV, named here
+    result["metrics"] = {k.removeprefix("val_"): v for k, v in metrics.items()} | skipped
     out.write_text(json.dumps(result, indent=2))
     return result
 

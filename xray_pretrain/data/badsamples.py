@@ -19,7 +19,8 @@ consuming process. Training: `BadSampleTally` logs one line per skip naming shar
 them; the engine sums the counts over ranks every step (TensorBoard `data/bad_samples`, the run
 summary's `num_bad_samples`) and stops the run once they exceed `data.max_bad_fraction`
 (`exceeded`). Evaluation: `ValLoader` logs one line per skipped sample and keeps the pass's records;
-the evaluation's metrics carry them over all ranks (`skipped_metrics`: `num_skipped`, `skipped`).
+the evaluation's metrics carry them over all ranks (`skipped_metrics`: `num_skipped`, `skipped`),
+and more of them than `data.max_bad_fraction` of the split stops the evaluation (`check_eval_skips`).
 """
 
 from __future__ import annotations
@@ -158,6 +159,28 @@ def warn_eval_skip(record: dict) -> None:
         "corrupt evaluation sample skipped: %s:%s (item %d of the split), left out of the metrics (%s)",
         record["shard"], record["key"], record["position"], record["reason"],
     )  # fmt: skip
+
+
+class TooManySkipped(ValueError):
+    """An evaluation split with more corrupt samples than `data.max_bad_fraction` allows: its metrics
+    would describe a different set of samples than the split's."""
+
+
+def check_eval_skips(skipped: dict, num_samples: int, max_fraction: float, split: str) -> None:
+    """Raise `TooManySkipped` when an evaluation's skips (`skipped_metrics`, every rank's) exceed
+    `max_fraction` of the split's `num_samples` (every sample, the corrupt ones included). The same
+    bound as training's (`exceeded`): a model is never selected, nor a test score reported, on a split
+    that silently shrank."""
+    num_skipped = skipped["num_skipped"]
+    if not exceeded(num_skipped, num_samples, num_samples, max_fraction):
+        return
+    first = skipped["skipped"][0]
+    raise TooManySkipped(
+        f"{num_skipped} of the {num_samples} samples of the {split!r} split are corrupt (the first: "
+        f"{first['shard']}:{first['key']}, {first['reason']}), more than data.max_bad_fraction={max_fraction} "
+        "allows for metrics of that split. `xray-shard verify FOLDER` lists every damaged sample: "
+        "re-convert or repair those shards, or raise data.max_bad_fraction"
+    )
 
 
 def skipped_metrics(records: Iterable[dict]) -> dict:

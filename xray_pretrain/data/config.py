@@ -32,8 +32,9 @@ class DataConfig:
     crop_scale / crop_ratio: random resized crop, area fraction and aspect relative to the image's.
     max_bad_fraction: corrupt training samples (skipped and replaced by position, see
         `data.badsamples`) allowed, as a fraction of the samples read (at least one epoch); above it
-        the run stops naming the last one. Corrupt evaluation samples are not bounded by it: each is
-        left out of the metrics, which count and name them (`num_skipped`, `skipped`).
+        the run stops naming the last one. Corrupt evaluation samples are left out of the metrics,
+        which count and name them (`num_skipped`, `skipped`); above this fraction of the scored split
+        the evaluation stops (`badsamples.check_eval_skips`).
     hflip: random horizontal flip (off by default: it moves the heart to the other side).
     brightness / contrast: jitter amounts (factors drawn from 1 +- amount); 0 = off.
     """

@@ -27,7 +27,7 @@ import torch
 
 from xray_pretrain.collectives import all_gather_objects, all_reduce_mean
 from xray_pretrain.config import RunConfig, save_resolved_config
-from xray_pretrain.data.badsamples import skipped_metrics
+from xray_pretrain.data.badsamples import TooManySkipped, check_eval_skips, skipped_metrics
 from xray_pretrain.data.order import ORDER_VERSION
 from xray_pretrain.engine import checkpoint, init_weights, preempt
 from xray_pretrain.engine.dist import DistContext, init_distributed, release_distributed
@@ -277,7 +277,11 @@ class Trainer:
             if state.step % cfg.log.every == 0 or state.step == 1 or done:
                 self._log_step(result)
             if state.step % cfg.log.val_every == 0 or done:
-                last_val = self._validate()
+                try:
+                    last_val = self._validate()
+                except TooManySkipped as error:  # selecting on a shrunken split: stop, as for training's
+                    unhealthy = str(error)
+                    break
             if state.step % cfg.log.image_every == 0 or done:
                 image_path = self._preview() or image_path
             stop = not done and preempt.agreed_to_stop(self.ctx.device)  # same answer on every rank
@@ -310,7 +314,10 @@ class Trainer:
             summary[f"{self.task.preview_name}_image"] = str(image_path) if image_path else None
         if self.selection is not None and not stop and not unhealthy:  # the test split: once, at the end
             summary["best_step"] = self.selection.best_step
-            summary["test"] = self._test_best()
+            try:
+                summary["test"] = self._test_best()
+            except TooManySkipped as error:  # no metrics.json: they would not be the test split's
+                summary["test"], summary["stopped"] = None, str(error)
         return summary
 
     def _train_step(self, batches) -> StepResult:
@@ -385,8 +392,9 @@ class Trainer:
 
     def _validate(self) -> dict:
         metrics = evaluate_reporting_skips(
-            self.task, self.engine, self.val_loader, self.ctx.device, self.dtype
-        )
+            self.task, self.engine, self.val_loader, self.ctx.device, self.dtype,
+            split=self.cfg.data.val_split, max_fraction=self.cfg.data.max_bad_fraction,
+        )  # fmt: skip
         self.monitor.scalars(
             self.state.step,
             {f"val/{k.removeprefix('val_')}": v for k, v in metrics.items() if _is_number(v)},
@@ -450,6 +458,8 @@ class Trainer:
             test_loader,
             self.ctx.device,
             self.dtype,
+            split="test",
+            max_fraction=self.cfg.data.max_bad_fraction,
             fitted=self.selection.best_fitted,
         )
         test = {k.replace("val_", "test_", 1): v for k, v in metrics.items()}
@@ -478,12 +488,16 @@ class Trainer:
         )
 
 
-def evaluate_reporting_skips(task, model, loader, device, dtype, fitted: dict | None = None) -> dict:
+def evaluate_reporting_skips(
+    task, model, loader, device, dtype, *, split: str, max_fraction: float, fitted: dict | None = None
+) -> dict:
     """`task.evaluate` of one pass over `loader` (every rank), with the corrupt samples it skipped on
     any rank (`val_num_skipped`, `val_skipped`: shard, key, reason): left out of the metrics, never
-    silently."""
+    silently. More than `max_fraction` of the split raises `badsamples.TooManySkipped` on every rank
+    (they all gathered the same records)."""
     metrics = task.evaluate(model, loader, device, dtype, fitted=fitted)
     skipped = skipped_metrics(record for part in all_gather_objects(loader.skipped) for record in part)
+    check_eval_skips(skipped, loader.num_samples, max_fraction, split)
     return {**metrics, **{f"val_{name}": value for name, value in skipped.items()}}
 
 
